@@ -1,0 +1,8 @@
+"""pagedllm: a paged-KV-cache, continuously batching LLM inference engine."""
+
+from pagedllm.entrypoints.llm import LLM
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""The attention backend interface: the one seam between model code and attention kernels.
+
+A step's batch is flat: `num_tokens` query tokens from `num_reqs` requests, decodes (one query
+token each) first, then prefills / prompt chunks. Each request's keys and values live in the
+paged KV cache, reached through its row of `block_tables`.
+
+KV cache layout, per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+Slot `s` is position `s % block_size` of block `s // block_size`; slot -1 means "don't write".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_reqs: int
+    num_decodes: int  # the first num_decodes requests have query length 1
+    num_decode_tokens: int  # == num_decodes; the prefill tokens follow
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, prefix sums of the query lengths
+    seq_lens: torch.Tensor  # [num_reqs] int32, context length including this step's tokens
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, unused entries are 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    # Host copies, for backends that loop over requests on the CPU.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Stores key/value [num_tokens, num_kv_heads, head_dim] at their slots."""
+
+    def forward(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Causal attention of query [num_tokens, num_heads, head_dim] over each request's
+        cached context (this step's keys included); returns [num_tokens, num_heads, head_dim]."""
+
+
+def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
+    """'torch' on CPU, 'triton' on CUDA unless `name` says otherwise."""
+    if name is None or name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from pagedllm.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        from pagedllm.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}.")

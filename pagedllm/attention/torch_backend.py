@@ -1,0 +1,74 @@
+"""Attention in plain PyTorch: the CPU backend and the reference for the Triton one.
+
+Keys and values are read through the block tables at every step (a gather into a temporary);
+nothing contiguous is kept per request between steps. Decodes are batched into one SDPA call;
+each prefill chunk gets its own call with a causal mask offset by its cached context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.attention.backend import AttentionMetadata
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])  # [2, num_slots, Hkv, D]
+        valid = slot_mapping >= 0
+        if not bool(valid.all()):
+            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+        flat[0].index_copy_(0, slot_mapping, key)
+        flat[1].index_copy_(0, slot_mapping, value)
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        out = torch.empty_like(query)
+        n = meta.num_decodes
+        if n:
+            out[:n] = self._decode(query[:n], kv_cache, meta, scale)
+        starts, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        for i in range(n, meta.num_reqs):
+            q = query[starts[i] : starts[i + 1]]
+            k, v = _gather(kv_cache, meta.block_tables[i : i + 1], lens[i])
+            out[starts[i] : starts[i + 1]] = _attend(q.unsqueeze(0), k, v, _causal_mask(q.shape[0], lens[i], q.device), scale)[0]
+        return out
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        n = meta.num_decodes
+        seq_lens = meta.seq_lens[:n]
+        max_len = max(meta.seq_lens_cpu[:n])
+        k, v = _gather(kv_cache, meta.block_tables[:n], max_len)
+        mask = None
+        if min(meta.seq_lens_cpu[:n]) != max_len:  # pad keys past each sequence's end
+            mask = (torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None].to(torch.long))[:, None, None, :]
+        return _attend(query.unsqueeze(1), k, v, mask, scale)[:, 0]
+
+
+def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [B, length, Hkv, D] of each row's sequence, read block by block."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-length // block_size)
+    blocks = block_tables[:, :num_blocks].to(torch.long)
+    k = kv_cache[0][blocks].flatten(1, 2)[:, :length]
+    v = kv_cache[1][blocks].flatten(1, 2)[:, :length]
+    return k, v
+
+
+def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """Query i sits at position seq_len - query_len + i and sees keys up to it."""
+    if query_len == 1:
+        return None
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    return q_pos >= torch.arange(seq_len, device=device)[None, :]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D]. GQA without copying K/V per query head."""
+    gqa = q.shape[2] != k.shape[2]
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=gqa
+    )
+    return o.transpose(1, 2)

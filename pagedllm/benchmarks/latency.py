@@ -1,0 +1,110 @@
+"""`pagedllm bench latency`: one batch (default: a single request) from submission to its last token,
+repeated; the median iteration is the figure, as one stream's speed is what a user waits on."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+from pagedllm.benchmarks import BenchSetup, describe, prepare, release_memory, synchronize, write_json
+from pagedllm.benchmarks.workloads import BenchRequest, make_requests
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=None, help="requests run together in each iteration (default 1)")
+    parser.add_argument("--num-iters", type=int, default=3, help="timed iterations; the median is reported")
+    parser.add_argument("--num-iters-warmup", type=int, default=1, help="untimed iterations first, per backend")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.num_iters < 1 or args.num_iters_warmup < 0:
+        raise ValueError("--num-iters must be >= 1 and --num-iters-warmup >= 0.")
+    setup = prepare(args, "latency")
+    requests = make_requests(args.batch_size, args.input_len, args.output_len, setup.token_pool, args.seed)
+    print(describe(setup))
+    temp = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    name = f"workload {args.workload}: " if args.workload else ""
+    print(f"{name}batch {args.batch_size}, input {args.input_len} tokens, output {args.output_len} tokens, {temp}, "
+          f"{args.num_iters} iterations, backend {args.backend}")
+    results: dict[str, dict[str, Any]] = {}
+    if args.backend in ("pagedllm", "both"):
+        results["pagedllm"] = _report("pagedllm", _time_pagedllm(setup, requests, args), requests)
+    if args.backend in ("hf", "both"):
+        results["hf"] = _report("hf", _time_hf(setup, requests, args), requests)
+    payload: dict[str, Any] = {"benchmark": "latency", "workload": args.workload, "environment": setup.environment, "results": results}
+    if len(results) == 2:
+        ratio = results["pagedllm"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
+        payload["ratio_pagedllm_over_hf"] = ratio
+        print(f"pagedllm / hf: {ratio:.2f}x output tokens/s (hf median latency / ours)")
+    if args.output_json:
+        write_json(args.output_json, args, payload)
+    return payload
+
+
+def _iterate(run: Callable[[], None], args: argparse.Namespace, device: str) -> list[float]:
+    """Warm-up iterations, then the timed ones; returns each timed iteration's seconds."""
+    for _ in range(args.num_iters_warmup):
+        run()
+    latencies = []
+    for _ in range(args.num_iters):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def _time_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], args: argparse.Namespace) -> list[float]:
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(**setup.llm_kwargs)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [SamplingParams(temperature=args.temperature, top_p=1.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+
+    def run() -> None:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        if generated != sum(r.output_len for r in requests):
+            raise RuntimeError(f"pagedllm generated {generated} tokens, expected {sum(r.output_len for r in requests)}.")
+
+    latencies = _iterate(run, args, setup.config.device)
+    del llm
+    release_memory(setup.config.device)
+    return latencies
+
+
+def _time_hf(setup: BenchSetup, requests: Sequence[BenchRequest], args: argparse.Namespace) -> list[float]:
+    import torch
+
+    from pagedllm.benchmarks.hf_baseline import generate_batch, load_hf_model, pad_token_id
+
+    config = setup.config
+    model = load_hf_model(config.model_path, config.hf_config, config.load_format, config.torch_dtype, config.device)
+    pad = pad_token_id(config.hf_config)
+    torch.manual_seed(config.seed)
+    latencies = _iterate(lambda: generate_batch(model, requests, args.temperature, pad), args, config.device)
+    del model
+    release_memory(config.device)
+    return latencies
+
+
+def _report(backend: str, latencies: list[float], requests: Sequence[BenchRequest]) -> dict[str, Any]:
+    median = statistics.median(latencies)
+    output_tokens = sum(r.output_len for r in requests)
+    figures = {
+        "latencies_s": latencies,
+        "median_latency_s": median,
+        "min_latency_s": min(latencies),
+        "max_latency_s": max(latencies),
+        "s_per_request": median,  # the batch's requests run together: each takes the whole iteration
+        "s_per_output_token": median / max(r.output_len for r in requests),
+        "output_tokens_per_s": output_tokens / median,
+    }
+    print(
+        f"[{backend:>8}] median {median:.3f} s per request (min {min(latencies):.3f}, max {max(latencies):.3f}), "
+        f"{figures['output_tokens_per_s']:.1f} output tokens/s, {1000 * figures['s_per_output_token']:.2f} ms per output token"
+    )
+    return figures

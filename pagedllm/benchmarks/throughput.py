@@ -1,0 +1,111 @@
+"""`pagedllm bench throughput`: every request submitted at once, timed until the last one finishes.
+
+Prompts are random token ids of fixed (or workload-drawn) lengths and EOS is ignored, so each request
+generates exactly its output length and the token counts are the same for every backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Sequence
+
+from pagedllm.benchmarks import BenchSetup, describe, prepare, release_memory, write_json
+from pagedllm.benchmarks.workloads import BenchRequest, make_requests
+
+_WARMUP_PROMPTS, _WARMUP_TOKENS = 16, 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=int, default=None, help="number of requests (default 64)")
+    parser.add_argument("--prefix-len", type=int, default=None, help="random tokens shared by every prompt, before its own --input-len (default 0)")
+    parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch size of the hf backend (default: all prompts in one batch)")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    setup = prepare(args, "throughput")
+    requests = make_requests(args.num_prompts, args.input_len, args.output_len, setup.token_pool, args.seed, args.prefix_len)
+    print(describe(setup))
+    print(_describe_workload(args, requests))
+    results: dict[str, dict[str, Any]] = {}
+    if args.backend in ("pagedllm", "both"):
+        results["pagedllm"] = _report("pagedllm", *run_pagedllm(setup, requests, args.temperature), requests)
+    if args.backend in ("hf", "both"):
+        elapsed = run_hf(setup, requests, args.temperature, args.hf_batch_size or len(requests))
+        results["hf"] = _report("hf", elapsed, sum(r.output_len for r in requests), requests)
+    payload: dict[str, Any] = {"benchmark": "throughput", "workload": args.workload, "environment": setup.environment, "results": results}
+    if len(results) == 2:
+        ratio = results["pagedllm"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
+        payload["ratio_pagedllm_over_hf"] = ratio
+        print(f"pagedllm / hf: {ratio:.2f}x output tokens/s")
+    if args.output_json:
+        write_json(args.output_json, args, payload)
+    return payload
+
+
+def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float) -> tuple[float, int]:
+    """Returns (elapsed seconds, output tokens generated)."""
+    from pagedllm import LLM, SamplingParams
+
+    def params(output_len: int) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=1.0, max_tokens=output_len, ignore_eos=True)
+
+    llm = LLM(**setup.llm_kwargs)
+    warmup = requests[:_WARMUP_PROMPTS]
+    llm.generate([_prompt(r) for r in warmup], [params(min(r.output_len, _WARMUP_TOKENS)) for r in warmup], use_tqdm=False)
+    start = time.perf_counter()  # generate returns host-side token ids, so the device is done when it returns
+    outputs = llm.generate([_prompt(r) for r in requests], [params(r.output_len) for r in requests], use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    del llm
+    release_memory(setup.config.device)
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def run_hf(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, batch_size: int) -> float:
+    import torch
+
+    from pagedllm.benchmarks.hf_baseline import load_hf_model, pad_token_id, run_batches
+
+    config = setup.config
+    model = load_hf_model(config.model_path, config.hf_config, config.load_format, config.torch_dtype, config.device)
+    pad = pad_token_id(config.hf_config)
+    torch.manual_seed(config.seed)
+    warmup = [BenchRequest(r.prompt_token_ids, min(r.output_len, _WARMUP_TOKENS)) for r in requests[:_WARMUP_PROMPTS]]
+    run_batches(model, warmup, batch_size, temperature, pad)
+    elapsed = run_batches(model, requests, batch_size, temperature, pad)
+    del model
+    release_memory(config.device)
+    return elapsed
+
+
+def _prompt(request: BenchRequest) -> dict[str, list[int]]:
+    return {"prompt_token_ids": request.prompt_token_ids}
+
+
+def _report(backend: str, elapsed: float, output_tokens: int, requests: Sequence[BenchRequest]) -> dict[str, Any]:
+    expected = sum(r.output_len for r in requests)
+    if output_tokens != expected:  # ignore_eos: anything else means requests ended early, and the figures would lie
+        raise RuntimeError(f"{backend} generated {output_tokens} tokens, expected {expected}.")
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    figures = {
+        "elapsed_s": elapsed,
+        "num_requests": len(requests),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "requests_per_s": len(requests) / elapsed,
+        "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+    }
+    print(
+        f"[{backend:>8}] {len(requests)} requests in {elapsed:.2f} s: {figures['requests_per_s']:.2f} requests/s, "
+        f"{figures['total_tokens_per_s']:.1f} total tokens/s, {figures['output_tokens_per_s']:.1f} output tokens/s"
+    )
+    return figures
+
+
+def _describe_workload(args: argparse.Namespace, requests: Sequence[BenchRequest]) -> str:
+    name = f"workload {args.workload}: " if args.workload else ""
+    prefix = f"{args.prefix_len} shared + " if args.prefix_len else ""
+    temp = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    return (f"{name}{len(requests)} prompts, input {prefix}{args.input_len} tokens, output {args.output_len} tokens, {temp}, "
+            f"backend {args.backend}")

@@ -1,0 +1,85 @@
+"""Engine configuration: plain dataclasses whose fields map one to one onto `LLM(...)` keywords and CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, or None for the bundled SmolLM2-135M-Instruct
+    tokenizer: str | None = None  # defaults to the model directory
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    load_format: str = "auto"  # auto | safetensors | dummy (random weights, for benchmarks)
+    skip_tokenizer_init: bool = False
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    seed: int = 0
+    # KV cache
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: from gpu_memory_utilization (CUDA) or 4 GiB (CPU)
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    # Scheduler
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default 8192 (or max_model_len without chunked prefill)
+    enable_chunked_prefill: bool = True
+    # Worker
+    attention_backend: str | None = None
+    enforce_eager: bool = False
+    # Filled in when the engine starts.
+    hf_config: Any = field(default=None, repr=False)
+    model_path: str | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"Unknown engine argument(s): {', '.join(unknown)}.")
+        return cls(**kwargs)
+
+    def finalize(self) -> None:
+        """Resolves the model, the device, the dtype and the defaults that depend on them."""
+        from transformers import AutoConfig
+
+        from pagedllm.models.gguf import resolve_model
+
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model_path = resolve_model(self.model)
+        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}.")
+        model_max = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if self.max_model_len is None:
+            self.max_model_len = model_max
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192 if self.enable_chunked_prefill else max(8192, self.max_model_len)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is off, or prompts could never be scheduled."
+            )
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}.")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        assert self.max_model_len is not None
+        return -(-self.max_model_len // self.block_size)

@@ -1,0 +1,104 @@
+"""Continuous batching under a token budget.
+
+Every step: first the running requests, oldest first (a decode costs one token, an unfinished
+prompt costs its next chunk), then waiting requests in arrival order while the budget,
+`max_num_seqs` and the KV pool allow. When the pool runs dry, the most recently admitted running
+request is preempted: its blocks are freed and it goes back to the head of the queue, to be
+recomputed (prompt + what it generated so far) when there is room again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    # Requests to run this step and how many of their tokens, in batch order: the one-token
+    # steps (decodes) first, then prompt chunks.
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._allocate_or_preempt(request, num_new, out):
+                out.scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+            # else: `request` itself was preempted (it was the newest), and the loop ends.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            request = self.waiting[0]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget and not self.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.time()
+            self.running.append(request)
+            out.scheduled.append((request, num_new))
+            budget -= num_new
+        out.scheduled.sort(key=lambda item: item[1] != 1)  # stable: decodes first
+        return out
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+        while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Ends a request (stopped, length, or aborted) wherever it is and frees its blocks."""
+        if request.status.finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request.request_id)

@@ -1,0 +1,317 @@
+"""The engine: requests in, one scheduled batch per `step`, outputs out.
+
+Synchronous and self-contained (no event loop, no threads), so the offline `LLM` drives it in a
+loop and the server runs it in a background thread behind an async front.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+# A prompt: text, or {"prompt_token_ids": [...]} (optionally with "prompt" text beside it).
+PromptType = str | dict[str, Any]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_used_blocks: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+@dataclass(eq=False)
+class _Group:
+    """The n samples of one user request; they finish together from the user's point of view."""
+
+    request_id: str
+    children: list[Request]
+    output_kind: RequestOutputKind
+    emitted: dict[int, tuple[int, int]] = field(default_factory=dict)  # index -> (tokens, logprobs) sent so far
+    emitted_final: set[int] = field(default_factory=set)  # indices whose finish has been reported
+
+    @property
+    def finished(self) -> bool:
+        return all(c.status.finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.finalize()
+        self.config = config
+        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config)
+        self.eos_token_ids = _eos_token_ids(config, self.tokenizer)
+        self.runner = ModelRunner(config)
+        self.vocab_size = self.runner.vocab_size
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
+        assert config.max_num_batched_tokens is not None
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill)
+        self.groups: dict[str, _Group] = {}
+        self.requests: dict[str, Request] = {}  # every unfinished sample, by its own id
+        self._aborted: list[_Group] = []
+        self.prompt_tokens = self.generation_tokens = 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    # ---- requests in ----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
+        """Queues a request; raises ValueError (naming the field) if it could never run."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        text, token_ids = self._tokenize(prompt)
+        max_tokens = self._validate(token_ids, params)
+        children = []
+        for i in range(params.n):
+            child_params = params.clone()
+            child_params.n = 1
+            if params.seed is not None:
+                child_params.seed = params.seed + i
+            child_params.all_stop_token_ids = set(params.stop_token_ids or []) | self.eos_token_ids
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed), request_id, i)
+            if arrival_time is not None:
+                request.metrics.arrival_time = arrival_time
+            if self.tokenizer is not None:
+                from pagedllm.engine.detokenizer import IncrementalDetokenizer
+
+                request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
+            children.append(request)
+        self.groups[request_id] = _Group(request_id, children, params.output_kind)
+        for request in children:
+            self.requests[request.request_id] = request
+            self.scheduler.add_request(request)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be a string or a dict with 'prompt_token_ids' (or 'prompt').")
+        if self.tokenizer is None:
+            raise ValueError("This engine was started with skip_tokenizer_init=True: pass {'prompt_token_ids': [...]}.")
+        return prompt, self.tokenizer(prompt).input_ids
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        if not token_ids:
+            raise ValueError("prompt is empty: it must hold at least one token.")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids hold ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}.")
+        params.verify_token_ids(self.vocab_size)
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens long, but the context (max_model_len) holds {max_len}.")
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(token_ids)
+        if len(token_ids) + max_tokens > max_len:
+            raise ValueError(
+                f"max_tokens={max_tokens} is too large: the prompt has {len(token_ids)} tokens and the context "
+                f"(max_model_len) holds {max_len}, so at most {max_len - len(token_ids)} can be generated."
+            )
+        # One sample must fit the whole pool, or it could never finish.
+        needed = self.kv_cache.blocks_for(len(token_ids) + max_tokens)
+        if needed > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) needs {needed} KV blocks, but the "
+                f"cache holds only {self.kv_cache.num_blocks}: raise kv_cache_memory or lower max_tokens."
+            )
+        return max_tokens
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.runner.device).manual_seed(seed)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stops requests now; their blocks are freed, and the next `step` reports them with finish_reason 'abort'."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self.groups.get(request_id)
+            if group is None:
+                continue
+            for request in group.children:
+                if not request.status.finished:
+                    self._finish(request, RequestStatus.FINISHED_ABORTED)
+            self._aborted.append(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        touched: dict[str, _Group] = {g.request_id: g for g in self._aborted}
+        self._aborted = []
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            result = self.runner.execute(sched, self.kv_cache.block_tables)
+            now = time.time()
+            for request, num_new in sched.scheduled:
+                if self._update(request, num_new, result, now):
+                    touched[request.parent_id or request.request_id] = self.groups[request.parent_id or request.request_id]
+        outputs = []
+        for group in touched.values():
+            output = self._make_output(group)
+            if output is not None:
+                outputs.append(output)
+            if group.finished:
+                del self.groups[group.request_id]
+        return outputs
+
+    def _update(self, request: Request, num_new: int, result: ModelRunnerOutput, now: float) -> bool:
+        """Applies one step's result to a request; True if it produced a token."""
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            self.prompt_tokens += min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
+        request.num_computed_tokens += num_new
+        if request.request_id in result.prompt_logprobs:
+            assert request.prompt_logprobs is not None
+            request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
+        token = result.sampled_token_ids.get(request.request_id)
+        if token is None:
+            return False
+        request.append_token(token)
+        self.generation_tokens += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.last_token_time = now
+        if request.logprobs is not None:
+            entry = result.logprobs[request.request_id]
+            request.logprobs.append(entry)
+            request.cumulative_logprob += entry[token].logprob
+        stop = self._check_stop(request, token)
+        if request.detokenizer is not None:
+            stop_string = request.detokenizer.update([token], stop is not None and stop == RequestStatus.FINISHED_STOPPED)
+            if stop_string is not None and stop is None:
+                request.stop_reason, stop = stop_string, RequestStatus.FINISHED_STOPPED
+        if stop is not None:
+            self._finish(request, stop)
+        return True
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if token in (params.stop_token_ids or ()):
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if token in self.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish_request(request, status)
+        request.metrics.finished_time = time.time()
+        self.requests.pop(request.request_id, None)
+
+    # ---- outputs --------------------------------------------------------------------------
+    def _make_output(self, group: _Group) -> RequestOutput | None:
+        finished = group.finished
+        if group.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = group.output_kind == RequestOutputKind.DELTA
+        completions = []
+        for child in group.children:
+            sent_tokens, sent_logprobs = group.emitted.get(child.index, (0, 0))
+            news = sent_tokens < child.num_output_tokens or (child.status.finished and child.index not in group.emitted_final)
+            if delta and not news:
+                continue
+            completions.append(self._completion(child, delta, sent_tokens, sent_logprobs))
+            group.emitted[child.index] = (child.num_output_tokens, len(child.logprobs or ()))
+            if child.status.finished:
+                group.emitted_final.add(child.index)
+        first = group.children[0]
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs,
+            outputs=completions,
+            finished=finished,
+            metrics=first.metrics,
+        )
+
+    def _completion(self, request: Request, delta: bool, sent_tokens: int, sent_logprobs: int) -> CompletionOutput:
+        finished = request.status.finished
+        text = ""
+        if request.detokenizer is not None:
+            text = request.detokenizer.get_next_output_text(finished, delta)
+        token_ids = request.output_token_ids[sent_tokens:] if delta else list(request.output_token_ids)
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = request.logprobs[sent_logprobs:] if delta else list(request.logprobs)
+            if self.tokenizer is not None:
+                self._decode_logprobs(logprobs)
+        return CompletionOutput(
+            index=request.index,
+            text=text,
+            token_ids=token_ids,
+            cumulative_logprob=request.cumulative_logprob if request.logprobs is not None else None,
+            logprobs=logprobs,
+            finish_reason=request.status.value if finished else None,
+            stop_reason=request.stop_reason,
+        )
+
+    def _decode_logprobs(self, entries: list[Any]) -> None:
+        from pagedllm.engine.detokenizer import decode_token
+
+        for entry in entries:
+            for token_id, logprob in entry.items():
+                if logprob.decoded_token is None:
+                    logprob.decoded_token = decode_token(self.tokenizer, token_id)
+
+    # ---- introspection --------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv_cache.usage,
+            num_used_blocks=self.kv_cache.num_used_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+
+def _load_tokenizer(config: EngineConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.tokenizer or config.model_path)
+
+
+def _eos_token_ids(config: EngineConfig, tokenizer: Any) -> set[int]:
+    """The ids that end generation, as transformers' generate sees them (generation_config first)."""
+    from transformers import GenerationConfig
+
+    ids: Any = None
+    try:
+        ids = GenerationConfig.from_pretrained(config.model_path).eos_token_id
+    except OSError:
+        pass
+    if ids is None:
+        ids = getattr(config.hf_config, "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return {ids} if isinstance(ids, int) else set(ids)

@@ -1,0 +1,80 @@
+"""One sequence's state as it moves through the engine: waiting -> running (-> preempted -> waiting) -> finished."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagedllm.outputs import LogprobsDict, RequestMetrics
+from pagedllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: never None
+    generator: torch.Generator | None = None  # the request's own RNG when it has a seed
+    parent_id: str | None = None  # set for the samples of an n > 1 request
+    index: int = 0  # which of the parent's samples this is
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None
+    cumulative_logprob: float = 0.0
+    logprobs: list[LogprobsDict] | None = None
+    prompt_logprobs: list[LogprobsDict | None] | None = None
+    detokenizer: Any = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no logprob
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def prompt_logprob_span(self, start: int, end: int) -> range:
+        """Positions in [start, end) whose logits give a prompt token's logprob not yet recorded
+        (position p predicts prompt token p + 1; a preempted request does not redo them)."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        done = len(self.prompt_logprobs or [None]) - 1
+        return range(max(start, done), min(end, self.num_prompt_tokens - 1))
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

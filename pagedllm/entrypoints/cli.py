@@ -1,0 +1,123 @@
+"""`pagedllm generate | chat | serve | bench`: the command line.
+
+Engine flags are derived from `EngineConfig`'s fields (`max_num_seqs` -> `--max-num-seqs`), so the
+CLI, `LLM(...)` and the config never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from pagedllm.config import EngineConfig
+
+_INTERNAL_FIELDS = {"hf_config", "model_path", "model"}
+_HELP = {
+    "dtype": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16",
+    "kv_cache_memory": "bytes for the KV cache (default: 4 GiB on CPU, --gpu-memory-utilization on CUDA)",
+    "load_format": "auto | safetensors | dummy (random weights of the model's shape)",
+    "max_num_batched_tokens": "token budget of one step (default 8192)",
+    "attention_backend": "auto | torch | triton",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    model_help = "Hugging Face directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+    if model_positional:
+        parser.add_argument("model", nargs="?", default=None, help=model_help)
+    else:
+        parser.add_argument("--model", default=None, help=model_help)
+    group = parser.add_argument_group("engine")
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in _INTERNAL_FIELDS:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            if field.default:  # on by default: offer the --no- form, as vLLM does
+                group.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help=_HELP.get(field.name))
+            else:
+                group.add_argument(flag, dest=field.name, action="store_true", help=_HELP.get(field.name))
+            continue
+        kind = int if "int" in str(field.type) else float if "float" in str(field.type) else str
+        group.add_argument(flag, dest=field.name, type=kind, default=field.default, help=_HELP.get(field.name))
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - (_INTERNAL_FIELDS - {"model"})
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default here)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace) -> Any:
+    from pagedllm.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.sampling_seed, stop=args.stop,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from pagedllm import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    prompts = args.prompt or ["The capital of France is"]
+    for prompt, output in zip(prompts, llm.generate(prompts, sampling_params(args), use_tqdm=len(prompts) > 1)):
+        if len(prompts) > 1:
+            print(f"--- {prompt!r}")
+        print(prompt + output.outputs[0].text)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from pagedllm.entrypoints.chat import run_chat
+
+    run_chat(engine_kwargs(args), sampling_params(args), args.system)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pagedllm", description="Paged-KV-cache LLM inference engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts and print the results")
+    gen.add_argument("prompt", nargs="*", help="prompt text (default: 'The capital of France is')")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    _add_optional_commands(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_optional_commands(sub: Any) -> None:
+    """`serve` and `bench` live in their own modules; each adds its parser."""
+    from pagedllm.benchmarks.cli import add_bench_parser
+    from pagedllm.entrypoints.openai.cli import add_serve_parser
+
+    add_serve_parser(sub)
+    add_bench_parser(sub)
+
+
+if __name__ == "__main__":
+    main()

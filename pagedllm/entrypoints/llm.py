@@ -1,0 +1,130 @@
+"""The offline API: `LLM(...).generate(prompts, sampling_params)`, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        enable_chunked_prefill: bool = True,
+        seed: int = 0,
+        skip_tokenizer_init: bool = False,
+        load_format: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        config = EngineConfig.from_kwargs(
+            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, block_size=block_size,
+            enable_chunked_prefill=enable_chunked_prefill, seed=seed, skip_tokenizer_init=skip_tokenizer_init,
+            load_format=load_format, **kwargs,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in the order of the prompts."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"Got {len(prompts)} prompts but {len(params_list)} sampling_params.")
+        engine = self.llm_engine
+        order: dict[str, int] = {}
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                params = params.clone()
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                request_id = str(next(self._ids))
+                engine.add_request(request_id, prompt, params)
+                order[request_id] = i
+            return self._run(order, use_tqdm)
+        except BaseException:
+            engine.abort_request(list(order))
+            while engine.has_unfinished_requests():  # drain the aborts so the engine is clean
+                engine.step()
+            raise
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start_tokens = engine.generation_tokens
+        with bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished and output.request_id in order:
+                        results[order[output.request_id]] = output
+                        bar.update(1)
+                if use_tqdm:
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"output {(engine.generation_tokens - start_tokens) / elapsed:.1f} tok/s", refresh=False)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Renders each conversation with the model's chat template, then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
+        prompts = [
+            render_chat(self.get_tokenizer(), conv, chat_template, add_generation_prompt, continue_final_message)
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def render_chat(
+    tokenizer: Any, messages: Conversation, chat_template: str | None = None,
+    add_generation_prompt: bool = True, continue_final_message: bool = False,
+) -> dict[str, Any]:
+    """A conversation as a token prompt; the template already holds any BOS, so none is added again."""
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer; this engine was started with skip_tokenizer_init=True.")
+    if not messages:
+        raise ValueError("messages is empty: a chat needs at least one message.")
+    if continue_final_message and add_generation_prompt:
+        add_generation_prompt = False
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False,
+        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+    )
+    return {"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}

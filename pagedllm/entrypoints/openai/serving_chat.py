@@ -1,0 +1,144 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, then generated like a
+completion; `continue_final_message` continues the last (assistant) message instead of opening a new one.
+
+As for completions, streamed and non-streamed answers are built from the same delta choices.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm.engine.async_engine import RequestStream
+from pagedllm.entrypoints.llm import render_chat
+from pagedllm.entrypoints.openai.protocol import (
+    AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+    ChatLogprobToken, ChatMessage, ChatStreamChoice, DeltaMessage, TopLogprob, UsageInfo, random_id,
+)
+from pagedllm.entrypoints.openai.serving_base import (
+    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, sse, token_text, top_entries,
+)
+from pagedllm.outputs import CompletionOutput, LogprobsDict, RequestOutput
+
+
+def render_messages(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                    continue_final_message: bool) -> dict[str, Any]:
+    """The conversation as a token prompt, or a 400 naming what is wrong with it."""
+    if tokenizer is None:
+        raise APIError("chat needs a tokenizer; this server was started with --skip-tokenizer-init.", 400, param="messages")
+    try:
+        rendered = [message.for_template() for message in messages]
+    except ValueError as error:
+        raise APIError(str(error), 400, param="messages") from None
+    if not rendered:
+        raise APIError("messages is empty: a chat needs at least one message.", 400, param="messages")
+    if continue_final_message and rendered[-1].get("role") != "assistant":
+        raise APIError("continue_final_message needs the last message to be the assistant's.", 400, param="continue_final_message")
+    try:
+        return render_chat(tokenizer, rendered, None, add_generation_prompt, continue_final_message)
+    except Exception as error:  # noqa: BLE001 - template errors (jinja, a missing role...) are the request's fault
+        raise APIError(f"messages could not be rendered with the chat template: {error}", 400, param="messages") from None
+
+
+@dataclass
+class _Accumulator:
+    request: ChatCompletionRequest
+    tokenizer: Any
+    started: set[int] = field(default_factory=set)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def deltas(self, output: RequestOutput) -> list[ChatStreamChoice]:
+        self.prompt_tokens = len(output.prompt_token_ids)
+        return [self._delta(completion) for completion in output.outputs]
+
+    def _delta(self, completion: CompletionOutput) -> ChatStreamChoice:
+        self.completion_tokens += len(completion.token_ids)
+        role = None if completion.index in self.started else "assistant"  # the first delta of each choice names the role
+        self.started.add(completion.index)
+        logprobs = None
+        if self.request.logprobs:
+            logprobs = ChatLogprobs(content=self._logprobs(completion.logprobs or [], completion.token_ids))
+        return ChatStreamChoice(index=completion.index, delta=DeltaMessage(role=role, content=completion.text),
+                                logprobs=logprobs, finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+
+    def _logprobs(self, entries: list[LogprobsDict], token_ids: list[int]) -> list[ChatLogprobToken]:
+        out = []
+        for token_id, entry in zip(token_ids, entries):
+            chosen = entry[token_id]
+            text = token_text(self.tokenizer, token_id, chosen.decoded_token)
+            top = [
+                TopLogprob(token=(t := token_text(self.tokenizer, tid, lp.decoded_token)), logprob=clamp(lp.logprob), bytes=list(t.encode()))
+                for tid, lp in top_entries(entry, self.request.top_logprobs or 0)
+            ]
+            out.append(ChatLogprobToken(token=text, logprob=clamp(chosen.logprob), bytes=list(text.encode()), top_logprobs=top))
+        return out
+
+    def usage(self) -> UsageInfo:
+        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                         total_tokens=self.prompt_tokens + self.completion_tokens)
+
+
+class ChatServing(OpenAIServing):
+    async def create(self, request: ChatCompletionRequest, arrival_time: float) -> Response:
+        self.check_request(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError("top_logprobs needs logprobs=true.", 400, param="top_logprobs")
+        prompt = render_messages(self.tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message)
+        max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, max_tokens, logprobs)
+        request_id = random_id("chatcmpl")
+        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, {"prompt": "messages", "max_tokens": max_field})
+        acc = _Accumulator(request, self.tokenizer)
+        created = int(time.time())
+        if request.stream:
+            return SSEResponse(self._events(request_id, created, stream, acc))
+        try:
+            return JSONResponse((await self._collect(request_id, created, stream, acc)).model_dump())
+        finally:
+            self.engine.abort(stream.unfinished)
+
+    async def _collect(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> ChatCompletionResponse:
+        choices: dict[int, ChatChoice] = {}
+        try:
+            async for output in stream:
+                for delta in acc.deltas(output):
+                    choice = choices.get(delta.index)
+                    if choice is None:
+                        choice = choices[delta.index] = ChatChoice(
+                            index=delta.index, message=AssistantMessage(content=""),
+                            logprobs=ChatLogprobs(content=[]) if acc.request.logprobs else None,
+                        )
+                    choice.message.content += delta.delta.content or ""
+                    if choice.logprobs is not None and delta.logprobs is not None:
+                        choice.logprobs.content = (choice.logprobs.content or []) + (delta.logprobs.content or [])
+                    if delta.finish_reason is not None:
+                        choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+        except APIError:
+            raise
+        except Exception as error:  # noqa: BLE001 - fails this request only
+            raise engine_error(error) from None
+        ordered = [choices[i] for i in sorted(choices)]
+        return ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage())
+
+    async def _events(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage))
+
+        try:
+            try:
+                async for output in stream:
+                    for delta in acc.deltas(output):
+                        yield chunk([delta])
+                if acc.request.include_usage:
+                    yield chunk([], acc.usage())
+            except Exception as error:  # noqa: BLE001 - one failed stream ends with an error event
+                yield sse((error if isinstance(error, APIError) else engine_error(error)).body())
+            yield SSE_DONE
+        finally:
+            self.engine.abort(stream.unfinished)

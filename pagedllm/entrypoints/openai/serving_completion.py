@@ -1,0 +1,160 @@
+"""POST /v1/completions: prompts as text or token ids, one engine request per prompt, n choices each.
+
+Streaming and non-streaming share one path: every engine output becomes delta choices; a stream sends
+them as they come, a plain response merges them. So streamed text always equals non-streamed text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm.engine.async_engine import RequestStream
+from pagedllm.engine.llm_engine import PromptType
+from pagedllm.entrypoints.openai.protocol import (
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo, random_id,
+)
+from pagedllm.entrypoints.openai.serving_base import (
+    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, sse, token_text,
+)
+from pagedllm.outputs import LogprobsDict, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _ChoiceState:
+    started: bool = False  # the echoed prompt has been sent
+    text_offset: int = 0
+
+
+@dataclass
+class _Accumulator:
+    """Turns engine outputs into delta choices and counts usage."""
+
+    request: CompletionRequest
+    prompt_index: dict[str, int]  # engine request id -> prompt position
+    tokenizer: Any
+    choices: dict[int, _ChoiceState] = field(default_factory=dict)
+    prompt_tokens: dict[int, int] = field(default_factory=dict)
+    completion_tokens: int = 0
+
+    def deltas(self, output: RequestOutput) -> list[CompletionChoice]:
+        i = self.prompt_index[output.request_id]
+        self.prompt_tokens[i] = len(output.prompt_token_ids)
+        n = self.request.n
+        return [self._delta(i * n + completion.index, output, completion) for completion in output.outputs]
+
+    def _delta(self, index: int, output: RequestOutput, completion: Any) -> CompletionChoice:
+        state = self.choices.setdefault(index, _ChoiceState())
+        self.completion_tokens += len(completion.token_ids)
+        text, logprobs = completion.text, None
+        want_logprobs = self.request.logprobs is not None
+        if want_logprobs:
+            logprobs = CompletionLogprobs()
+        if not state.started and self.request.echo:
+            prompt_text = output.prompt if output.prompt is not None else self._decode(output.prompt_token_ids)
+            if logprobs is not None:
+                entries = list(output.prompt_logprobs or [None])
+                entries += [None] * (len(output.prompt_token_ids) - len(entries))  # cut short by an abort
+                state.text_offset = self._append(logprobs, entries, output.prompt_token_ids, state.text_offset)
+            text = prompt_text + text
+        state.started = True
+        if logprobs is not None and completion.logprobs is not None:
+            state.text_offset = self._append(logprobs, completion.logprobs, completion.token_ids, state.text_offset)
+        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=completion.finish_reason,
+                                stop_reason=completion.stop_reason)
+
+    def _append(self, out: CompletionLogprobs, entries: list[LogprobsDict | None], token_ids: list[int], offset: int) -> int:
+        for token_id, entry in zip(token_ids, entries):
+            chosen = entry.get(token_id) if entry is not None else None
+            text = token_text(self.tokenizer, token_id, chosen.decoded_token if chosen is not None else None)
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += len(text)
+            out.token_logprobs.append(clamp(chosen.logprob) if chosen is not None else None)
+            out.top_logprobs.append(
+                None if entry is None
+                else {token_text(self.tokenizer, t, lp.decoded_token): clamp(lp.logprob) for t, lp in entry.items()}
+            )
+        return offset
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
+
+    def usage(self) -> UsageInfo:
+        prompt = sum(self.prompt_tokens.values())
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=self.completion_tokens, total_tokens=prompt + self.completion_tokens)
+
+
+def _merge(into: CompletionChoice, delta: CompletionChoice) -> None:
+    into.text += delta.text
+    if into.logprobs is not None and delta.logprobs is not None:
+        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+            getattr(into.logprobs, name).extend(getattr(delta.logprobs, name))
+    if delta.finish_reason is not None:
+        into.finish_reason, into.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+class CompletionServing(OpenAIServing):
+    async def create(self, request: CompletionRequest, arrival_time: float) -> Response:
+        self.check_request(request)
+        prompts = _prompts(request.prompt)
+        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        params = self.sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
+        request_id = random_id("cmpl")
+        stream, ids = await self.submit(request_id, prompts, params, arrival_time)
+        acc = _Accumulator(request, ids, self.tokenizer)
+        created = int(time.time())
+        if request.stream:
+            return SSEResponse(self._events(request_id, created, stream, acc))
+        try:
+            return JSONResponse((await self._collect(request_id, created, stream, acc)).model_dump())
+        finally:
+            self.engine.abort(stream.unfinished)  # only if something failed midway
+
+    async def _collect(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> CompletionResponse:
+        choices: dict[int, CompletionChoice] = {}
+        try:
+            async for output in stream:
+                for delta in acc.deltas(output):
+                    if delta.index in choices:
+                        _merge(choices[delta.index], delta)
+                    else:
+                        choices[delta.index] = delta
+        except APIError:
+            raise
+        except Exception as error:  # noqa: BLE001 - fails this request only
+            raise engine_error(error) from None
+        ordered = [choices[i] for i in sorted(choices)]
+        return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage())
+
+    async def _events(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> AsyncIterator[str]:
+        try:
+            try:
+                async for output in stream:
+                    for delta in acc.deltas(output):
+                        yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[delta]))
+                if acc.request.include_usage:
+                    yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[], usage=acc.usage()))
+            except Exception as error:  # noqa: BLE001 - one failed stream ends with an error event, not a dropped connection
+                yield sse((error if isinstance(error, APIError) else engine_error(error)).body())
+            yield SSE_DONE
+        finally:
+            self.engine.abort(stream.unfinished)
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[PromptType]:
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items or any(len(p) == 0 for p in items):
+        raise APIError("prompt is empty: it must hold at least one token.", 400, param="prompt")
+    return [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in items]

@@ -1,0 +1,302 @@
+"""Paged attention in Triton: one unified varlen kernel, and a split-KV (flash-decoding) variant.
+
+Unified kernel: one launch serves a mixed batch of decodes and prefill chunks. A program owns a
+tile of BLOCK_Q query tokens of one request and ALL the query heads that share one KV head, laid
+out as BLOCK_M = BLOCK_Q * heads_per_kv rows (row m: token m // QPK, head m % QPK), so each K/V
+tile is read once per KV head however large the GQA group. Keys are walked in TILE_N steps; each
+key's physical block comes from the block table, so TILE_N need not equal the cache block size.
+Softmax is online, in fp32, with exp2 and the scale folded into log2(e).
+
+Tile -> request: request r owns grid tiles [qsl[r] // BLOCK_Q + r, qsl[r+1] // BLOCK_Q + r + 1),
+at least ceil(len_r / BLOCK_Q) of them; a program finds its request by binary search on
+query_start_loc (log2(num_reqs) scalar loads) and exits at once if its tile lies past the
+request's end. The grid (num_tokens // BLOCK_Q + num_reqs, num_kv_heads) then depends only on
+host integers: no host-side map to build and copy each step, and no device->host sync.
+
+Split-KV decode: for decode-only batches with few programs' worth of (request, KV head) pairs and
+long contexts, each sequence's keys are cut into partitions handled by separate programs, which
+write an unnormalised partial (max, sum, acc); a second kernel merges the partitions.
+
+Every kernel has a float64 torch reference (`*_ref`) beside it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input_precision, upcast): fp32 needs IEEE products (TF32 would miss 1e-4), and the CPU
+    interpreter mis-multiplies bf16 operands, so there they are upcast to fp32 first."""
+    if dtype == torch.float32:
+        return "ieee", False
+    return ("ieee", True) if _interpreting() else ("tf32", False)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _find_request(query_start_loc, num_reqs, tile_idx, BLOCK_Q: tl.constexpr):
+    """Largest r with query_start_loc[r] // BLOCK_Q + r <= tile_idx (that key is nondecreasing in r)."""
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_reqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        go_right = tl.load(query_start_loc + mid) // BLOCK_Q + mid <= tile_idx
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _attend_tiles(
+    q, acc, m_i, l_i, k_cache, bt_row, kvh, q_pos, kv_start, kv_end, qk_scale,
+    stride_kv, stride_kb, stride_ko, stride_kh,
+    HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """Online-softmax accumulation over keys [kv_start, kv_end); qk_scale = scale * log2(e).
+    V sits stride_kv elements after K, so one pointer tensor (the costly part, in registers) serves both."""
+    d = tl.arange(0, HEAD_D_PAD)
+    d_ok = d < HEAD_D
+    n = tl.arange(0, TILE_N)
+    for start in range(kv_start, kv_end, TILE_N):
+        k_idx = start + n
+        k_ok = k_idx < kv_end
+        blk = tl.load(bt_row + k_idx // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k_ptrs = k_cache + (blk * stride_kb + (k_idx % BLOCK_SIZE) * stride_ko + kvh * stride_kh)[:, None] + d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(k_ptrs + stride_kv, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # scaled in fp32: pre-scaling bf16 q would round
+        if CAUSAL:
+            visible = (k_idx[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        else:
+            visible = k_ok[None, :] & (q_pos[:, None] >= 0)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _unified_attention_kernel(
+    q_ptr, kv_cache, out_ptr, block_tables, seq_lens, query_start_loc,
+    num_reqs, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
+    QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile_idx = tl.program_id(0)
+    kvh = tl.program_id(1)
+    req = _find_request(query_start_loc, num_reqs, tile_idx, BLOCK_Q)
+    q_start = tl.load(query_start_loc + req)
+    q_len = tl.load(query_start_loc + req + 1) - q_start
+    q_off = (tile_idx - q_start // BLOCK_Q - req) * BLOCK_Q
+    if q_off >= q_len:
+        return
+    seq_len = tl.load(seq_lens + req)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    row_q = q_off + rows // QPK  # query index within the request
+    row_h = kvh * QPK + rows % QPK
+    row_ok = (rows < BLOCK_Q * QPK) & (row_q < q_len)
+    d = tl.arange(0, HEAD_D_PAD)
+    io_mask = row_ok[:, None] & (d < HEAD_D)[None, :]
+    q_tok = q_start + row_q
+    q = tl.load(q_ptr + q_tok[:, None] * stride_qt + row_h[:, None] * stride_qh + d[None, :], mask=io_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Keys up to the tile's last query position; padded rows see them all, harmlessly (never stored).
+    kv_end = tl.minimum(ctx_len + q_off + BLOCK_Q, seq_len)
+    acc, m_i, l_i = _attend_tiles(
+        q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, ctx_len + row_q, 0, kv_end, qk_scale,
+        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, True,
+    )
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + q_tok[:, None] * stride_ot + row_h[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """(K->V, block, offset, head) strides of a [2, num_blocks, block_size, Hkv, D] cache."""
+    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.stride(-1) == 1
+    return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every dim >= 16
+
+
+def unified_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
+    block_m: int | None = None, tile_n: int | None = None,
+) -> torch.Tensor:
+    """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    qpk = num_heads // num_kv_heads
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and qpk * num_kv_heads == num_heads
+    num_reqs = seq_lens.shape[0]
+    if block_m is None:
+        # Decode-only: one token per tile. Otherwise bigger tiles amortise the K/V reads over more queries.
+        block_m = 16 if max_query_len * qpk <= 16 else 64
+    block_m = max(block_m, triton.next_power_of_2(qpk))
+    block_q = 1 if max_query_len == 1 else block_m // qpk
+    if tile_n is None:
+        # Sized so no config spills on sm_90 (the K/V pointer tensors dominate register use).
+        tile_n = 64 if block_m > 16 and q.dtype != torch.float32 else 32
+    prec, upcast = _dot_precision(q.dtype)
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads)
+    _unified_attention_kernel[grid](
+        q, kv_cache, out, block_tables, seq_lens, query_start_loc,
+        num_reqs, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
+        QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
+        num_warps=4 if block_m <= 16 else 8,
+    )
+    return out
+
+
+@triton.jit
+def _split_kv_decode_kernel(
+    q_ptr, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
+    qk_scale,
+    num_parts, partition,  # runtime ints: they follow max_seq_len, and must not trigger recompiles
+    stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
+    NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    req = tl.program_id(0)  # decodes come first, so request r's query is token r
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens + req)
+    kv_start = part * partition
+    if kv_start >= seq_len:
+        return  # the merge kernel ignores partitions past the sequence's end
+    rows = tl.arange(0, BLOCK_M)
+    row_h = kvh * QPK + rows
+    row_ok = rows < QPK
+    d = tl.arange(0, HEAD_D_PAD)
+    io_mask = row_ok[:, None] & (d < HEAD_D)[None, :]
+    q = tl.load(q_ptr + req * stride_qt + row_h[:, None] * stride_qh + d[None, :], mask=io_mask, other=0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kv_end = tl.minimum(kv_start + partition, seq_len)
+    acc, m_i, l_i = _attend_tiles(
+        q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, rows, kv_start, kv_end, qk_scale,
+        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, False,
+    )
+    ml_off = (req * NUM_HEADS + row_h) * num_parts + part
+    tl.store(part_m + ml_off, m_i, mask=row_ok)
+    tl.store(part_l + ml_off, l_i, mask=row_ok)
+    tl.store(part_acc + ml_off[:, None] * HEAD_D_PAD + d[None, :], acc, mask=io_mask)
+
+
+@triton.jit
+def _split_kv_merge_kernel(
+    part_m, part_l, part_acc, seq_lens, out_ptr, stride_ot, stride_oh, num_parts, partition,
+    NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    n_valid = tl.cdiv(tl.load(seq_lens + req), partition)  # later partitions were never written
+    base = (req * NUM_HEADS + head) * num_parts
+    # One partition at a time keeps registers at O(head_dim) however many partitions there are.
+    m_max = tl.full([], float("-inf"), dtype=tl.float32)
+    for i in range(0, n_valid):
+        m_max = tl.maximum(m_max, tl.load(part_m + base + i))
+    d = tl.arange(0, HEAD_D_PAD)
+    acc = tl.zeros([HEAD_D_PAD], dtype=tl.float32)
+    l_sum = tl.zeros([], dtype=tl.float32)
+    for i in range(0, n_valid):
+        w = tl.exp2(tl.load(part_m + base + i) - m_max)
+        l_sum += w * tl.load(part_l + base + i)
+        acc += w * tl.load(part_acc + (base + i) * HEAD_D_PAD + d)
+    out = acc / l_sum
+    tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_D)
+
+
+def split_kv_partition(max_seq_len: int, num_programs: int, num_sms: int, tile_n: int = 64) -> int:
+    """Partition length: enough partitions to give ~2 waves of programs over the SMs, but no
+    partition shorter than 256 keys (merge traffic would then dominate). A multiple of tile_n."""
+    want = max(1, -(-2 * num_sms // max(num_programs, 1)))
+    parts = max(1, min(want, max_seq_len // 256))
+    size = -(-max_seq_len // parts)
+    return -(-size // tile_n) * tile_n
+
+
+def split_kv_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor,
+    block_tables: torch.Tensor, max_seq_len: int, scale: float, partition: int, tile_n: int = 32,
+) -> torch.Tensor:
+    """Decode-only attention (token r belongs to request r) with each sequence split into
+    `partition`-key pieces; writes and returns out [num_decodes, H, D]."""
+    num_decodes, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    qpk = num_heads // num_kv_heads
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and partition % tile_n == 0
+    num_parts = -(-max_seq_len // partition)
+    d_pad = _head_dim_pad(head_dim)
+    part_m = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(num_decodes, num_heads, num_parts, d_pad, dtype=torch.float32, device=q.device)
+    prec, upcast = _dot_precision(q.dtype)
+    _split_kv_decode_kernel[(num_decodes, num_kv_heads, num_parts)](
+        q, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
+        scale * 1.4426950408889634, num_parts, partition,
+        q.stride(0), q.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
+        NUM_HEADS=num_heads, QPK=qpk, HEAD_D=head_dim,
+        HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=max(16, triton.next_power_of_2(qpk)),
+        TILE_N=tile_n, PREC=prec, UPCAST=upcast, num_warps=8 if q.dtype == torch.float32 else 4,  # fp32 spills at 4
+    )
+    _split_kv_merge_kernel[(num_decodes, num_heads)](
+        part_m, part_l, part_acc, seq_lens, out, out.stride(0), out.stride(1), num_parts, partition,
+        NUM_HEADS=num_heads, HEAD_D=head_dim, HEAD_D_PAD=d_pad, num_warps=1,
+    )
+    return out
+
+
+def paged_attention_ref(
+    q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
+    block_tables: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Float64 reference: per request, gather K/V through the block table, causal softmax attention."""
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    qpk = q.shape[1] // num_kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for r, seq_len in enumerate(seq_lens):
+        s, e = query_start_loc[r], query_start_loc[r + 1]
+        blocks = block_tables[r, : -(-seq_len // block_size)].long()
+        k = kv_cache[0][blocks].flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1)  # [L, H, D]
+        v = kv_cache[1][blocks].flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].double(), k) * scale
+        q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
+        scores.masked_fill_(torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out

@@ -1,0 +1,17 @@
+"""SiLU(gate) * up over a fused [.., 2 * intermediate] projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from pagedllm.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

@@ -1,0 +1,56 @@
+"""Rotary position embedding (rotate-half style), with a cos/sin table indexed by position.
+
+The table is computed like transformers computes it (inv_freq in float32, positions * inv_freq,
+cos/sin, scaled by the rope type's attention factor), so the rotated q/k match bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:  # configs written before transformers 5
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        base = params["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"Unsupported rope type {rope_type!r}.")
+    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: Any, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        self.config, self.head_dim, self.max_position = config, head_dim, max_position
+        self.register_buffer("cos_sin_cache", self.build_cache(), persistent=False)
+
+    def build_cache(self) -> torch.Tensor:
+        """[max_position, head_dim] float32: cos in the first half of each row, sin in the second."""
+        inv_freq, scaling = _inv_freq(self.config, self.head_dim)
+        freqs = torch.arange(self.max_position, dtype=torch.float, device=inv_freq.device)[:, None] * inv_freq[None, :]
+        return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, Hkv, D]."""
+        if q.is_cuda:
+            from pagedllm.kernels.rotary import apply_rotary
+
+            apply_rotary(q, k, positions, self.cos_sin_cache)
+            return q, k
+        cos, sin = self.cos_sin_cache[positions].to(q.dtype)[:, None, :].chunk(2, dim=-1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

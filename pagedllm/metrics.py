@@ -1,0 +1,120 @@
+"""Prometheus metrics with vLLM's names under a `pagedllm:` prefix, in a per-server registry.
+
+Fed by AsyncLLM's step hook on the engine thread (prometheus_client is thread-safe) from the DELTA outputs
+of each step, counting the way vLLM v1 does: a sample's prompt tokens count once, when it produces its
+first token (so preemption does not count them twice); each sample of an n > 1 request is one finished
+request, as in vLLM where every sample is its own engine request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pagedllm.engine.llm_engine import EngineStats
+from pagedllm.outputs import RequestOutput
+
+PREFIX = "pagedllm:"
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+
+def _token_buckets(max_model_len: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to the context length (vLLM's build_1_2_5_buckets)."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_model_len:
+                return buckets
+            buckets.append(float(value))
+        exponent += 1
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, max_model_len: int) -> None:
+        self.registry = r = CollectorRegistry()
+        self._model_name = model_name
+        labels = ["model_name"]
+
+        # Every series carries model_name, as vLLM's do; bind it once.
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = gauge("num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
+        self.preemptions = counter("num_preemptions", "Cumulative number of preemptions from the engine.")
+        self.success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
+                               labels + ["finished_reason"], registry=r)
+        for reason in ("stop", "length", "abort"):  # exported at 0 from the start, so rates work
+            self.success.labels(model_name, reason)
+        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.", _TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", _ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", _LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", _LATENCY_BUCKETS)
+        self.inference = histogram("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", _LATENCY_BUCKETS)
+        self.prefill = histogram("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", _LATENCY_BUCKETS)
+        self.decode = histogram("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", _LATENCY_BUCKETS)
+        tokens = _token_buckets(max_model_len)
+        self.request_prompt = histogram("request_prompt_tokens", "Number of prefill tokens processed.", tokens)
+        self.request_generation = histogram("request_generation_tokens", "Number of generation tokens processed.", tokens)
+        # Per-sample progress, keyed by (request_id, sample index): last token time, tokens so far.
+        self._last_token: dict[tuple[str, int], float] = {}
+        self._num_tokens: dict[tuple[str, int], int] = {}
+        self._preemptions_seen = 0
+
+    def record_step(self, stats: EngineStats, outputs: list[RequestOutput], now: float) -> None:
+        """Engine-thread hook: one step's stats and DELTA outputs."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        if stats.num_preemptions > self._preemptions_seen:
+            self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions
+        for output in outputs:
+            self._record_output(output, now)
+
+    def _record_output(self, output: RequestOutput, now: float) -> None:
+        metrics = output.metrics
+        arrival = metrics.arrival_time if metrics is not None else now
+        num_prompt = len(output.prompt_token_ids)
+        for completion in output.outputs:
+            key = (output.request_id, completion.index)
+            new = len(completion.token_ids)
+            if new:
+                last = self._last_token.get(key)
+                if last is None:  # first token of this sample
+                    self.prompt_tokens.inc(num_prompt)
+                    self.ttft.observe(now - arrival)
+                    if metrics is not None and metrics.first_scheduled_time is not None:
+                        self.prefill.observe(now - metrics.first_scheduled_time)
+                else:
+                    self.itl.observe(now - last)
+                self._last_token[key] = now
+                self._num_tokens[key] = self._num_tokens.get(key, 0) + new
+                self.generation_tokens.inc(new)
+            if completion.finish_reason is None:
+                continue
+            first_token_seen = key in self._last_token
+            self._last_token.pop(key, None)
+            self.success.labels(self._model_name, completion.finish_reason).inc()
+            self.e2e.observe(now - arrival)
+            self.request_prompt.observe(num_prompt)
+            self.request_generation.observe(self._num_tokens.pop(key, 0))
+            if metrics is not None and metrics.first_scheduled_time is not None:
+                self.queue.observe(max(0.0, metrics.first_scheduled_time - arrival))
+                self.inference.observe(now - metrics.first_scheduled_time)
+            if metrics is not None and metrics.first_token_time is not None and first_token_seen:
+                self.decode.observe(max(0.0, now - metrics.first_token_time))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

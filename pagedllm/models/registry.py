@@ -1,0 +1,28 @@
+"""Architecture name (config.json's `architectures`) -> model class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from pagedllm.models.llama import LlamaForCausalLM
+from pagedllm.models.qwen2 import Qwen2ForCausalLM
+from pagedllm.models.qwen3 import Qwen3ForCausalLM
+
+MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(hf_config: Any) -> type[nn.Module]:
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in MODELS:
+            return MODELS[arch]
+    raise ValueError(
+        f"Model architectures {getattr(hf_config, 'architectures', None)} are not supported; "
+        f"supported: {', '.join(MODELS)}."
+    )

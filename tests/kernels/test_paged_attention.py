@@ -1,0 +1,175 @@
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedllm.attention.backend import AttentionMetadata  # noqa: E402
+from pagedllm.attention.triton_backend import TritonAttentionBackend, use_split_kv  # noqa: E402
+from pagedllm.kernels.paged_attention import (  # noqa: E402
+    paged_attention_ref,
+    split_kv_decode,
+    split_kv_partition,
+    unified_attention,
+)
+
+ON_CUDA = torch.cuda.is_available()
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [T, H, D]
+    kv_cache: torch.Tensor
+    meta: AttentionMetadata
+    new_k: torch.Tensor  # this step's keys/values [T, Hkv, D], already in the cache
+    new_v: torch.Tensor
+
+
+def make_batch(reqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+               dtype: torch.dtype, device: torch.device, seed: int = 0) -> Batch:
+    """reqs: (query_len, cached context_len), decodes first. Blocks are handed out in shuffled
+    order; every cache slot outside the sequences holds NaN, so any stray read shows."""
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = [q + c for q, c in reqs]
+    per_req = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(per_req) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    block_tables = torch.zeros(len(reqs), max(per_req), dtype=torch.int32)
+    cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
+    q_lens = [q for q, _ in reqs]
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    slots = []
+    for r, (seq_len, n) in enumerate(zip(seq_lens, per_req)):
+        block_tables[r, :n] = torch.tensor(order[:n], dtype=torch.int32)
+        order = order[n:]
+        pos = torch.arange(seq_len)
+        phys = block_tables[r, pos // block_size].long()
+        cache[:, phys, pos % block_size] = torch.randn(2, seq_len, num_kv_heads, head_dim, generator=g)
+        new_pos = pos[seq_len - q_lens[r]:]
+        slots.append(block_tables[r, new_pos // block_size].long() * block_size + new_pos % block_size)
+    slot_mapping = torch.cat(slots).to(device)
+    cache = cache.to(device, dtype)
+    flat = cache.view(2, -1, num_kv_heads, head_dim)
+    num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+    meta = AttentionMetadata(
+        num_reqs=len(reqs), num_decodes=num_decodes, num_decode_tokens=num_decodes, max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables=block_tables.to(device),
+        slot_mapping=slot_mapping, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+    )
+    q = torch.randn(qsl[-1], num_heads, head_dim, generator=g).to(device, dtype)
+    return Batch(q, cache, meta, flat[0][slot_mapping].clone(), flat[1][slot_mapping].clone())
+
+
+def reference(b: Batch, scale: float) -> torch.Tensor:
+    m = b.meta
+    return paged_attention_ref(b.q, b.kv_cache, m.query_start_loc_cpu, m.seq_lens_cpu, m.block_tables, scale)
+
+
+# (num_heads, num_kv_heads, head_dim, block_size, dtype): GQA ratios 1, 4, 7; block sizes 16 and 32.
+if ON_CUDA:
+    CASES = [
+        (h, kv, d, bs, dt)
+        for h, kv in [(8, 8), (32, 8), (28, 4)] for d in (64, 128) for bs in (16, 32) for dt in (F32, BF16)
+    ]
+    CASES += [(16, 4, 80, 16, BF16), (16, 4, 96, 32, F32)]  # head dims padded to a power of two
+    # Decodes first (one with a single key), then a fresh prompt and chunks with cached context.
+    REQS = [(1, 0), (1, 700), (1, 33), (1, 1500), (300, 0), (77, 1000), (1000, 230), (16, 16)]
+else:
+    CASES = [(2, 2, 64, 16, F32), (8, 2, 128, 32, BF16), (7, 1, 64, 16, BF16), (7, 1, 32, 32, F32), (4, 2, 48, 16, F32)]
+    REQS = [(1, 0), (1, 200), (1, 33), (70, 0), (13, 150), (3, 29)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,dtype", CASES)
+def test_unified_mixed_batch(device, assert_close, num_heads, num_kv_heads, head_dim, block_size, dtype):
+    b = make_batch(REQS, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+    scale = 1 / math.sqrt(head_dim)
+    out = torch.empty_like(b.q)
+    m = b.meta
+    unified_attention(b.q, b.kv_cache, out, m.query_start_loc, m.seq_lens, m.block_tables, m.max_query_len, scale)
+    assert_close(out, reference(b, scale))
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,block_m", [(2, 2, 16), (8, 2, 16), (7, 1, 32)])
+def test_unified_many_query_tiles(device, assert_close, num_heads, num_kv_heads, block_m):
+    """Small query tiles, so prompts span several tiles and tiles straddle request boundaries."""
+    b = make_batch(REQS, num_heads, num_kv_heads, 64, 16, F32, device, seed=5)
+    m = b.meta
+    out = torch.empty_like(b.q)
+    unified_attention(
+        b.q, b.kv_cache, out, m.query_start_loc, m.seq_lens, m.block_tables, m.max_query_len, 0.125,
+        block_m=block_m, tile_n=32,
+    )
+    assert_close(out, reference(b, 0.125))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_unified_decode_only(device, assert_close, dtype):
+    reqs = [(1, n) for n in ((0, 5, 900, 2047) if ON_CUDA else (0, 5, 90))]
+    b = make_batch(reqs, 8, 2, 64, 16, dtype, device, seed=1)
+    m = b.meta
+    out = torch.empty_like(b.q)
+    unified_attention(b.q, b.kv_cache, out, m.query_start_loc, m.seq_lens, m.block_tables, 1, 0.125)
+    assert_close(out, reference(b, 0.125))
+
+
+def test_unified_single_prompt(device, assert_close):
+    """One request, no decodes: a lone prompt chunk over cached context (num_reqs == 1 specialises)."""
+    b = make_batch([(300, 700) if ON_CUDA else (40, 25)], 4, 4, 64, 32, BF16, device, seed=6)
+    m = b.meta
+    out = unified_attention(b.q, b.kv_cache, torch.empty_like(b.q), m.query_start_loc, m.seq_lens, m.block_tables,
+                            m.max_query_len, 0.125)
+    assert_close(out, reference(b, 0.125))
+
+
+SPLIT_CASES = [(8, 8, BF16), (32, 8, F32), (28, 4, BF16)] if ON_CUDA else [(4, 1, BF16), (7, 1, F32)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,dtype", SPLIT_CASES)
+def test_split_kv_decode(device, assert_close, num_heads, num_kv_heads, dtype):
+    # Lengths leave some partitions empty for the short sequences and one partly filled.
+    lens = (0, 300, 4000, 9000) if ON_CUDA else (0, 100, 170)
+    b = make_batch([(1, n) for n in lens], num_heads, num_kv_heads, 64, 16, dtype, device, seed=2)
+    m = b.meta
+    out = torch.empty_like(b.q)
+    partition = 1024 if ON_CUDA else 64
+    split_kv_decode(b.q, b.kv_cache, out, m.seq_lens, m.block_tables, m.max_seq_len, 0.125, partition)
+    assert_close(out, reference(b, 0.125))
+
+
+def test_split_kv_heuristic():
+    def meta(num_decodes: int, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
+        t = torch.zeros(1)
+        return AttentionMetadata(num_reqs, num_decodes, num_decodes, 1, max_seq_len, t, t, t, t, [], [])
+
+    assert use_split_kv(meta(4, 4, 4096), num_kv_heads=8, num_sms=132)
+    assert not use_split_kv(meta(4, 5, 4096), 8, 132)  # a prefill in the batch
+    assert not use_split_kv(meta(4, 4, 512), 8, 132)  # short contexts
+    assert not use_split_kv(meta(64, 64, 4096), 8, 132)  # enough programs already
+    size = split_kv_partition(32768, num_programs=8, num_sms=132)
+    assert size % 64 == 0 and 256 <= size and -(-32768 // size) <= 2 * 132 // 8 + 1
+    assert split_kv_partition(1024, 300, 132) == 1024  # one partition when the grid is already full
+
+
+def test_backend_writes_then_attends(device, assert_close):
+    """The backend path the model takes: write this step's K/V, then attend (mixed batch)."""
+    b = make_batch(REQS, 8, 2, 64, 16, BF16, device, seed=3)
+    cache = b.kv_cache.clone()
+    flat = cache.view(2, -1, *cache.shape[-2:])
+    flat[:, b.meta.slot_mapping] = float("nan")  # this step's slots start unwritten
+    backend = TritonAttentionBackend()
+    backend.write_kv(b.new_k, b.new_v, cache, b.meta.slot_mapping)
+    assert torch.equal(cache.nan_to_num(7.0), b.kv_cache.nan_to_num(7.0))
+    assert_close(backend.forward(b.q, cache, b.meta, 0.125), reference(b, 0.125))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="split-KV selection needs contexts >= 1024; too slow to interpret")
+def test_backend_split_kv_path(device, assert_close):
+    b = make_batch([(1, 3000), (1, 1200), (1, 17)], 32, 8, 128, 16, BF16, device, seed=4)
+    assert use_split_kv(b.meta, 8, torch.cuda.get_device_properties(device).multi_processor_count)
+    assert_close(TritonAttentionBackend().forward(b.q, b.kv_cache, b.meta, 0.1), reference(b, 0.1))
