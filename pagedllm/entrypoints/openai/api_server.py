@@ -1,0 +1,233 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes in front of AsyncLLM, run by uvicorn.
+
+The event loop only parses, validates, streams and aborts; the engine steps in its own thread. Every error
+is answered in OpenAI's JSON shape. SIGTERM (or Ctrl-C) drains: the listening socket closes, in-flight
+requests get `--shutdown-timeout` seconds to finish, then the rest are aborted (finish_reason "abort"),
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import pagedllm
+from pagedllm.engine.async_engine import AsyncLLM
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    TokenizeRequest, TokenizeResponse, VersionResponse,
+)
+from pagedllm.entrypoints.openai.serving_base import APIError, OpenAIServing, internal_error, read_json, until_disconnect
+from pagedllm.entrypoints.openai.serving_chat import ChatServing, render_messages
+from pagedllm.entrypoints.openai.serving_completion import CompletionServing
+from pagedllm.metrics import ServerMetrics
+
+logger = logging.getLogger("pagedllm.server")
+T = TypeVar("T", bound=BaseModel)
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+OPEN_PATHS = frozenset({"/health", "/version"})  # reachable without the API key
+
+
+class ServerSettings(BaseModel):
+    model_names: list[str]
+    model_path: str | None = None
+    api_key: str | None = None
+    max_n: int = 16
+    max_request_body_bytes: int = 8 << 20
+
+
+class _Guard:
+    """API-key check (constant-time) and the drain gate, as plain ASGI so streaming is untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, fastapi_app: FastAPI) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            error = None
+            if self.key is not None and not self._authorized(scope):
+                error = APIError("Incorrect or missing API key: send `Authorization: Bearer <key>`.", 401, code="invalid_api_key")
+            elif self.fastapi_app.state.draining:
+                error = APIError("the server is shutting down.", 503, code="shutting_down")
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.key is not None
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest's time does not depend on where the bytes differ, so timing cannot leak the key.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    app.state.draining = False
+    app.state.engine = engine
+    app.add_middleware(_Guard, api_key=settings.api_key, fastapi_app=app)
+    completions = CompletionServing(engine, settings.model_names, settings.max_n)
+    chats = ChatServing(engine, settings.model_names, settings.max_n)
+    base = OpenAIServing(engine, settings.model_names, settings.max_n)
+    max_model_len = engine.config.max_model_len or 0
+
+    async def handle(raw: Request, model: type[T], serve: Callable[[T, float], Awaitable[Response]]) -> Response:
+        """Parses the body, runs `serve` until the client disconnects, and maps any failure to an error JSON."""
+        arrival = time.time()
+        try:
+            body = await read_json(raw, model, settings.max_request_body_bytes)
+            return await until_disconnect(raw, serve(body, arrival))
+        except APIError as error:
+            return error.response()
+        except Exception:  # noqa: BLE001 - one request's failure must not touch the others
+            logger.exception("request to %s failed", raw.url.path)
+            return internal_error().response()
+
+    @app.post("/v1/completions")
+    async def create_completion(raw: Request) -> Response:
+        return await handle(raw, CompletionRequest, completions.create)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(raw: Request) -> Response:
+        return await handle(raw, ChatCompletionRequest, chats.create)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=settings.model_path, max_model_len=max_model_len) for name in settings.model_names])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_running:
+            return Response(status_code=200)
+        return APIError(f"the engine loop is not running ({engine.error!r})", 503, code="engine_dead").response()
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=pagedllm.__version__)
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        if metrics is None:
+            return APIError("metrics are disabled.", 404).response()
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def do_tokenize(request: TokenizeRequest, arrival: float) -> Response:
+        base.check_model(request.model)
+        if base.tokenizer is None:
+            raise APIError("this server has no tokenizer (--skip-tokenizer-init).", 400)
+        if request.messages is not None:
+            ids = render_messages(base.tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message)["prompt_token_ids"]
+        elif request.prompt is not None:
+            ids = base.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
+        else:
+            raise APIError("give either prompt or messages.", 400, param="prompt")
+        return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids).model_dump())
+
+    async def do_detokenize(request: DetokenizeRequest, arrival: float) -> Response:
+        base.check_model(request.model)
+        if base.tokenizer is None:
+            raise APIError("this server has no tokenizer (--skip-tokenizer-init).", 400)
+        bad = [t for t in request.tokens if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise APIError(f"tokens holds ids outside the vocabulary [0, {engine.vocab_size}): {bad[:5]}.", 400, param="tokens")
+        return JSONResponse(DetokenizeResponse(prompt=base.tokenizer.decode(request.tokens)).model_dump())
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> Response:
+        return await handle(raw, TokenizeRequest, do_tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request) -> Response:
+        return await handle(raw, DetokenizeRequest, do_detokenize)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> Response:
+        return APIError(str(error.detail), error.status_code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> Response:
+        return APIError(str(error), 400).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, error: Exception) -> Response:
+        return internal_error().response()
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: `serve` installs the draining handlers instead (uvicorn's would
+    re-raise SIGTERM at exit and end the process with a signal rather than 0)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(server: _Server, app: FastAPI, engine: AsyncLLM, shutdown_timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if app.state.draining:  # a second signal: stop waiting
+            logger.warning("%s again: aborting every request now", sig.name)
+            engine.abort_all()
+            return
+        logger.info("%s: draining, in-flight requests have %.0f s to finish", sig.name, shutdown_timeout)
+        app.state.draining = True
+        server.should_exit = True  # uvicorn closes the listening socket and waits for open connections
+        loop.call_later(shutdown_timeout, engine.abort_all)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.serve()
+
+
+def run_server(args: argparse.Namespace) -> None:
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.entrypoints.cli import engine_kwargs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine.from_kwargs(**engine_kwargs(args))
+    names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+    max_model_len = engine.config.max_model_len or 0
+    metrics = ServerMetrics(names[0], max_model_len)
+    capacity = engine.config.max_num_seqs + args.max_waiting_requests
+    async_engine = AsyncLLM(engine, max_queued_samples=capacity, on_step=metrics.record_step)
+    settings = ServerSettings(
+        model_names=names, model_path=engine.config.model_path, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
+        max_n=args.max_n, max_request_body_bytes=args.max_request_body_bytes,
+    )
+    app = build_app(async_engine, settings, metrics)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, lifespan="on",
+        # A backstop only: our own timer aborts the stragglers at shutdown_timeout, which ends their responses.
+        timeout_graceful_shutdown=int(args.shutdown_timeout) + 10,
+    )
+    logger.info("serving %s (max_model_len %d) on http://%s:%d", names[0], max_model_len, args.host, args.port)
+    asyncio.run(_serve(_Server(config), app, async_engine, args.shutdown_timeout))
