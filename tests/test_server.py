@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import signal
 import time
 from typing import Any, Iterator
@@ -175,6 +174,8 @@ BAD_INPUTS = [
     ("oversized-body", COMPLETIONS, {"prompt": "x" * 200_000}, None, 413, None),
     ("prefill-needs-assistant", CHAT, {"messages": OK_CHAT, "continue_final_message": True}, None, 400, "continue_final_message"),
     ("body-not-object", COMPLETIONS, b"[1, 2]", None, 400, None),
+    ("prompt-of-booleans", COMPLETIONS, {"prompt": [True, False]}, None, 400, "prompt"),
+    ("missing-prompt", COMPLETIONS, {"max_tokens": 3}, None, 400, "prompt"),
 ]
 
 
@@ -195,10 +196,15 @@ def test_bad_input(server: ServerProcess, path: str, body: Any, headers: dict | 
 
 # ---- concurrency, disconnects, metrics ---------------------------------------------------------------
 def test_64_concurrent_streams_match_alone(server: ServerProcess) -> None:
-    prompts = [f"Fact number {i}: the {w} is" for i, w in enumerate(["sky", "sea", "sun", "moon"] * 16)]
+    # 32 distinct prompts, each sent by two clients: cross-talk would show as a mismatch, and running the
+    # references alone stays affordable on a small CPU.
+    distinct = [f"Fact number {i}: the {w} is" for i, w in enumerate(["sky", "sea", "sun", "moon"] * 8)]
     client = server.client()
-    alone = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=5, **GREEDY, **NO_EOS).choices[0].text
-             for p in prompts]
+    reference = {p: client.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=5, **GREEDY, **NO_EOS).choices[0].text
+                 for p in distinct}
+    prompts = distinct + distinct[::-1]
+    alone = [reference[p] for p in prompts]
+    assert len(set(alone)) > 8  # the prompts really differ
 
     async def run_all() -> list[str]:
         aclient = server.async_client()
@@ -240,9 +246,14 @@ def test_disconnect_storm_frees_everything(server: ServerProcess) -> None:
         finally:
             await aclient.close()
 
+    before = wait_idle(server)
     asyncio.run(storm())
     m = wait_idle(server)
     assert (m["pagedllm:num_requests_running"], m["pagedllm:num_requests_waiting"], m["pagedllm:kv_cache_usage_perc"]) == (0, 0, 0)
+    # Aborted at once, not run to the end: 33 aborts, and far fewer than 33 x 200 tokens generated.
+    aborts = "pagedllm:request_success_total{finished_reason=abort}"
+    assert m[aborts] - before[aborts] == 33
+    assert m["pagedllm:generation_tokens_total"] - before["pagedllm:generation_tokens_total"] < 33 * 200 / 4
     start = time.monotonic()
     answer = server.client().completions.create(model="SmolLM2-135M-Instruct", prompt="Hello", max_tokens=3, **NO_EOS)
     assert answer.usage.completion_tokens == 3 and time.monotonic() - start < 5
@@ -270,7 +281,7 @@ def test_metrics_counters_match_requests(server: ServerProcess) -> None:
 
 # ---- shutdown and API key (their own short-lived server) --------------------------------------------
 def test_api_key_then_sigterm_drains() -> None:
-    proc = ServerProcess([*SMALL_SERVER_ARGS, "--shutdown-timeout", "3"], env={"PAGEDLLM_API_KEY": "sesame"})
+    proc = ServerProcess([*SMALL_SERVER_ARGS, "--shutdown-timeout", "2"], env={"PAGEDLLM_API_KEY": "sesame"})
     try:
         assert httpx.get(proc.url("/health")).status_code == 200
         assert httpx.get(proc.url("/version")).status_code == 200
@@ -307,7 +318,7 @@ def test_api_key_then_sigterm_drains() -> None:
                 proc.proc.send_signal(signal.SIGTERM)
 
             try:
-                results = await asyncio.wait_for(asyncio.gather(*(one(m) for m in (2, 3, 200, 200, 200, 200)), terminate()), 60)
+                results = await asyncio.wait_for(asyncio.gather(*(one(m) for m in (2, 3, 240, 240, 240, 240)), terminate()), 60)
             finally:
                 await aclient.close()
             return results[:-1]
@@ -350,6 +361,25 @@ def run_in_app(tiny_app: Any, scenario: Any) -> Any:
 def sse_events(text: str) -> list[Any]:
     events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
     return [event if event == "[DONE]" else json.loads(event) for event in events]
+
+
+def test_generate_cancelled_frees_blocks(tiny_app: Any) -> None:
+    from pagedllm.sampling_params import SamplingParams
+    from tests.conftest import assert_clean
+
+    async def scenario(http: httpx.AsyncClient, engine: Any) -> None:
+        outputs = engine.generate("r1", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=100, ignore_eos=True))
+        tokens = [len((await anext(outputs)).outputs[0].token_ids) for _ in range(3)]
+        assert tokens == [1, 1, 1]  # DELTA outputs
+        await outputs.aclose()  # what a client disconnect does
+        for _ in range(100):
+            if not engine._streams and not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.02)
+        assert_clean(engine.engine)
+        assert engine.num_samples_in_flight == 0
+
+    run_in_app(tiny_app, scenario)
 
 
 def test_engine_death_fails_in_flight_requests_and_health(tiny_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,6 +434,6 @@ def test_over_capacity_gets_503(tiny_app: Any) -> None:
         codes = sorted(r.status_code for r in results)
         assert codes == [200, 200, 200, 503]
         assert next(r for r in results if r.status_code == 503).json()["error"]["code"] == "overloaded"
-        assert math.isclose(engine.num_samples_in_flight, 0)
+        assert engine.num_samples_in_flight == 0
 
     run_in_app(tiny_app, scenario)

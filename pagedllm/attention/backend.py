@@ -30,6 +30,8 @@ class AttentionMetadata:
     # Host copies, for backends that loop over requests on the CPU.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # False inside CUDA graphs: the split-KV path's launch shape follows max_seq_len.
+    allow_split_kv: bool = True
 
 
 class AttentionBackend(Protocol):

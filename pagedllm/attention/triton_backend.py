@@ -31,7 +31,8 @@ def _num_sms(device: torch.device) -> int:
 
 def use_split_kv(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:
     return (
-        meta.num_reqs > 0
+        meta.allow_split_kv
+        and meta.num_reqs > 0
         and meta.num_decodes == meta.num_reqs
         and meta.max_seq_len >= SPLIT_KV_MIN_SEQ_LEN
         and meta.num_decodes * num_kv_heads < 2 * num_sms

@@ -16,9 +16,12 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.logger import get_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+logger = get_logger(__name__)
 
 # A prompt: text, or {"prompt_token_ids": [...]} (optionally with "prompt" text beside it).
 PromptType = str | dict[str, Any]
@@ -56,9 +59,19 @@ class LLMEngine:
         self.config = config
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config)
         self.eos_token_ids = _eos_token_ids(config, self.tokenizer)
+        start = time.perf_counter()
         self.runner = ModelRunner(config)
         self.vocab_size = self.runner.vocab_size
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
+        assert config.max_model_len is not None
+        logger.info(
+            "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens (%.2f GiB), max concurrency at "
+            "max_model_len=%d: %.1f requests; ready in %.1f s",
+            config.model_path, config.device, config.dtype, self.runner.backend.name,
+            ", CUDA graphs" if self.runner.graph_runner else "", self.runner.num_blocks, config.block_size,
+            self.runner.num_blocks * self.runner.kv_bytes_per_block() / 2**30, config.max_model_len,
+            self.runner.num_blocks / self.kv_cache.blocks_for(config.max_model_len), time.perf_counter() - start,
+        )
         assert config.max_num_batched_tokens is not None
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.groups: dict[str, _Group] = {}

@@ -19,6 +19,8 @@ from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.models.loader import load_model
 from pagedllm.outputs import Logprob, LogprobsDict
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.cuda_graph import CudaGraphRunner
 from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprobs
 
 _CPU_KV_CACHE_BYTES = 4 << 30
@@ -45,7 +47,9 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
+        self.graph_runner: CudaGraphRunner | None = None
         self.num_blocks = self._allocate_kv_cache()
+        self.capture_cuda_graphs()
 
     # ---- KV cache -----------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -56,10 +60,10 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> int:
         budget = self.config.kv_cache_memory
         if budget is None:
-            budget = self._free_gpu_memory() if self.device.type == "cuda" else _CPU_KV_CACHE_BYTES
+            budget = self._profile_free_gpu_memory() if self.device.type == "cuda" else _CPU_KV_CACHE_BYTES
         num_blocks = self.config.num_gpu_blocks_override or budget // self.kv_bytes_per_block()
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={budget} bytes is less than one KV block ({self.kv_bytes_per_block()} bytes).")
+            raise ValueError(f"KV cache budget of {budget} bytes is less than one KV block ({self.kv_bytes_per_block()} bytes).")
         for layer in self.attn_layers:
             # Zeroed: padded reads past a sequence's end must meet finite values (0 * NaN would poison softmax @ V).
             layer.kv_cache = torch.zeros(
@@ -67,10 +71,52 @@ class ModelRunner:
             )
         return int(num_blocks)
 
-    def _free_gpu_memory(self) -> int:
+    @torch.inference_mode()
+    def _profile_free_gpu_memory(self) -> int:
+        """Runs one forward at the largest batch a step can hold, then leaves the KV cache
+        `gpu_memory_utilization` of the device minus weights, activation peak and non-torch memory."""
+        tokens = self.config.max_num_batched_tokens or 1
+        reqs = min(self.config.max_num_seqs, tokens)
+        for layer in self.attn_layers:  # one scratch block: the dummy batch reads block 0 and writes nothing
+            layer.kv_cache = torch.zeros(2, 1, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device)
+        query_lens = [tokens // reqs + (1 if i < tokens % reqs else 0) for i in range(reqs)]
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        max_blocks = -(-max(query_lens) // self.block_size)
+        meta = AttentionMetadata(
+            num_reqs=reqs, num_decodes=0, num_decode_tokens=0, max_query_len=max(query_lens), max_seq_len=max(query_lens),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(reqs, max_blocks, dtype=torch.int32, device=self.device),
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc_cpu=qsl, seq_lens_cpu=query_lens,
+        )
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        with forward_context(self.backend, meta):
+            hidden = self.model(ids, ids)
+        logits = self.model.compute_logits(hidden[:reqs]).float()
+        self.sampler(logits, SamplingBatch.build([SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * reqs, [None] * reqs,
+                                                 [[0]] * reqs, [[0]] * reqs, self.vocab_size, self.device))
+        torch.cuda.synchronize()
+        self.activation_peak = torch.cuda.max_memory_allocated(self.device) - before
+        del hidden, logits
+        for layer in self.attn_layers:
+            layer.kv_cache = torch.empty(0)
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        return max(0, int(total * self.config.gpu_memory_utilization) - used)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        return max(0, int(total * self.config.gpu_memory_utilization) - weights - self.activation_peak - non_torch)
+
+    def capture_cuda_graphs(self) -> None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        self.graph_runner = CudaGraphRunner(self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device)
+        self.graph_runner.capture()
 
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -91,8 +137,11 @@ class ModelRunner:
         )
         input_ids = self._to_device(batch.input_ids, torch.int64)
         positions = self._to_device(batch.positions, torch.int64)
-        with forward_context(self.backend, meta):
-            hidden = self.model(input_ids, positions)
+        if self.graph_runner is not None and meta.num_decodes == meta.num_reqs and self.graph_runner.can_run(meta.num_reqs):
+            hidden = self.graph_runner.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        else:
+            with forward_context(self.backend, meta):
+                hidden = self.model(input_ids, positions)
 
         out = ModelRunnerOutput()
         self._prompt_logprobs(sched, batch, hidden, out)

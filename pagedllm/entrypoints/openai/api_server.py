@@ -22,7 +22,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -33,7 +33,9 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse, VersionResponse,
 )
-from pagedllm.entrypoints.openai.serving_base import APIError, OpenAIServing, internal_error, read_json, until_disconnect
+from pagedllm.entrypoints.openai.serving_base import (
+    APIError, OpenAIServing, internal_error, json_response, read_json, until_disconnect,
+)
 from pagedllm.entrypoints.openai.serving_chat import ChatServing, render_messages
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 from pagedllm.metrics import ServerMetrics
@@ -147,7 +149,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
             ids = base.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
         else:
             raise APIError("give either prompt or messages.", 400, param="prompt")
-        return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids).model_dump())
+        return json_response(TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids))
 
     async def do_detokenize(request: DetokenizeRequest, arrival: float) -> Response:
         base.check_model(request.model)
@@ -156,7 +158,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
         bad = [t for t in request.tokens if not 0 <= t < engine.vocab_size]
         if bad:
             raise APIError(f"tokens holds ids outside the vocabulary [0, {engine.vocab_size}): {bad[:5]}.", 400, param="tokens")
-        return JSONResponse(DetokenizeResponse(prompt=base.tokenizer.decode(request.tokens)).model_dump())
+        return json_response(DetokenizeResponse(prompt=base.tokenizer.decode(request.tokens)))
 
     @app.post("/tokenize")
     async def tokenize(raw: Request) -> Response:

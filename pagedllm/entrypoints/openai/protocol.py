@@ -11,9 +11,12 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 LOGPROBS_CAP = 20  # OpenAI's limit on logprobs / top_logprobs
+# Token ids must be real integers: lax mode would read true/false or "7" as ids.
+TokenIds = list[StrictInt]
+PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
 
 def random_id(prefix: str) -> str:
@@ -53,7 +56,7 @@ class SamplingRequest(OpenAIModel):
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0)
@@ -72,7 +75,7 @@ class SamplingRequest(OpenAIModel):
 
 # ---- /v1/completions ----------------------------------------------------------------------
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(16, ge=1)  # None: up to the context length
     logprobs: int | None = Field(None, ge=0, le=LOGPROBS_CAP)
     echo: bool = False
@@ -230,7 +233,7 @@ class TokenizeResponse(OpenAIModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 class DetokenizeResponse(OpenAIModel):

@@ -11,14 +11,14 @@ from contextlib import suppress
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.async_engine import AsyncLLM, EngineDeadError, EngineOverloadedError, RequestStream
 from pagedllm.engine.detokenizer import decode_token
 from pagedllm.engine.llm_engine import PromptType
-from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest
+from pagedllm.entrypoints.openai.protocol import PROMPT_FORMS, ErrorInfo, ErrorResponse, SamplingRequest
 from pagedllm.outputs import LogprobsDict
 from pagedllm.sampling_params import SamplingParams
 
@@ -41,9 +41,14 @@ class APIError(Exception):
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
+        return json_response(self.body(), self.status, headers)
+
+
+def json_response(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A pydantic model as JSON, serialized once by pydantic (no dict round trip)."""
+    return Response(body.model_dump_json(), status_code=status, headers=headers, media_type="application/json")
 
 
 def internal_error() -> APIError:
@@ -104,6 +109,8 @@ def validation_error(error: ValidationError) -> APIError:
     first = error.errors()[0]
     loc = [str(part) for part in first["loc"]]
     param = loc[0] if loc else None
+    if param == "prompt" and first["type"] != "missing":  # a union: name the accepted forms, not one member's complaint
+        return APIError(f"prompt must be {PROMPT_FORMS}.", 400, param=param)
     where = ".".join(loc) if loc else "body"
     return APIError(f"{where}: {first['msg']}", 400, param=param)
 

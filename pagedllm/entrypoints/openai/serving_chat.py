@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from pagedllm.engine.async_engine import RequestStream
 from pagedllm.entrypoints.llm import render_chat
@@ -19,7 +19,7 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatLogprobToken, ChatMessage, ChatStreamChoice, DeltaMessage, TopLogprob, UsageInfo, random_id,
 )
 from pagedllm.entrypoints.openai.serving_base import (
-    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, sse, token_text, top_entries,
+    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, json_response, sse, token_text, top_entries,
 )
 from pagedllm.outputs import CompletionOutput, LogprobsDict, RequestOutput
 
@@ -99,7 +99,7 @@ class ChatServing(OpenAIServing):
         if request.stream:
             return SSEResponse(self._events(request_id, created, stream, acc))
         try:
-            return JSONResponse((await self._collect(request_id, created, stream, acc)).model_dump())
+            return json_response(await self._collect(request_id, created, stream, acc))
         finally:
             self.engine.abort(stream.unfinished)
 

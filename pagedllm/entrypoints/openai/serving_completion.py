@@ -6,12 +6,11 @@ them as they come, a plain response merges them. So streamed text always equals 
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from pagedllm.engine.async_engine import RequestStream
 from pagedllm.engine.llm_engine import PromptType
@@ -19,11 +18,9 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo, random_id,
 )
 from pagedllm.entrypoints.openai.serving_base import (
-    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, sse, token_text,
+    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, json_response, sse, token_text,
 )
 from pagedllm.outputs import LogprobsDict, RequestOutput
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,7 +110,7 @@ class CompletionServing(OpenAIServing):
         if request.stream:
             return SSEResponse(self._events(request_id, created, stream, acc))
         try:
-            return JSONResponse((await self._collect(request_id, created, stream, acc)).model_dump())
+            return json_response(await self._collect(request_id, created, stream, acc))
         finally:
             self.engine.abort(stream.unfinished)  # only if something failed midway
 

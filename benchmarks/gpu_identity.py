@@ -1,0 +1,65 @@
+"""GPU correctness: greedy outputs of a real model in float32 on CUDA equal transformers' on CUDA,
+and CUDA-graph outputs equal eager outputs (bf16 too). Prints one JSON line per check.
+
+    python benchmarks/gpu_identity.py [MODEL_DIR]     (default: the converted SmolLM2-135M-Instruct)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.models.gguf import resolve_model
+
+    path = resolve_model(sys.argv[1] if len(sys.argv) > 1 else None)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 49000) for _ in range(rng.randint(1, 300))] for _ in range(32)]
+    max_tokens = [rng.randint(1, 48) for _ in prompts]
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    expected = []
+    with torch.inference_mode():
+        for prompt, m in zip(prompts, max_tokens):
+            out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=m, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"), pad_token_id=0)
+            expected.append(out[0, len(prompt):].tolist())
+    del hf
+    torch.cuda.empty_cache()
+
+    def run(dtype: str, enforce_eager: bool) -> list[list[int]]:
+        llm = LLM(path, dtype=dtype, skip_tokenizer_init=True, enforce_eager=enforce_eager, gpu_memory_utilization=0.5,
+                  max_num_seqs=64, max_model_len=2048)
+        params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        engine = llm.llm_engine
+        assert engine.kv_cache.num_used_blocks == 0 and not engine.has_unfinished_requests()
+        del llm
+        torch.cuda.empty_cache()
+        print(json.dumps({"run": f"{dtype} eager={enforce_eager}", "seconds": round(elapsed, 3)}), flush=True)
+        return [o.outputs[0].token_ids for o in outs]
+
+    graphs = run("float32", enforce_eager=False)
+    eager = run("float32", enforce_eager=True)
+    same = sum(g == e for g, e in zip(graphs, expected))
+    first_diff = [i for i, (g, e) in enumerate(zip(graphs, expected)) if g != e][:5]
+    print(json.dumps({"check": "float32 greedy == transformers (GPU)", "identical": f"{same}/{len(prompts)}", "differ": first_diff}))
+    print(json.dumps({"check": "float32 graphs == eager", "identical": f"{sum(g == e for g, e in zip(graphs, eager))}/{len(prompts)}"}))
+    bf_graphs, bf_eager = run("bfloat16", False), run("bfloat16", True)
+    print(json.dumps({"check": "bfloat16 graphs == eager", "identical": f"{sum(g == e for g, e in zip(bf_graphs, bf_eager))}/{len(prompts)}"}))
+
+
+if __name__ == "__main__":
+    main()

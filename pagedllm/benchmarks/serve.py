@@ -1,0 +1,205 @@
+"""`pagedllm bench serve`: load-test any OpenAI-compatible server through streaming /v1/completions.
+
+Prompts are random token ids (sent as token-id prompts, so their lengths are exact); arrivals follow a
+Poisson process at --request-rate (inf: all at once), at most --max-concurrency in flight. EOS is ignored
+when the server accepts `ignore_eos`, so each request generates --output-len tokens. Reports requests/s,
+output tokens/s, and mean / median / p99 of TTFT, TPOT (per output token after the first) and ITL (between
+streamed chunks), as vLLM's `benchmark_serving` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm.benchmarks.workloads import BenchRequest, make_requests, special_token_ids, token_pool
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    prompt_len: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (the /v1 routes live under it)")
+    parser.add_argument("--model", default=None, help="model name to request (default: the server's first in /v1/models)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="local model dir or .gguf whose vocabulary the random prompts are drawn from (default: the bundled SmolLM2)")
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second, Poisson arrivals (default inf: all at once)")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once (default: unbounded)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before one request counts as failed")
+    parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--output-json", default=None, metavar="PATH", help="write the figures and args here")
+
+
+def _prompt_pool(tokenizer: str | None) -> list[int]:
+    from transformers import AutoConfig
+
+    from pagedllm.models.gguf import resolve_model
+
+    path = resolve_model(tokenizer)
+    config = AutoConfig.from_pretrained(path)
+    return token_pool(config.vocab_size, special_token_ids(path, config))
+
+
+async def _send(client: Any, url: str, payload: dict[str, Any], prompt_len: int) -> RequestResult:
+    result = RequestResult(prompt_len=prompt_len)
+    start = last = time.perf_counter()
+    chunks = 0
+    try:
+        async with client.stream("POST", url, json=payload) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:300]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"].get("message"))
+                    return result
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    now = time.perf_counter()
+                    if chunks == 0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last, chunks = now, chunks + 1
+    except Exception as error:  # noqa: BLE001 - a failed request is counted, not fatal
+        result.error = repr(error)
+        return result
+    result.latency = last - start
+    result.output_tokens = result.output_tokens or chunks  # servers without usage: one token per chunk
+    result.ok = chunks > 0
+    return result
+
+
+async def _probe(client: Any, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """One short request, which also warms the server up; drops `ignore_eos` if the server rejects it."""
+    for candidate in (payload, {k: v for k, v in payload.items() if k != "ignore_eos"}):
+        probe = {k: v for k, v in candidate.items() if k != "stream_options"}
+        response = await client.post(url, json={**probe, "stream": False, "max_tokens": 1})
+        if response.status_code == 200:
+            return candidate
+    raise RuntimeError(f"the server rejected the probe request: HTTP {response.status_code}: {response.text[:300]}")
+
+
+async def _run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float, bool]:
+    import httpx
+    from tqdm.auto import tqdm
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    base = args.base_url.rstrip("/")
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(headers=headers, timeout=args.timeout, limits=limits) as client:
+        model = args.model
+        if model is None:
+            model = (await client.get(base + "/v1/models")).raise_for_status().json()["data"][0]["id"]
+        url = base + "/v1/completions"
+        common = {"model": model, "temperature": args.temperature, "ignore_eos": True, "stream": True,
+                  "stream_options": {"include_usage": True}}
+        common = await _probe(client, url, {**common, "prompt": requests[0].prompt_token_ids})
+        common.pop("prompt")
+        ignore_eos = "ignore_eos" in common
+
+        limit = asyncio.Semaphore(args.max_concurrency or len(requests))
+        bar = tqdm(total=len(requests), desc="requests", disable=args.disable_tqdm, dynamic_ncols=True)
+
+        async def one(request: BenchRequest) -> RequestResult:
+            async with limit:
+                payload = {**common, "prompt": request.prompt_token_ids, "max_tokens": request.output_len}
+                result = await _send(client, url, payload, len(request.prompt_token_ids))
+            bar.update(1)
+            return result
+
+        rng = random.Random(args.seed)
+        tasks = []
+        start = time.perf_counter()
+        for i, request in enumerate(requests):
+            tasks.append(asyncio.create_task(one(request)))
+            if args.request_rate != float("inf") and i + 1 < len(requests):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        bar.close()
+    return list(results), duration, ignore_eos
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    import numpy as np
+
+    done = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in done)
+    in_tokens = sum(r.prompt_len for r in done)
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    itls = [x for r in done for x in r.itl]
+    summary: dict[str, Any] = {
+        "completed": len(done), "failed": len(results) - len(done), "duration_s": duration,
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(done) / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+    }
+    for name, values in (("ttft", [r.ttft for r in done]), ("tpot", tpots), ("itl", itls)):
+        ms = np.array(values or [0.0]) * 1000
+        summary.update({f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)), f"p99_{name}_ms": float(np.percentile(ms, 99))})
+    errors = sorted({r.error for r in results if not r.ok})
+    if errors:
+        summary["errors"] = errors[:5]
+    return summary
+
+
+def _print(summary: dict[str, Any], args: argparse.Namespace, ignore_eos: bool) -> None:
+    rows = [
+        ("Successful requests", summary["completed"]), ("Failed requests", summary["failed"]),
+        ("Maximum request concurrency", args.max_concurrency or "unbounded"), ("Request rate configured (RPS)", args.request_rate),
+        ("ignore_eos accepted", "yes" if ignore_eos else "no"), ("Benchmark duration (s)", f"{summary['duration_s']:.2f}"),
+        ("Total input tokens", summary["total_input_tokens"]), ("Total generated tokens", summary["total_output_tokens"]),
+        ("Request throughput (req/s)", f"{summary['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s)", f"{summary['output_throughput']:.2f}"),
+        ("Total token throughput (tok/s)", f"{summary['total_token_throughput']:.2f}"),
+    ]
+    print("{s:{c}^50}".format(s=" Serving Benchmark Result ", c="="))
+    for label, value in rows:
+        print(f"{label + ':':<40}{str(value):>10}")
+    for name, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"), ("itl", "Inter-token Latency")):
+        print("{s:{c}^50}".format(s=f" {title} ", c="-"))
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
+            print(f"{f'{label} {name.upper()} (ms):':<40}{summary[f'{stat}_{name}_ms']:>10.2f}")
+    print("=" * 50)
+    for error in summary.get("errors", []):
+        print(f"error: {error}")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    requests = make_requests(args.num_prompts, args.input_len, args.output_len, _prompt_pool(args.tokenizer), args.seed)
+    results, duration, ignore_eos = asyncio.run(_run(args, requests))
+    summary = summarize(results, duration)
+    _print(summary, args, ignore_eos)
+    if args.output_json:
+        from pagedllm.benchmarks import write_json
+
+        write_json(args.output_json, args, {"benchmark": "serve", "ignore_eos": ignore_eos, "results": summary})
+    return summary

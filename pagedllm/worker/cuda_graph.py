@@ -1,0 +1,82 @@
+"""CUDA graphs for decode-only steps.
+
+The decode forward is captured once per batch size of a ladder (1, 2, 4, 8, 16, 24, 32, ... up to
+max_num_seqs) over persistent input buffers. A step with n decodes copies its inputs into the
+buffers, pads to the next captured size (padding rows write no K/V: slot -1, context length 0),
+replays, and reads the first n rows of the captured output. Launch overhead, which dominates
+small decode batches, disappears.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.layers.attention import forward_context
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+class CudaGraphRunner:
+    def __init__(self, model: nn.Module, backend: AttentionBackend, max_num_seqs: int, max_blocks: int, device: torch.device) -> None:
+        self.model, self.backend = model, backend
+        self.sizes = capture_sizes(max_num_seqs)
+        n = self.sizes[-1]
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = torch.zeros(n, dtype=i64, device=device)
+        self.positions = torch.zeros(n, dtype=i64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
+        self.seq_lens = torch.zeros(n, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=i32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_reqs=bs, num_decodes=bs, num_decode_tokens=bs, max_query_len=1, max_seq_len=1,
+            query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+            query_start_loc_cpu=[], seq_lens_cpu=[], allow_split_kv=False,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            meta = self._meta(bs)
+            with forward_context(self.backend, meta):
+                self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up: compile kernels outside capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, num_reqs: int) -> bool:
+        return 0 < num_reqs <= self.sizes[-1]
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+        seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """Inputs are device tensors of the n decodes; returns hidden states [n, hidden]."""
+        n = input_ids.shape[0]
+        bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.seq_lens[:n].copy_(seq_lens)
+        self.seq_lens[n:bs].fill_(0)
+        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
