@@ -27,7 +27,7 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     # Scheduler
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default 8192 (or max_model_len without chunked prefill)
+    max_num_batched_tokens: int | None = None  # default 8192 on CUDA, 2048 on CPU (at least max_model_len without chunked prefill)
     enable_chunked_prefill: bool = True
     # Worker
     attention_backend: str | None = None
@@ -64,7 +64,9 @@ class EngineConfig:
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 8192 if self.enable_chunked_prefill else max(8192, self.max_model_len)
+            # CPU matmuls peak around 2k rows; GPUs want bigger steps.
+            budget = 8192 if self.device.startswith("cuda") else 2048
+            self.max_num_batched_tokens = budget if self.enable_chunked_prefill else max(budget, self.max_model_len)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from typing import Any, Iterator
@@ -23,7 +24,7 @@ NO_EOS: dict[str, Any] = {"extra_body": {"ignore_eos": True}}
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    proc = ServerProcess([*SMALL_SERVER_ARGS, "--max-request-body-bytes", "100000"])
+    proc = ServerProcess([*SMALL_SERVER_ARGS, "--max-request-body-bytes", "100000", "--served-model-name", "SmolLM2-135M-Instruct", "smol"])
     yield proc
     assert proc.stop() == 0, proc.logs()
 
@@ -53,7 +54,9 @@ def wait_idle(server: ServerProcess, timeout: float = 10.0) -> dict[str, float]:
 # ---- basics ---------------------------------------------------------------------------------------
 def test_models_health_version(server: ServerProcess) -> None:
     models = server.client().models.list().data
-    assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct", "smol"]
+    aliased = server.client().completions.create(model="smol", prompt="Hi", max_tokens=1)
+    assert aliased.model == "SmolLM2-135M-Instruct"  # answers carry the first served name
     assert httpx.get(server.url("/health")).status_code == 200
     assert httpx.get(server.url("/version")).json()["version"]
     ids = httpx.post(server.url("/tokenize"), json={"prompt": "Hello world"}).json()
@@ -327,6 +330,8 @@ def test_api_key_then_sigterm_drains() -> None:
         assert [finish for _, finish in results[:2]] == ["length", "length"]
         assert all(finish in ("length", "abort") for _, finish in results[2:]) and any(f == "abort" for _, f in results[2:])
         assert proc.proc.wait(timeout=30) == 0, proc.logs()
+        with pytest.raises(ProcessLookupError):  # nothing of its process group outlived it
+            os.killpg(proc.proc.pid, 0)
     finally:
         proc.stop()
 

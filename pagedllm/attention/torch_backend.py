@@ -49,11 +49,12 @@ class TorchAttentionBackend:
 
 def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [B, length, Hkv, D] of each row's sequence, read block by block."""
-    block_size = kv_cache.shape[2]
+    batch, block_size = block_tables.shape[0], kv_cache.shape[2]
     num_blocks = -(-length // block_size)
-    blocks = block_tables[:, :num_blocks].to(torch.long)
-    k = kv_cache[0][blocks].flatten(1, 2)[:, :length]
-    v = kv_cache[1][blocks].flatten(1, 2)[:, :length]
+    blocks = block_tables[:, :num_blocks].reshape(-1)
+    # index_select copies whole blocks at memcpy speed; advanced indexing is twice as slow here.
+    k = kv_cache[0].index_select(0, blocks).view(batch, num_blocks * block_size, *kv_cache.shape[3:])[:, :length]
+    v = kv_cache[1].index_select(0, blocks).view(batch, num_blocks * block_size, *kv_cache.shape[3:])[:, :length]
     return k, v
 
 

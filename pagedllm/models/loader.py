@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pagedllm.layers.linear import pack_linear_weights
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.models.registry import get_model_class
 
@@ -20,6 +21,8 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
         model = model_cls(hf_config)
     # Materialise on the target device without initialising: every weight is loaded or randomised below.
     model = model.to_empty(device=device).to(dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     _init_buffers(model, device)
     if load_format == "dummy":
         _randomize(model, seed=0)
@@ -27,6 +30,7 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
         _load_safetensors(model, model_path)
     else:
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}.")
+    pack_linear_weights(model)
     return model.eval()
 
 

@@ -1,7 +1,7 @@
 """Batched token sampler: one row of logits per request, each row with its own parameters.
 
 Order follows vLLM v1: logprobs from the raw logits, then logit_bias -> min_tokens -> penalties ->
-greedy argmax, or temperature -> min_p -> top_k -> top_p -> exponential-race sampling.
+greedy argmax, or temperature -> min_p -> top_k -> top_p -> a draw (exponential race on CUDA, inverse CDF on CPU).
 Everything per row is expressed as batched tensor ops built once per step in `SamplingBatch.build`;
 the only Python loop in the hot path is one draw per seeded row, so that a seeded request's noise
 depends on its own generator alone and never on the batch around it.
@@ -233,6 +233,8 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     elif batch.top_k is not None:
         logits = _apply_top_k(logits, batch.top_k, batch.max_top_k)
     probs = logits.softmax(dim=-1)
+    if not probs.is_cuda:
+        return _inverse_cdf_draw(probs, batch.generators)
     return probs.div_(_exponential_noise(probs, batch.generators)).argmax(dim=-1)
 
 
@@ -258,6 +260,17 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
     drop = (mass_before >= top_p) & (top_p < 1.0)
     sorted_logits.masked_fill_(drop, _NEG_INF)
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _inverse_cdf_draw(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """One uniform per row against the running sum of probs: on CPU, drawing an exponential for
+    every vocabulary entry (the race below) costs more than the rest of sampling together."""
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64)
+    for row, generator in generators.items():
+        u[row] = torch.rand(1, dtype=torch.float64, generator=generator)
+    cdf = probs.double().cumsum_(dim=-1)
+    # right=True: a token of zero probability has the same cdf as its predecessor and is never chosen.
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(probs.shape[-1] - 1).view(-1)
 
 
 def _exponential_noise(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
