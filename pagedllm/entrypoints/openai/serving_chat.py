@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi.responses import Response
 
@@ -19,7 +19,7 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatLogprobToken, ChatMessage, ChatStreamChoice, DeltaMessage, TopLogprob, UsageInfo, random_id,
 )
 from pagedllm.entrypoints.openai.serving_base import (
-    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, json_response, sse, token_text, top_entries,
+    APIError, OpenAIServing, SSEResponse, clamp, json_response, token_text, top_entries,
 )
 from pagedllm.outputs import CompletionOutput, LogprobsDict, RequestOutput
 
@@ -97,48 +97,29 @@ class ChatServing(OpenAIServing):
         acc = _Accumulator(request, self.tokenizer)
         created = int(time.time())
         if request.stream:
-            return SSEResponse(self._events(request_id, created, stream, acc))
+            def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
+                return ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
+
+            return SSEResponse(self.events(stream, acc, chunk))
         try:
-            return json_response(await self._collect(request_id, created, stream, acc))
+            choices = await self._collect(stream, acc)
         finally:
             self.engine.abort(stream.unfinished)
-
-    async def _collect(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> ChatCompletionResponse:
-        choices: dict[int, ChatChoice] = {}
-        try:
-            async for output in stream:
-                for delta in acc.deltas(output):
-                    choice = choices.get(delta.index)
-                    if choice is None:
-                        choice = choices[delta.index] = ChatChoice(
-                            index=delta.index, message=AssistantMessage(content=""),
-                            logprobs=ChatLogprobs(content=[]) if acc.request.logprobs else None,
-                        )
-                    choice.message.content += delta.delta.content or ""
-                    if choice.logprobs is not None and delta.logprobs is not None:
-                        choice.logprobs.content = (choice.logprobs.content or []) + (delta.logprobs.content or [])
-                    if delta.finish_reason is not None:
-                        choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
-        except APIError:
-            raise
-        except Exception as error:  # noqa: BLE001 - fails this request only
-            raise engine_error(error) from None
         ordered = [choices[i] for i in sorted(choices)]
-        return ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage())
+        return json_response(ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage()))
 
-    async def _events(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage))
-
-        try:
-            try:
-                async for output in stream:
-                    for delta in acc.deltas(output):
-                        yield chunk([delta])
-                if acc.request.include_usage:
-                    yield chunk([], acc.usage())
-            except Exception as error:  # noqa: BLE001 - one failed stream ends with an error event
-                yield sse((error if isinstance(error, APIError) else engine_error(error)).body())
-            yield SSE_DONE
-        finally:
-            self.engine.abort(stream.unfinished)
+    async def _collect(self, stream: RequestStream, acc: _Accumulator) -> dict[int, ChatChoice]:
+        choices: dict[int, ChatChoice] = {}
+        async for delta in self.deltas(stream, acc):
+            choice = choices.get(delta.index)
+            if choice is None:
+                choice = choices[delta.index] = ChatChoice(
+                    index=delta.index, message=AssistantMessage(content=""),
+                    logprobs=ChatLogprobs(content=[]) if acc.request.logprobs else None,
+                )
+            choice.message.content += delta.delta.content or ""
+            if choice.logprobs is not None and delta.logprobs is not None:
+                choice.logprobs.content = (choice.logprobs.content or []) + (delta.logprobs.content or [])
+            if delta.finish_reason is not None:
+                choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+        return choices

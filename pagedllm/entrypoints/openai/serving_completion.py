@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi.responses import Response
 
@@ -18,7 +18,7 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo, random_id,
 )
 from pagedllm.entrypoints.openai.serving_base import (
-    SSE_DONE, APIError, OpenAIServing, SSEResponse, clamp, engine_error, json_response, sse, token_text,
+    APIError, OpenAIServing, SSEResponse, clamp, json_response, token_text,
 )
 from pagedllm.outputs import LogprobsDict, RequestOutput
 
@@ -108,41 +108,25 @@ class CompletionServing(OpenAIServing):
         acc = _Accumulator(request, ids, self.tokenizer)
         created = int(time.time())
         if request.stream:
-            return SSEResponse(self._events(request_id, created, stream, acc))
+            def chunk(choices: list[CompletionChoice], usage: UsageInfo | None) -> CompletionResponse:
+                return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
+
+            return SSEResponse(self.events(stream, acc, chunk))
         try:
-            return json_response(await self._collect(request_id, created, stream, acc))
+            choices = await self._collect(stream, acc)
         finally:
             self.engine.abort(stream.unfinished)  # only if something failed midway
-
-    async def _collect(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> CompletionResponse:
-        choices: dict[int, CompletionChoice] = {}
-        try:
-            async for output in stream:
-                for delta in acc.deltas(output):
-                    if delta.index in choices:
-                        _merge(choices[delta.index], delta)
-                    else:
-                        choices[delta.index] = delta
-        except APIError:
-            raise
-        except Exception as error:  # noqa: BLE001 - fails this request only
-            raise engine_error(error) from None
         ordered = [choices[i] for i in sorted(choices)]
-        return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage())
+        return json_response(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage()))
 
-    async def _events(self, request_id: str, created: int, stream: RequestStream, acc: _Accumulator) -> AsyncIterator[str]:
-        try:
-            try:
-                async for output in stream:
-                    for delta in acc.deltas(output):
-                        yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[delta]))
-                if acc.request.include_usage:
-                    yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[], usage=acc.usage()))
-            except Exception as error:  # noqa: BLE001 - one failed stream ends with an error event, not a dropped connection
-                yield sse((error if isinstance(error, APIError) else engine_error(error)).body())
-            yield SSE_DONE
-        finally:
-            self.engine.abort(stream.unfinished)
+    async def _collect(self, stream: RequestStream, acc: _Accumulator) -> dict[int, CompletionChoice]:
+        choices: dict[int, CompletionChoice] = {}
+        async for delta in self.deltas(stream, acc):
+            if delta.index in choices:
+                _merge(choices[delta.index], delta)
+            else:
+                choices[delta.index] = delta
+        return choices
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[PromptType]:

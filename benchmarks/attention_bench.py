@@ -1,0 +1,66 @@
+"""Times the paged-attention kernels on the GPU at decode and prefill shapes, as achieved KV-read
+bandwidth, for several tile configurations. Each configuration is first checked against the torch
+reference. Prints one JSON line per measurement.
+
+    python benchmarks/attention_bench.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import triton.testing
+
+from pagedllm.kernels.paged_attention import paged_attention_ref, split_kv_decode, split_kv_partition, unified_attention
+
+
+def make_batch(num_reqs: int, ctx: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int = 16):
+    blocks_per_seq = -(-ctx // block_size)
+    num_blocks = num_reqs * blocks_per_seq + 1
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks - 1, device="cuda")[: num_reqs * blocks_per_seq].view(num_reqs, blocks_per_seq).int()
+    q = torch.randn(num_reqs * q_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    qsl = torch.arange(0, num_reqs * q_len + 1, q_len, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((num_reqs,), ctx, device="cuda", dtype=torch.int32)
+    return q, cache, qsl, seq_lens, tables
+
+
+def main() -> None:
+    shapes = [  # (name, num_reqs, ctx, q_len, heads, kv_heads, head_dim)
+        ("qwen3-0.6b decode 256x1000", 256, 1000, 1, 16, 8, 128),
+        ("qwen3-0.6b decode 64x600", 64, 600, 1, 16, 8, 128),
+        ("llama3-8b decode 256x600", 256, 600, 1, 32, 8, 128),
+        ("llama3-8b decode 1x384", 1, 384, 1, 32, 8, 128),
+        ("llama3-8b decode 4x8000", 4, 8000, 1, 32, 8, 128),
+        ("llama3-8b prefill 16x512", 16, 512, 512, 32, 8, 128),
+    ]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, n, ctx, q_len, h, hkv, d in shapes:
+        q, cache, qsl, seq_lens, tables = make_batch(n, ctx, q_len, h, hkv, d)
+        ref = paged_attention_ref(q, cache, qsl.tolist(), seq_lens.tolist(), tables, d**-0.5).to(q.dtype)
+        kv_bytes = n * ctx * hkv * d * 2 * 2
+        configs = [dict()] + ([dict(block_m=16, tile_n=t) for t in (16, 32, 64, 128)] if q_len == 1 else [dict(block_m=m, tile_n=t) for m in (64, 128) for t in (32, 64)])
+        for cfg in configs:
+            out = torch.empty_like(q)
+            try:
+                unified_attention(q, cache, out, qsl, seq_lens, tables, q_len, d**-0.5, **cfg)
+            except Exception as error:  # a config that does not compile (resources) is reported, not fatal
+                print(json.dumps({"shape": name, "config": cfg, "error": str(error)[:120]}))
+                continue
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ms = triton.testing.do_bench(lambda: unified_attention(q, cache, out, qsl, seq_lens, tables, q_len, d**-0.5, **cfg))
+            print(json.dumps({"shape": name, "kernel": "unified", "config": cfg, "ms": round(ms, 4),
+                              "kv_GBps": round(kv_bytes / ms / 1e6), "rel_err": round(err, 5)}), flush=True)
+        if q_len == 1:
+            out = torch.empty_like(q)
+            part = split_kv_partition(ctx, n * hkv, sms)
+            split_kv_decode(q, cache, out, seq_lens, tables, ctx, d**-0.5, part)
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ms = triton.testing.do_bench(lambda: split_kv_decode(q, cache, out, seq_lens, tables, ctx, d**-0.5, part))
+            print(json.dumps({"shape": name, "kernel": "split_kv", "partition": part, "ms": round(ms, 4),
+                              "kv_GBps": round(kv_bytes / ms / 1e6), "rel_err": round(err, 5)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
