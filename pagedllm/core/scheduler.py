@@ -5,6 +5,10 @@ prompt costs its next chunk), then waiting requests in arrival order while the b
 `max_num_seqs` and the KV pool allow. When the pool runs dry, the most recently admitted running
 request is preempted: its blocks are freed and it goes back to the head of the queue, to be
 recomputed (prompt + what it generated so far) when there is room again.
+
+With async scheduling a request's `num_tokens` counts the token its in-flight step will sample, so
+it is scheduled as a decode before that token is known; a request whose in-flight token is its last
+is left out.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_pending and request.num_output_tokens + request.num_pending >= request.max_tokens:
+                i += 1  # its token in flight is its last: it finishes when that step is processed
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if self._allocate_or_preempt(request, num_new, out):
                 out.scheduled.append((request, num_new))
@@ -59,6 +66,8 @@ class Scheduler:
             # else: `request` itself was preempted (it was the newest), and the loop ends.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             request = self.waiting[0]
+            if request.num_pending:  # preempted with a token in flight: wait until it lands
+                break
             num_new = request.num_tokens - request.num_computed_tokens
             if num_new > budget and not self.enable_chunked_prefill:
                 break
