@@ -52,15 +52,22 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        decodes: list[tuple[Request, int]] = []  # one-token steps go first in the batch
+        chunks: list[tuple[Request, int]] = []
+        running, tables, block_size = self.running, self.kv_cache.block_tables, self.kv_cache.block_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            if request.num_pending and request.num_output_tokens + request.num_pending >= request.max_tokens:
+        while i < len(running) and budget > 0:
+            request = running[i]
+            pending = request.num_pending
+            if pending and len(request.output_token_ids) + pending >= request.max_tokens:
                 i += 1  # its token in flight is its last: it finishes when that step is processed
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, num_new, out):
-                out.scheduled.append((request, num_new))
+            computed = request.num_computed_tokens
+            num_new = min(len(request.all_token_ids) + pending - computed, budget)
+            table = tables.get(request.request_id)
+            # Most steps need no new block: skip the allocator then.
+            if (table is not None and len(table) * block_size >= computed + num_new) or self._allocate_or_preempt(request, num_new, out):
+                (decodes if num_new == 1 else chunks).append((request, num_new))
                 budget -= num_new
                 i += 1
             # else: `request` itself was preempted (it was the newest), and the loop ends.
@@ -79,9 +86,9 @@ class Scheduler:
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
             self.running.append(request)
-            out.scheduled.append((request, num_new))
+            (decodes if num_new == 1 else chunks).append((request, num_new))
             budget -= num_new
-        out.scheduled.sort(key=lambda item: item[1] != 1)  # stable: decodes first
+        out.scheduled = decodes + chunks
         return out
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:

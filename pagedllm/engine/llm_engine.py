@@ -76,7 +76,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.runner = ModelRunner(config)
         self.vocab_size = self.runner.vocab_size
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq)
         assert config.max_model_len is not None
         logger.info(
             "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens (%.2f GiB), max concurrency at "
@@ -207,6 +207,8 @@ class LLMEngine:
                 self._process(handle, touched)
         outputs = []
         for group in touched.values():
+            if group.num_unfinished and group.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
             output = self._make_output(group)
             if output is not None:
                 outputs.append(output)
@@ -222,11 +224,12 @@ class LLMEngine:
     def _launch(self, sched: SchedulerOutput) -> StepHandle:
         """Runs the step (asynchronously on CUDA) and books its tokens as computed at once, so that
         the next schedule sees them; a token it samples counts as pending until processed."""
-        handle = self.runner.execute(sched, self.kv_cache.block_tables, self._inflight)
+        handle = self.runner.execute(sched, self.kv_cache, self._inflight)
         for request, num_new in sched.scheduled:
-            if request.num_computed_tokens < request.num_prompt_tokens:
-                self.prompt_tokens += min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
-            request.num_computed_tokens += num_new
+            computed = request.num_computed_tokens
+            if computed < len(request.prompt_token_ids):
+                self.prompt_tokens += min(num_new, len(request.prompt_token_ids) - computed)
+            request.num_computed_tokens = computed + num_new
         for row, request in enumerate(handle.requests):
             request.num_pending += 1
             request.pending_row = row
@@ -240,42 +243,43 @@ class LLMEngine:
             if not request.status.finished:
                 assert request.prompt_logprobs is not None
                 request.prompt_logprobs.extend(entries)
-        logprobs = result.logprobs
-        for row, token in enumerate(result.sampled_token_ids):
-            request = handle.requests[row]
+        logprobs, groups = result.logprobs, self.groups
+        for row, (request, token) in enumerate(zip(handle.requests, result.sampled_token_ids)):
             if request.status.finished:
                 continue
             request.num_pending -= 1
             self._append(request, token, None if logprobs is None else logprobs[row], now)
             key = request.parent_id or request.request_id
-            touched[key] = self.groups[key]
+            touched[key] = groups[key]
 
     def _append(self, request: Request, token: int, logprobs: Any, now: float) -> None:
-        request.append_token(token)
+        request.output_token_ids.append(token)
+        request.all_token_ids.append(token)
         self.generation_tokens += 1
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-        request.metrics.last_token_time = now
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
         if request.logprobs is not None:
             request.logprobs.append(logprobs)
             request.cumulative_logprob += logprobs[token].logprob
         stop = self._check_stop(request, token)
         if request.detokenizer is not None:
-            stop_string = request.detokenizer.update([token], stop is not None and stop == RequestStatus.FINISHED_STOPPED)
+            stop_string = request.detokenizer.update([token], stop is RequestStatus.FINISHED_STOPPED)
             if stop_string is not None and stop is None:
                 request.stop_reason, stop = stop_string, RequestStatus.FINISHED_STOPPED
         if stop is not None:
             self._finish(request, stop)
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.params
-        if request.num_output_tokens >= params.min_tokens:
+        params, num_output = request.params, len(request.output_token_ids)
+        if num_output >= params.min_tokens:
             if token in (params.stop_token_ids or ()):
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
             if token in self.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens:
+        if num_output >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 

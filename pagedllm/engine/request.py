@@ -21,9 +21,9 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+    def __init__(self, value: str) -> None:
+        # A plain attribute, not a property: it is read for every request at every step.
+        self.finished = value in ("stop", "length", "abort")
 
 
 @dataclass(eq=False)

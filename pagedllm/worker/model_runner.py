@@ -11,7 +11,6 @@ nothing in `execute` synchronises, so the engine can schedule step N+1 while ste
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionMetadata, get_attention_backend
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
@@ -54,6 +54,7 @@ class ModelRunner:
         tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
         self._staging = _Staging(self.device, 8 * (3 * tokens + 3 * seqs) + 4 * (2 * seqs + 1 + seqs * 16) + 64)
         self._turn = 0
+        self._sampling_cache: tuple[list[Request], SamplingBatch] | None = None
         if self.device.type == "cuda":
             self._host_ids = [torch.empty(seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._events = [torch.cuda.Event() for _ in range(2)]
@@ -127,17 +128,20 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]], prev: StepHandle | None = None) -> StepHandle:
+    def execute(self, sched: SchedulerOutput, kv_cache: KVCacheManager, prev: StepHandle | None = None) -> StepHandle:
         """Launches one step and returns at once on CUDA (nothing here waits for the device); the
         handle's `result()` waits. A request with a token still in flight reads it from `prev`, the
         step that samples it, on the device."""
-        batch = _build_batch(sched, block_tables, self.block_size)
+        batch = _build_batch(sched, kv_cache)
         turn, self._turn = self._turn, self._turn ^ 1
-        arrays = [batch.input_ids, batch.positions, batch.slot_mapping, batch.fill_dst, batch.fill_src, batch.logits_index,
-                  batch.query_start_loc, batch.seq_lens, batch.block_tables]
-        input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables = self._staging.pack(arrays, turn)
-        if len(batch.fill_dst):
-            assert prev is not None, "a token in flight needs the step that samples it"
+        input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables = self._staging.pack(
+            [batch.input_ids, batch.positions, batch.slot_mapping, batch.fill_dst, batch.fill_src, batch.logits_index],
+            [batch.query_start_loc, batch.seq_lens, batch.block_tables], turn,
+        )
+        assert input_ids is not None and positions is not None and slot_mapping is not None
+        assert query_start_loc is not None and seq_lens is not None and tables is not None
+        if fill_dst is not None:
+            assert prev is not None and fill_src is not None, "a token in flight needs the step that samples it"
             input_ids.index_copy_(0, fill_dst, prev.token_ids.index_select(0, fill_src))
         meta = AttentionMetadata(
             num_reqs=len(sched.scheduled), num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
@@ -155,7 +159,7 @@ class ModelRunner:
         requests = [sched.scheduled[r][0] for r in batch.sample_rows]
         logprobs = None
         if requests:
-            rows = hidden if len(batch.logits_index) == 0 else hidden.index_select(0, logits_index)
+            rows = hidden if logits_index is None else hidden.index_select(0, logits_index)
             logits = self.model.compute_logits(rows)
             if all(r.plain_greedy for r in requests):
                 # argmax of the raw logits (bf16 -> f32 is exact, so no upcast is needed)
@@ -181,14 +185,20 @@ class ModelRunner:
         return StepHandle(requests, token_ids, host_ids, event, logprobs, prompt_logprobs)
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+        cached = self._sampling_cache
+        if cached is not None and cached[0] == requests:  # same rows (by identity) as last time
+            return cached[1]
         # Penalties read the output history, which a token in flight would leave stale (the engine
         # runs such batches synchronously); min_tokens only needs the count.
         assert not any(r.num_pending and r.params.needs_penalties for r in requests)
-        return SamplingBatch.build(
+        batch = SamplingBatch.build(
             [r.params for r in requests], [r.generator for r in requests],
             [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
             self.vocab_size, self.device, num_output_tokens=[r.num_output_tokens + r.num_pending for r in requests],
         )
+        # Reused while the rows stay the same, unless it depends on what was generated so far.
+        self._sampling_cache = (requests, batch) if batch.stop_index is None and batch.penalty_rows is None else None
+        return batch
 
     def _prompt_logprobs(self, sched: SchedulerOutput, batch: _Batch, hidden: torch.Tensor) -> list[_PromptLogprobs]:
         out: list[_PromptLogprobs] = []
@@ -264,40 +274,56 @@ def _logprobs_dict(ids: list[int], values: list[float], rank: int, k: int) -> Lo
     return result
 
 
-_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
-
-
 class _Staging:
     """A step's int arrays go to the device in one copy: packed into one host buffer (pinned on
-    CUDA), copied, then sliced and reinterpreted on the device. Two host buffers used in turn, so
-    the CPU fills one while the device may still be copying the other (async scheduling); on CPU
-    the host buffer is the device buffer."""
+    CUDA), an int64 section then an int32 one, copied, then sliced on the device. Two host buffers
+    used in turn, so the CPU fills one while the device may still be copying the other (async
+    scheduling); on CPU the host buffer is the device buffer."""
 
     def __init__(self, device: torch.device, nbytes: int) -> None:
         self.device, self.pinned = device, device.type == "cuda"
         self._allocate(nbytes)
 
     def _allocate(self, nbytes: int) -> None:
+        self.nbytes = nbytes
         self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
         self.host_np = [h.numpy() for h in self.host]
         self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if self.pinned else None
 
-    def pack(self, arrays: list[np.ndarray], turn: int) -> list[torch.Tensor]:
-        offsets, total = [], 0
-        for a in arrays:
-            offsets.append(total)
-            total += -(-a.nbytes // 8) * 8  # 8-byte aligned, so every slice can be viewed as int64
-        if total > self.host[0].numel():
-            # Old buffers stay safe: the caching allocators hold freed memory until pending copies end.
-            self._allocate(max(total, 2 * self.host[0].numel()))
+    def pack(self, int64s: list[np.ndarray], int32s: list[np.ndarray], turn: int) -> list[torch.Tensor | None]:
+        """Device tensors of the arrays, in order (int64s then int32s); None for an empty one. Each
+        starts on a 16-byte boundary, as Triton kernels like their pointers."""
+        n64, n32 = sum(-(-a.size // 2) * 2 for a in int64s), sum(-(-a.size // 4) * 4 for a in int32s)
+        start32 = 8 * n64
+        total = start32 + 4 * n32
+        if total > self.nbytes:
+            # The old buffers stay safe: the caching allocators hold freed memory until pending copies end.
+            self._allocate(max(total, 2 * self.nbytes))
         buf = self.host_np[turn]
-        for a, o in zip(arrays, offsets):
-            buf[o : o + a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
+        h64, h32 = buf[:start32].view(np.int64), buf[start32:total].view(np.int32)
+        offsets, o = [], 0
+        for a in int64s:
+            h64[o : o + a.size] = a
+            offsets.append(o)
+            o += -(-a.size // 2) * 2
+        o = 0
+        for a in int32s:
+            h32[o : o + a.size] = a.reshape(-1)
+            offsets.append(o)
+            o += -(-a.size // 4) * 4
         src = self.host[turn]
         if self.dev is not None:
             self.dev[:total].copy_(src[:total], non_blocking=True)
             src = self.dev
-        return [src[o : o + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, o in zip(arrays, offsets)]
+        d64, d32 = src[:start32].view(torch.int64), src[start32:total].view(torch.int32)
+        out: list[torch.Tensor | None] = []
+        for a, o in zip(int64s + int32s, offsets):
+            if a.size == 0:
+                out.append(None)
+                continue
+            t = (d64 if a.dtype == np.int64 else d32)[o : o + a.size]
+            out.append(t if a.ndim == 1 else t.view(a.shape))
+        return out
 
 
 @dataclass
@@ -318,7 +344,7 @@ class _Batch:
     any_prompt_logprobs: bool
 
 
-def _build_batch(sched: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int) -> _Batch:
+def _build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> _Batch:
     scheduled = sched.scheduled
     n = len(scheduled)
     starts_l = [r.num_computed_tokens for r, _ in scheduled]
@@ -333,35 +359,40 @@ def _build_batch(sched: SchedulerOutput, block_tables: dict[str, list[int]], blo
 
     input_ids = np.empty(num_tokens, dtype=np.int64)
     decode_ids: list[int] = []
-    fill_dst: list[int] = []
+    fill_dst: list[int] = []  # flat indices whose input is a token in flight, and its row in `prev`
     fill_src: list[int] = []
     sample_rows: list[int] = []
-    any_prompt_logprobs = False
-    q = 0
-    for i, (request, k) in enumerate(scheduled):
+    for i in range(num_decodes):  # one token each: flat index == row
+        request = scheduled[i][0]
         s, ids = starts_l[i], request.all_token_ids
-        known = min(s + k, len(ids))  # past it: the one token in flight
-        if k == 1:
-            decode_ids.append(ids[s] if known > s else 0)
-        elif known > s:
-            input_ids[q : q + known - s] = ids[s:known]
+        if s < len(ids):
+            decode_ids.append(ids[s])
+            if s + 1 == len(ids) + request.num_pending:
+                sample_rows.append(i)
+        else:  # the token in flight (pending tokens are always last)
+            decode_ids.append(0)
+            fill_dst.append(i)
+            fill_src.append(request.pending_row)
+            sample_rows.append(i)
+    input_ids[:num_decodes] = decode_ids
+    q = num_decodes
+    for i in range(num_decodes, n):
+        request, k = scheduled[i]
+        s, ids = starts_l[i], request.all_token_ids
+        known = min(s + k, len(ids))
+        input_ids[q : q + known - s] = ids[s:known]
         if known < s + k:
             fill_dst.append(q + k - 1)
             fill_src.append(request.pending_row)
         if s + k == request.num_tokens:
             sample_rows.append(i)
-        if request.prompt_logprobs is not None:
-            any_prompt_logprobs = True
         q += k
-    input_ids[:num_decodes] = decode_ids
+    any_prompt_logprobs = any(r.prompt_logprobs is not None for r, _ in scheduled)
 
-    # Block tables: every row's list in one flat array, scattered into the padded table at once.
-    tables = [block_tables[r.request_id] for r, _ in scheduled]
-    widths = np.array([len(t) for t in tables], dtype=np.int64)
-    table_array = np.zeros((n, int(widths.max())), dtype=np.int32)
-    table_array[np.arange(table_array.shape[1]) < widths[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(tables), dtype=np.int32, count=int(widths.sum())
-    )
+    # Block tables: the rows of the cache manager's mirror, as wide as the longest context needs.
+    block_size, max_seq_len = kv_cache.block_size, int(seq_lens.max())
+    rows = [kv_cache.table_rows[r.request_id] for r, _ in scheduled]
+    table_array = kv_cache.table_array[rows, : -(-max_seq_len // block_size)]
     # Positions and slots for every token, vectorised over the flat batch.
     if num_tokens == n:
         row_of_token, positions = np.arange(n), starts
@@ -376,5 +407,5 @@ def _build_batch(sched: SchedulerOutput, block_tables: dict[str, list[int]], blo
     return _Batch(
         input_ids, positions, slot_mapping, np.array(fill_dst, dtype=np.int64), np.array(fill_src, dtype=np.int64),
         logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
-        int(query_lens.max()), int(seq_lens.max()), sample_rows, any_prompt_logprobs,
+        int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
     )
