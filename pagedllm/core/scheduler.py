@@ -65,8 +65,8 @@ class Scheduler:
             computed = request.num_computed_tokens
             num_new = min(len(request.all_token_ids) + pending - computed, budget)
             table = tables.get(request.request_id)
-            # Most steps need no new block: skip the allocator then.
-            if (table is not None and len(table) * block_size >= computed + num_new) or self._allocate_or_preempt(request, num_new, out):
+            fits = table is not None and len(table) * block_size >= computed + num_new  # most steps need no new block
+            if fits or self._allocate_or_preempt(request, num_new, out):
                 (decodes if num_new == 1 else chunks).append((request, num_new))
                 budget -= num_new
                 i += 1

@@ -284,8 +284,9 @@ class LLMEngine:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        if self.requests.pop(request.request_id, None) is None:
+        if self.requests.get(request.request_id) is not request:
             return  # already finished
+        del self.requests[request.request_id]
         self.scheduler.finish_request(request, status)
         request.metrics.finished_time = time.time()
         self._num_penalized -= request.params.needs_penalties
@@ -294,17 +295,18 @@ class LLMEngine:
     # ---- outputs --------------------------------------------------------------------------
     def _make_output(self, group: _Group) -> RequestOutput | None:
         finished = group.finished
-        if group.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
+        if group.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
-        delta = group.output_kind == RequestOutputKind.DELTA
+        delta = group.output_kind is RequestOutputKind.DELTA
         completions = []
         for child in group.children:
             sent_tokens, sent_logprobs = group.emitted.get(child.index, (0, 0))
-            news = sent_tokens < child.num_output_tokens or (child.status.finished and child.index not in group.emitted_final)
+            num_output = len(child.output_token_ids)
+            news = sent_tokens < num_output or (child.status.finished and child.index not in group.emitted_final)
             if delta and not news:
                 continue
             completions.append(self._completion(child, delta, sent_tokens, sent_logprobs))
-            group.emitted[child.index] = (child.num_output_tokens, len(child.logprobs or ()))
+            group.emitted[child.index] = (num_output, len(child.logprobs or ()))
             if child.status.finished:
                 group.emitted_final.add(child.index)
         first = group.children[0]

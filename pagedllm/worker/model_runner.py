@@ -168,8 +168,9 @@ class ModelRunner:
                 result = self.sampler(logits.float(), self._sampling_batch(requests))
             token_ids = result.token_ids
             if result.logprobs is not None:
-                assert result.logprob_token_ids is not None and result.sampled_ranks is not None
-                logprobs = (self._to_host(result.logprob_token_ids), self._to_host(result.logprobs), self._to_host(result.sampled_ranks))
+                ids, values, ranks = result.logprob_token_ids, result.logprobs, result.sampled_ranks
+                assert ids is not None and ranks is not None
+                logprobs = (self._to_host(ids), self._to_host(values), self._to_host(ranks))
         else:
             token_ids = torch.empty(0, dtype=torch.int64, device=self.device)
         event = None
