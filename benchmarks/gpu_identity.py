@@ -1,5 +1,6 @@
 """GPU correctness: greedy outputs of a real model in float32 on CUDA equal transformers' on CUDA,
-and CUDA-graph outputs equal eager outputs (bf16 too). Prints one JSON line per check.
+CUDA-graph outputs equal eager outputs (bf16 too), and async scheduling (the CUDA default) equals
+synchronous steps. Prints one JSON line per check.
 
     python benchmarks/gpu_identity.py [MODEL_DIR]     (default: the converted SmolLM2-135M-Instruct)
 """
@@ -37,9 +38,9 @@ def main() -> None:
     del hf
     torch.cuda.empty_cache()
 
-    def run(dtype: str, enforce_eager: bool) -> list[list[int]]:
+    def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True) -> list[list[int]]:
         llm = LLM(path, dtype=dtype, skip_tokenizer_init=True, enforce_eager=enforce_eager, gpu_memory_utilization=0.5,
-                  max_num_seqs=64, max_model_len=2048)
+                  max_num_seqs=64, max_model_len=2048, async_scheduling=async_scheduling)
         params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -48,7 +49,7 @@ def main() -> None:
         assert engine.kv_cache.num_used_blocks == 0 and not engine.has_unfinished_requests()
         del llm
         torch.cuda.empty_cache()
-        print(json.dumps({"run": f"{dtype} eager={enforce_eager}", "seconds": round(elapsed, 3)}), flush=True)
+        print(json.dumps({"run": f"{dtype} eager={enforce_eager} async={async_scheduling}", "seconds": round(elapsed, 3)}), flush=True)
         return [o.outputs[0].token_ids for o in outs]
 
     graphs = run("float32", enforce_eager=False)
@@ -57,8 +58,26 @@ def main() -> None:
     first_diff = [i for i, (g, e) in enumerate(zip(graphs, expected)) if g != e][:5]
     print(json.dumps({"check": "float32 greedy == transformers (GPU)", "identical": f"{same}/{len(prompts)}", "differ": first_diff}))
     print(json.dumps({"check": "float32 graphs == eager", "identical": f"{sum(g == e for g, e in zip(graphs, eager))}/{len(prompts)}"}))
+    sync = run("float32", enforce_eager=False, async_scheduling=False)
+    print(json.dumps({"check": "float32 async == sync (graphs)", "identical": f"{sum(a == b for a, b in zip(graphs, sync))}/{len(prompts)}"}))
+    seeded = [run_seeded(path, prompts, max_tokens, a) for a in (True, False)]
+    print(json.dumps({"check": "float32 seeded sampling async == sync", "identical": f"{sum(a == b for a, b in zip(*seeded))}/{len(prompts)}"}))
     bf_graphs, bf_eager = run("bfloat16", False), run("bfloat16", True)
     print(json.dumps({"check": "bfloat16 graphs == eager", "identical": f"{sum(g == e for g, e in zip(bf_graphs, bf_eager))}/{len(prompts)}"}))
+
+
+def run_seeded(path: str, prompts: list[list[int]], max_tokens: list[int], async_scheduling: bool) -> list[list[int]]:
+    from pagedllm import LLM, SamplingParams
+
+    # float32: batches differ between the modes (a finished request can ride one step longer), and
+    # bf16 logits depend on the batch shape enough to flip a draw now and then.
+    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_num_seqs=64, max_model_len=2048,
+              async_scheduling=async_scheduling)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i, max_tokens=m) for i, m in enumerate(max_tokens)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    del llm
+    torch.cuda.empty_cache()
+    return [o.outputs[0].token_ids for o in outs]
 
 
 if __name__ == "__main__":

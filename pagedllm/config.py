@@ -32,6 +32,8 @@ class EngineConfig:
     # Worker
     attention_backend: str | None = None
     enforce_eager: bool = False
+    # Schedule and launch step N+1 while step N runs, then process N's tokens: None = on for CUDA, off for CPU.
+    async_scheduling: bool | None = None
     # Filled in when the engine starts.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -54,6 +56,8 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_path = resolve_model(self.model)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda")
         if self.dtype == "auto":
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if self.dtype not in _DTYPES:

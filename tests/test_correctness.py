@@ -1,5 +1,6 @@
 """Greedy outputs must equal transformers' greedy generate token for token (float32, CPU):
-alone, inside large mixed batches, under preemption and with chunked prefill."""
+alone, inside large mixed batches, under preemption and with chunked prefill; with async
+scheduling too (tiny models, plus SmolLM2's mixed batch, where EOS ends requests mid-flight)."""
 
 from __future__ import annotations
 
@@ -51,15 +52,26 @@ def workload(request: pytest.FixtureRequest) -> Workload:
     return make_workload(path, 512, n=40, ignore_eos=True, max_out=40)
 
 
-def test_alone(workload: Workload) -> None:
-    llm = LLM(workload.path, skip_tokenizer_init=True, kv_cache_memory=64 << 20)
+ASYNC = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+
+
+def skip_slow_async(workload: Workload, async_scheduling: bool) -> None:
+    if async_scheduling and "tiny" not in workload.path:
+        pytest.skip("async variant runs on the tiny models only, to keep the suite short")
+
+
+@ASYNC
+def test_alone(workload: Workload, async_scheduling: bool) -> None:
+    skip_slow_async(workload, async_scheduling)
+    llm = LLM(workload.path, skip_tokenizer_init=True, kv_cache_memory=64 << 20, async_scheduling=async_scheduling)
     indices = range(len(workload.prompts)) if "tiny" in workload.path else range(0, len(workload.prompts), 4)
     for i in indices:
         assert run(llm, workload, [i]) == [workload.expected[i]], f"prompt {i}"
 
 
-def test_mixed_batch(workload: Workload) -> None:
-    llm = LLM(workload.path, skip_tokenizer_init=True, kv_cache_memory=64 << 20)
+@ASYNC
+def test_mixed_batch(workload: Workload, async_scheduling: bool) -> None:
+    llm = LLM(workload.path, skip_tokenizer_init=True, kv_cache_memory=64 << 20, async_scheduling=async_scheduling)
     order = list(range(len(workload.prompts)))
     random.Random(1).shuffle(order)
     got = run(llm, workload, order)
@@ -67,12 +79,15 @@ def test_mixed_batch(workload: Workload) -> None:
         assert tokens == workload.expected[i], f"prompt {i}"
 
 
-def test_preemption_and_chunked_prefill(workload: Workload) -> None:
+@ASYNC
+def test_preemption_and_chunked_prefill(workload: Workload, async_scheduling: bool) -> None:
+    skip_slow_async(workload, async_scheduling)
     # A pool of 24 blocks (384 tokens) cannot hold the batch, and 64-token steps chunk every long prompt.
     probe = LLM(workload.path, skip_tokenizer_init=True, kv_cache_memory=64 << 20)
     block_bytes = probe.llm_engine.runner.kv_bytes_per_block()
     del probe
-    llm = LLM(workload.path, skip_tokenizer_init=True, kv_cache_memory=24 * block_bytes, max_num_batched_tokens=64, max_num_seqs=16)
+    llm = LLM(workload.path, skip_tokenizer_init=True, kv_cache_memory=24 * block_bytes, max_num_batched_tokens=64, max_num_seqs=16,
+              async_scheduling=async_scheduling)
     assert llm.llm_engine.kv_cache.num_blocks == 24
     got = run(llm, workload, list(range(len(workload.prompts))))
     assert llm.llm_engine.scheduler.num_preemptions > 0
@@ -80,11 +95,11 @@ def test_preemption_and_chunked_prefill(workload: Workload) -> None:
 
 
 def test_logprobs_match_transformers(tiny_models: dict[str, str], smollm2: str) -> None:
-    for path, vocab in ((tiny_models["qwen3"], 512), (smollm2, 49152)):
+    for path, vocab, async_scheduling in ((tiny_models["qwen3"], 512, False), (tiny_models["qwen3"], 512, True), (smollm2, 49152, False)):
         oracle = HFOracle(path)
         rng = random.Random(2)
         prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 40))] for _ in range(4)]
-        llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory=64 << 20, max_num_batched_tokens=32)
+        llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory=64 << 20, max_num_batched_tokens=32, async_scheduling=async_scheduling)
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2)
         for prompt, out in zip(prompts, llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)):
             completion = out.outputs[0]

@@ -1,4 +1,5 @@
-"""Engine behaviour: validation, finish reasons, stops, n > 1, seeds, aborts, block accounting."""
+"""Engine behaviour: validation, finish reasons, stops, n > 1, seeds, aborts, block accounting;
+the engine fixtures run each test with async scheduling off and on."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from pagedllm.sampling_params import RequestOutputKind
 from tests.conftest import assert_clean
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_models: dict[str, str]) -> LLM:
-    return LLM(tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=8 << 20, max_model_len=256)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def tiny(tiny_models: dict[str, str], request: pytest.FixtureRequest) -> LLM:
+    return LLM(tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=8 << 20, max_model_len=256, async_scheduling=request.param)
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2: str) -> LLM:
-    return LLM(smollm2, kv_cache_memory=256 << 20, max_model_len=2048)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def smol(smollm2: str, request: pytest.FixtureRequest) -> LLM:
+    return LLM(smollm2, kv_cache_memory=256 << 20, max_model_len=2048, async_scheduling=request.param)
 
 
 def ids(n: int, start: int = 10) -> dict:
@@ -144,3 +145,48 @@ def test_text_stop_strings_and_chat(smol: LLM) -> None:
     assert "Paris" in reply.outputs[0].text and reply.outputs[0].finish_reason == "stop"
     assert reply.outputs[0].token_ids[-1] in smol.llm_engine.eos_token_ids
     assert_clean(smol.llm_engine)
+
+
+def test_async_scheduling_matches_sync_for_every_sampling_feature(tiny_models: dict[str, str]) -> None:
+    # Seeded sampling and greedy must not depend on the mode. Penalties force synchronous steps while
+    # such a request runs (first and short here, so the run switches to overlapping early); min_tokens
+    # counts the token in flight; the requests that stop early leave a token in flight to drop.
+    features = [
+        dict(temperature=0.9, seed=5, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3, max_tokens=3),
+        dict(temperature=0.0),
+        dict(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05, seed=1),
+        dict(n=3, temperature=1.0, seed=2),
+        dict(temperature=0.0, logprobs=2, prompt_logprobs=1),
+        dict(temperature=1.0, seed=3, logprobs=1),
+        dict(temperature=0.0, min_tokens=6, stop_token_ids=list(range(0, 512, 3))),
+        dict(temperature=0.0, stop_token_ids=list(range(0, 512, 7))),
+        dict(temperature=0.7, seed=4, logit_bias={5: 3.0, 9: -100.0}),
+    ]
+    prompts = [ids(3 + 7 * i, start=20 + i) for i in range(len(features))]
+    params = [SamplingParams(**{"max_tokens": 14, "ignore_eos": True, **f}) for f in features]
+    results = []
+    for async_scheduling in (False, True):
+        llm = LLM(tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=8 << 20, max_model_len=256,
+                  max_num_batched_tokens=32, async_scheduling=async_scheduling)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([(o.prompt_logprobs, [(c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason, c.stop_reason)
+                                             for c in o.outputs]) for o in outs])
+        assert_clean(llm.llm_engine)
+    assert results[0] == results[1]
+    stopped = results[1][6][1][0]
+    assert len(stopped[0]) >= 6 and all(t % 3 for t in stopped[0][:6])
+
+
+def test_async_scheduling_keeps_one_step_in_flight(tiny_models: dict[str, str]) -> None:
+    llm = LLM(tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=8 << 20, max_model_len=256, async_scheduling=True)
+    engine = llm.llm_engine
+    engine.add_request("a", ids(5), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, output_kind=RequestOutputKind.DELTA))
+    assert engine.step() == [] and engine._inflight is not None  # launched, nothing processed yet
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [o.outputs[0].token_ids for o in engine.step()]
+        assert "a" not in engine.requests or engine.requests["a"].num_pending <= 1
+    final = llm.generate(ids(5), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert deltas == [[t] for t in final.token_ids]
+    assert engine._inflight is None  # nothing left running once every request is done
+    assert_clean(engine)

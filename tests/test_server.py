@@ -24,7 +24,8 @@ NO_EOS: dict[str, Any] = {"extra_body": {"ignore_eos": True}}
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    proc = ServerProcess([*SMALL_SERVER_ARGS, "--max-request-body-bytes", "100000", "--served-model-name", "SmolLM2-135M-Instruct", "smol"])
+    # Async scheduling (the CUDA default) here; the shutdown test's server and tiny_app cover the synchronous engine.
+    proc = ServerProcess([*SMALL_SERVER_ARGS, "--async-scheduling", "--max-request-body-bytes", "100000", "--served-model-name", "SmolLM2-135M-Instruct", "smol"])
     yield proc
     assert proc.stop() == 0, proc.logs()
 
@@ -337,13 +338,14 @@ def test_api_key_then_sigterm_drains() -> None:
 
 
 # ---- failure isolation, in process (tiny random model, token-id prompts) ---------------------------
-@pytest.fixture
-def tiny_app(tiny_models: dict[str, str]) -> Iterator[Any]:
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def tiny_app(tiny_models: dict[str, str], request: pytest.FixtureRequest) -> Iterator[Any]:
     from pagedllm.engine.async_engine import AsyncLLM
     from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.entrypoints.openai.api_server import ServerSettings, build_app
 
-    engine = LLMEngine.from_kwargs(model=tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20)
+    engine = LLMEngine.from_kwargs(model=tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20,
+                                   async_scheduling=request.param)
     async_engine = AsyncLLM(engine, max_queued_samples=3)
     yield build_app(async_engine, ServerSettings(model_names=["tiny"])), async_engine
 

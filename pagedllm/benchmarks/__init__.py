@@ -45,7 +45,8 @@ def prepare(args: argparse.Namespace, kind: str) -> BenchSetup:
         kwargs["skip_tokenizer_init"] = True
     pool = token_pool(config.hf_config.vocab_size, special_token_ids(config.model_path, config.hf_config))
     env = environment(config.device, config.dtype)
-    env.update(model=config.model_path, load_format=config.load_format, detokenize=not kwargs["skip_tokenizer_init"])
+    env.update(model=config.model_path, load_format=config.load_format, detokenize=not kwargs["skip_tokenizer_init"],
+               async_scheduling=config.async_scheduling)
     return BenchSetup(workload, config, kwargs, pool, env)
 
 
@@ -84,7 +85,8 @@ def describe(setup: BenchSetup) -> str:
     env = setup.environment
     return (
         f"device: {env['device']} ({env['device_name']}), dtype: {env['dtype']}, model: {env['model']} "
-        f"(load_format {env['load_format']}), torch {env['torch']}, transformers {env['transformers']}"
+        f"(load_format {env['load_format']}), torch {env['torch']}, transformers {env['transformers']}, "
+        f"async scheduling {'on' if env.get('async_scheduling') else 'off'}"
     )
 
 

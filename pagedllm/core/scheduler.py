@@ -5,6 +5,10 @@ prompt costs its next chunk), then waiting requests in arrival order while the b
 `max_num_seqs` and the KV pool allow. When the pool runs dry, the most recently admitted running
 request is preempted: its blocks are freed and it goes back to the head of the queue, to be
 recomputed (prompt + what it generated so far) when there is room again.
+
+With async scheduling a request's `num_tokens` counts the token its in-flight step will sample, so
+it is scheduled as a decode before that token is known; a request whose in-flight token is its last
+is left out.
 """
 
 from __future__ import annotations
@@ -48,17 +52,29 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        decodes: list[tuple[Request, int]] = []  # one-token steps go first in the batch
+        chunks: list[tuple[Request, int]] = []
+        running, tables, block_size = self.running, self.kv_cache.block_tables, self.kv_cache.block_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._allocate_or_preempt(request, num_new, out):
-                out.scheduled.append((request, num_new))
+        while i < len(running) and budget > 0:
+            request = running[i]
+            pending = request.num_pending
+            if pending and len(request.output_token_ids) + pending >= request.max_tokens:
+                i += 1  # its token in flight is its last: it finishes when that step is processed
+                continue
+            computed = request.num_computed_tokens
+            num_new = min(len(request.all_token_ids) + pending - computed, budget)
+            table = tables.get(request.request_id)
+            fits = table is not None and len(table) * block_size >= computed + num_new  # most steps need no new block
+            if fits or self._allocate_or_preempt(request, num_new, out):
+                (decodes if num_new == 1 else chunks).append((request, num_new))
                 budget -= num_new
                 i += 1
             # else: `request` itself was preempted (it was the newest), and the loop ends.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             request = self.waiting[0]
+            if request.num_pending:  # preempted with a token in flight: wait until it lands
+                break
             num_new = request.num_tokens - request.num_computed_tokens
             if num_new > budget and not self.enable_chunked_prefill:
                 break
@@ -70,9 +86,9 @@ class Scheduler:
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
             self.running.append(request)
-            out.scheduled.append((request, num_new))
+            (decodes if num_new == 1 else chunks).append((request, num_new))
             budget -= num_new
-        out.scheduled.sort(key=lambda item: item[1] != 1)  # stable: decodes first
+        out.scheduled = decodes + chunks
         return out
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:

@@ -2,6 +2,16 @@
 
 Synchronous and self-contained (no event loop, no threads), so the offline `LLM` drives it in a
 loop and the server runs it in a background thread behind an async front.
+
+Async scheduling (on by default on CUDA): `step` schedules and launches step N+1 before it
+processes step N's tokens, so the CPU work of both (scheduling, batch building, stop checks,
+detokenization) overlaps the device's run of N+1. At most one step is in flight. A request that
+gets a token from step N is scheduled in N+1 as a decode whose input id the runner takes from N's
+sampled ids on the device (`Request.num_pending` counts that token meanwhile). If the request
+finishes (or is aborted) when N is processed, its N+1 token is dropped; its blocks are freed at
+once, which is safe because any new owner writes them in a later step, stream-ordered after N+1.
+Outputs therefore come one `step` call later than in synchronous mode, with the same tokens.
+Batches that hold a request with penalties (which read the output history) run synchronously.
 """
 
 from __future__ import annotations
@@ -14,12 +24,12 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
-from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.logger import get_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.worker.model_runner import ModelRunner, ModelRunnerOutput
+from pagedllm.worker.model_runner import ModelRunner, StepHandle
 
 logger = get_logger(__name__)
 
@@ -47,10 +57,14 @@ class _Group:
     output_kind: RequestOutputKind
     emitted: dict[int, tuple[int, int]] = field(default_factory=dict)  # index -> (tokens, logprobs) sent so far
     emitted_final: set[int] = field(default_factory=set)  # indices whose finish has been reported
+    num_unfinished: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_unfinished = len(self.children)
 
     @property
     def finished(self) -> bool:
-        return all(c.status.finished for c in self.children)
+        return self.num_unfinished == 0
 
 
 class LLMEngine:
@@ -62,13 +76,14 @@ class LLMEngine:
         start = time.perf_counter()
         self.runner = ModelRunner(config)
         self.vocab_size = self.runner.vocab_size
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq)
         assert config.max_model_len is not None
         logger.info(
             "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens (%.2f GiB), max concurrency at "
             "max_model_len=%d: %.1f requests; ready in %.1f s",
             config.model_path, config.device, config.dtype, self.runner.backend.name,
-            ", CUDA graphs" if self.runner.graph_runner else "", self.runner.num_blocks, config.block_size,
+            (", CUDA graphs" if self.runner.graph_runner else "") + (", async scheduling" if config.async_scheduling else ""),
+            self.runner.num_blocks, config.block_size,
             self.runner.num_blocks * self.runner.kv_bytes_per_block() / 2**30, config.max_model_len,
             self.runner.num_blocks / self.kv_cache.blocks_for(config.max_model_len), time.perf_counter() - start,
         )
@@ -78,6 +93,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}  # every unfinished sample, by its own id
         self._aborted: list[_Group] = []
         self.prompt_tokens = self.generation_tokens = 0
+        self._inflight: StepHandle | None = None  # the launched step whose tokens are not yet processed
+        self._num_penalized = 0  # unfinished requests with penalties: while any, steps run synchronously
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
@@ -110,6 +127,7 @@ class LLMEngine:
         self.groups[request_id] = _Group(request_id, children, params.output_kind)
         for request in children:
             self.requests[request.request_id] = request
+            self._num_penalized += request.params.needs_penalties
             self.scheduler.add_request(request)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -175,15 +193,22 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         touched: dict[str, _Group] = {g.request_id: g for g in self._aborted}
         self._aborted = []
+        overlap = bool(self.config.async_scheduling) and not self._num_penalized
+        if self._inflight is not None and not overlap:
+            self._process(self._take_inflight(), touched)
         sched = self.scheduler.schedule()
-        if sched.scheduled:
-            result = self.runner.execute(sched, self.kv_cache.block_tables)
-            now = time.time()
-            for request, num_new in sched.scheduled:
-                if self._update(request, num_new, result, now):
-                    touched[request.parent_id or request.request_id] = self.groups[request.parent_id or request.request_id]
+        handle = self._launch(sched) if sched.scheduled else None
+        if self._inflight is not None:
+            self._process(self._take_inflight(), touched)  # step N's tokens, while N+1 runs
+        if handle is not None:
+            if overlap and self.requests:
+                self._inflight = handle
+            else:
+                self._process(handle, touched)
         outputs = []
         for group in touched.values():
+            if group.num_unfinished and group.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
             output = self._make_output(group)
             if output is not None:
                 outputs.append(output)
@@ -191,66 +216,97 @@ class LLMEngine:
                 del self.groups[group.request_id]
         return outputs
 
-    def _update(self, request: Request, num_new: int, result: ModelRunnerOutput, now: float) -> bool:
-        """Applies one step's result to a request; True if it produced a token."""
-        if request.num_computed_tokens < request.num_prompt_tokens:
-            self.prompt_tokens += min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
-        request.num_computed_tokens += num_new
-        if request.request_id in result.prompt_logprobs:
-            assert request.prompt_logprobs is not None
-            request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
-        token = result.sampled_token_ids.get(request.request_id)
-        if token is None:
-            return False
-        request.append_token(token)
+    def _take_inflight(self) -> StepHandle:
+        handle, self._inflight = self._inflight, None
+        assert handle is not None
+        return handle
+
+    def _launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Runs the step (asynchronously on CUDA) and books its tokens as computed at once, so that
+        the next schedule sees them; a token it samples counts as pending until processed."""
+        handle = self.runner.execute(sched, self.kv_cache, self._inflight)
+        for request, num_new in sched.scheduled:
+            computed = request.num_computed_tokens
+            if computed < len(request.prompt_token_ids):
+                self.prompt_tokens += min(num_new, len(request.prompt_token_ids) - computed)
+            request.num_computed_tokens = computed + num_new
+        for row, request in enumerate(handle.requests):
+            request.num_pending += 1
+            request.pending_row = row
+        return handle
+
+    def _process(self, handle: StepHandle, touched: dict[str, _Group]) -> None:
+        """Applies a step's results (waiting for them); rows of requests that finished meanwhile are dropped."""
+        result = handle.result()
+        now = time.time()
+        for request, entries in result.prompt_logprobs:
+            if not request.status.finished:
+                assert request.prompt_logprobs is not None
+                request.prompt_logprobs.extend(entries)
+        logprobs, groups = result.logprobs, self.groups
+        for row, (request, token) in enumerate(zip(handle.requests, result.sampled_token_ids)):
+            if request.status.finished:
+                continue
+            request.num_pending -= 1
+            self._append(request, token, None if logprobs is None else logprobs[row], now)
+            key = request.parent_id or request.request_id
+            touched[key] = groups[key]
+
+    def _append(self, request: Request, token: int, logprobs: Any, now: float) -> None:
+        request.output_token_ids.append(token)
+        request.all_token_ids.append(token)
         self.generation_tokens += 1
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-        request.metrics.last_token_time = now
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
         if request.logprobs is not None:
-            entry = result.logprobs[request.request_id]
-            request.logprobs.append(entry)
-            request.cumulative_logprob += entry[token].logprob
+            request.logprobs.append(logprobs)
+            request.cumulative_logprob += logprobs[token].logprob
         stop = self._check_stop(request, token)
         if request.detokenizer is not None:
-            stop_string = request.detokenizer.update([token], stop is not None and stop == RequestStatus.FINISHED_STOPPED)
+            stop_string = request.detokenizer.update([token], stop is RequestStatus.FINISHED_STOPPED)
             if stop_string is not None and stop is None:
                 request.stop_reason, stop = stop_string, RequestStatus.FINISHED_STOPPED
         if stop is not None:
             self._finish(request, stop)
-        return True
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.params
-        if request.num_output_tokens >= params.min_tokens:
+        params, num_output = request.params, len(request.output_token_ids)
+        if num_output >= params.min_tokens:
             if token in (params.stop_token_ids or ()):
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
             if token in self.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens:
+        if num_output >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        if self.requests.get(request.request_id) is not request:
+            return  # already finished
+        del self.requests[request.request_id]
         self.scheduler.finish_request(request, status)
         request.metrics.finished_time = time.time()
-        self.requests.pop(request.request_id, None)
+        self._num_penalized -= request.params.needs_penalties
+        self.groups[request.parent_id or request.request_id].num_unfinished -= 1
 
     # ---- outputs --------------------------------------------------------------------------
     def _make_output(self, group: _Group) -> RequestOutput | None:
         finished = group.finished
-        if group.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
+        if group.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
-        delta = group.output_kind == RequestOutputKind.DELTA
+        delta = group.output_kind is RequestOutputKind.DELTA
         completions = []
         for child in group.children:
             sent_tokens, sent_logprobs = group.emitted.get(child.index, (0, 0))
-            news = sent_tokens < child.num_output_tokens or (child.status.finished and child.index not in group.emitted_final)
+            num_output = len(child.output_token_ids)
+            news = sent_tokens < num_output or (child.status.finished and child.index not in group.emitted_final)
             if delta and not news:
                 continue
             completions.append(self._completion(child, delta, sent_tokens, sent_logprobs))
-            group.emitted[child.index] = (child.num_output_tokens, len(child.logprobs or ()))
+            group.emitted[child.index] = (num_output, len(child.logprobs or ()))
             if child.status.finished:
                 group.emitted_final.add(child.index)
         first = group.children[0]

@@ -21,9 +21,9 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+    def __init__(self, value: str) -> None:
+        # A plain attribute, not a property: it is read for every request at every step.
+        self.finished = value in ("stop", "length", "abort")
 
 
 @dataclass(eq=False)
@@ -40,6 +40,12 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # Tokens sampled by a step still in flight (async scheduling), not yet in all_token_ids; the
+    # scheduler counts them, and the next step reads such a token on the device (row `pending_row`
+    # of that step's sampled ids).
+    num_pending: int = 0
+    pending_row: int = 0
+    plain_greedy: bool = field(init=False, default=False)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
@@ -50,6 +56,9 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        # Sampling is argmax of the raw logits: lets the runner skip building a sampling batch.
+        p = self.params
+        self.plain_greedy = p.greedy and not p.logit_bias and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0
         if self.params.logprobs is not None:
             self.logprobs = []
         if self.params.prompt_logprobs is not None:
@@ -61,7 +70,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        return len(self.all_token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:

@@ -20,6 +20,7 @@ _HELP = {
     "load_format": "auto | safetensors | dummy (random weights of the model's shape)",
     "max_num_batched_tokens": "token budget of one step (default 8192 on CUDA, 2048 on CPU)",
     "attention_backend": "auto | torch | triton",
+    "async_scheduling": "overlap the CPU work of the next step with the device's run of this one (default: on for CUDA)",
 }
 
 
@@ -34,6 +35,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
         if field.name in _INTERNAL_FIELDS:
             continue
         flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool | None":  # tri-state: --x, --no-x, or neither (auto)
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(field.name))
+            continue
         if field.type in ("bool", bool):
             if field.default:  # on by default: offer the --no- form, as vLLM does
                 group.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help=_HELP.get(field.name))

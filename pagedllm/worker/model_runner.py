@@ -3,17 +3,23 @@
 The batch is flat: the scheduled tokens of every request one after another (decodes first),
 with their positions, the cache slot each new token's K/V goes to, and per request the query
 span, the context length and the block table. The KV cache pool is allocated here, once.
+
+`execute` only launches: it returns a `StepHandle` whose sampled ids stay on the device (the next
+step can take a token in flight from there) and whose `result()` waits for the host copy. On CUDA
+nothing in `execute` synchronises, so the engine can schedule step N+1 while step N runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import nn
 
 from pagedllm.attention.backend import AttentionMetadata, get_attention_backend
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
@@ -21,16 +27,9 @@ from pagedllm.models.loader import load_model
 from pagedllm.outputs import Logprob, LogprobsDict
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import CudaGraphRunner
-from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprobs
+from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprobs, to_device
 
 _CPU_KV_CACHE_BYTES = 4 << 30
-
-
-@dataclass
-class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, LogprobsDict] = field(default_factory=dict)
-    prompt_logprobs: dict[str, list[LogprobsDict]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -50,6 +49,15 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         self.num_blocks = self._allocate_kv_cache()
         self.capture_cuda_graphs()
+        # Persistent host buffers, two of each, used by alternate steps (see _Staging).
+        assert config.max_num_batched_tokens is not None
+        tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
+        self._staging = _Staging(self.device, 8 * (3 * tokens + 3 * seqs) + 4 * (2 * seqs + 1 + seqs * 16) + 64)
+        self._turn = 0
+        self._sampling_cache: tuple[list[Request], SamplingBatch] | None = None
+        if self.device.type == "cuda":
+            self._host_ids = [torch.empty(seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._events = [torch.cuda.Event() for _ in range(2)]
 
     # ---- KV cache -----------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -120,54 +128,83 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
-        batch = _build_batch(sched, block_tables, self.block_size)
-        meta = AttentionMetadata(
-            num_reqs=len(sched.scheduled),
-            num_decodes=batch.num_decodes,
-            num_decode_tokens=batch.num_decodes,
-            max_query_len=int(batch.query_lens.max()),
-            max_seq_len=int(batch.seq_lens.max()),
-            query_start_loc=self._to_device(batch.query_start_loc, torch.int32),
-            seq_lens=self._to_device(batch.seq_lens, torch.int32),
-            block_tables=self._to_device(batch.block_tables, torch.int32),
-            slot_mapping=self._to_device(batch.slot_mapping, torch.int64),
-            query_start_loc_cpu=batch.query_start_loc.tolist(),
-            seq_lens_cpu=batch.seq_lens.tolist(),
+    def execute(self, sched: SchedulerOutput, kv_cache: KVCacheManager, prev: StepHandle | None = None) -> StepHandle:
+        """Launches one step and returns at once on CUDA (nothing here waits for the device); the
+        handle's `result()` waits. A request with a token still in flight reads it from `prev`, the
+        step that samples it, on the device."""
+        batch = _build_batch(sched, kv_cache)
+        turn, self._turn = self._turn, self._turn ^ 1
+        input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables = self._staging.pack(
+            [batch.input_ids, batch.positions, batch.slot_mapping, batch.fill_dst, batch.fill_src, batch.logits_index],
+            [batch.query_start_loc, batch.seq_lens, batch.block_tables], turn,
         )
-        input_ids = self._to_device(batch.input_ids, torch.int64)
-        positions = self._to_device(batch.positions, torch.int64)
+        assert input_ids is not None and positions is not None and slot_mapping is not None
+        assert query_start_loc is not None and seq_lens is not None and tables is not None
+        if fill_dst is not None:
+            assert prev is not None and fill_src is not None, "a token in flight needs the step that samples it"
+            input_ids.index_copy_(0, fill_dst, prev.token_ids.index_select(0, fill_src))
+        meta = AttentionMetadata(
+            num_reqs=len(sched.scheduled), num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
+            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
+            query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
+        )
         if self.graph_runner is not None and meta.num_decodes == meta.num_reqs and self.graph_runner.can_run(meta.num_reqs):
-            hidden = self.graph_runner.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            hidden = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables)
         else:
             with forward_context(self.backend, meta):
                 hidden = self.model(input_ids, positions)
 
-        out = ModelRunnerOutput()
-        self._prompt_logprobs(sched, batch, hidden, out)
-        if batch.sample_rows:
-            rows = [r for r, _ in batch.sample_rows]
-            requests = [sched.scheduled[r][0] for r in rows]
-            last_tokens = torch.from_numpy(batch.query_start_loc[1:][rows] - 1).to(self.device)
-            logits = self.model.compute_logits(hidden[last_tokens]).float()
-            sampling = SamplingBatch.build(
-                [r.params for r in requests], [r.generator for r in requests],
-                [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
-                self.vocab_size, self.device,
-            )
-            result = self.sampler(logits, sampling)
-            token_ids = result.token_ids.tolist()
-            for i, request in enumerate(requests):
-                out.sampled_token_ids[request.request_id] = token_ids[i]
+        prompt_logprobs = self._prompt_logprobs(sched, batch, hidden)
+        requests = [sched.scheduled[r][0] for r in batch.sample_rows]
+        logprobs = None
+        if requests:
+            rows = hidden if logits_index is None else hidden.index_select(0, logits_index)
+            logits = self.model.compute_logits(rows)
+            if all(r.plain_greedy for r in requests):
+                # argmax of the raw logits (bf16 -> f32 is exact, so no upcast is needed)
+                result = self.sampler(logits, SamplingBatch(len(requests), self.vocab_size, all_greedy=True))
+            else:
+                result = self.sampler(logits.float(), self._sampling_batch(requests))
+            token_ids = result.token_ids
             if result.logprobs is not None:
-                assert result.logprob_token_ids is not None and result.sampled_ranks is not None
-                ids, values, ranks = result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.sampled_ranks.tolist()
-                for i, request in enumerate(requests):
-                    if request.params.logprobs is not None:
-                        out.logprobs[request.request_id] = _logprobs_dict(ids[i], values[i], ranks[i], request.params.logprobs)
-        return out
+                ids, values, ranks = result.logprob_token_ids, result.logprobs, result.sampled_ranks
+                assert ids is not None and ranks is not None
+                logprobs = (self._to_host(ids), self._to_host(values), self._to_host(ranks))
+        else:
+            token_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        event = None
+        if self.device.type == "cuda":
+            host_ids, event = self._host_ids[turn], self._events[turn]
+            if host_ids.numel() < len(requests):
+                host_ids = self._host_ids[turn] = torch.empty(len(requests), dtype=torch.int64, pin_memory=True)
+            host_ids = host_ids[: len(requests)]
+            host_ids.copy_(token_ids, non_blocking=True)
+            event.record()
+        else:
+            host_ids = token_ids
+        return StepHandle(requests, token_ids, host_ids, event, logprobs, prompt_logprobs)
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, batch: _Batch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+        cached = self._sampling_cache
+        if cached is not None and cached[0] == requests:  # same rows (by identity) as last time
+            return cached[1]
+        # Penalties read the output history, which a token in flight would leave stale (the engine
+        # runs such batches synchronously); min_tokens only needs the count.
+        assert not any(r.num_pending and r.params.needs_penalties for r in requests)
+        batch = SamplingBatch.build(
+            [r.params for r in requests], [r.generator for r in requests],
+            [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
+            self.vocab_size, self.device, num_output_tokens=[r.num_output_tokens + r.num_pending for r in requests],
+        )
+        # Reused while the rows stay the same, unless it depends on what was generated so far.
+        self._sampling_cache = (requests, batch) if batch.stop_index is None and batch.penalty_rows is None else None
+        return batch
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, batch: _Batch, hidden: torch.Tensor) -> list[_PromptLogprobs]:
+        out: list[_PromptLogprobs] = []
+        if not batch.any_prompt_logprobs:
+            return out
         for row, (request, num_new) in enumerate(sched.scheduled):
             start = request.num_computed_tokens
             span = request.prompt_logprob_span(start, start + num_new)
@@ -175,19 +212,59 @@ class ModelRunner:
                 continue
             offset = int(batch.query_start_loc[row]) - start
             logits = self.model.compute_logits(hidden[offset + span.start : offset + span.stop]).float()
-            targets = torch.tensor(request.prompt_token_ids[span.start + 1 : span.stop + 1], device=self.device)
+            targets = to_device(request.prompt_token_ids[span.start + 1 : span.stop + 1], torch.int64, self.device)
             k = request.params.prompt_logprobs or 0
             ids, values, ranks = compute_topk_logprobs(logits, targets, k)
-            ids_l, values_l, ranks_l = ids.tolist(), values.tolist(), ranks.tolist()
-            out.prompt_logprobs[request.request_id] = [
-                _logprobs_dict(ids_l[j], values_l[j], ranks_l[j], k) for j in range(len(span))
-            ]
+            out.append((request, k, self._to_host(ids), self._to_host(values), self._to_host(ranks)))
+        return out
 
-    def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.from_numpy(array).to(dtype)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An asynchronous copy to pinned memory on CUDA (read after the step's event)."""
+        if self.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
+
+# (request, k, ids [N, 1 + k], logprobs [N, 1 + k], ranks [N]) on the host
+_PromptLogprobs = tuple[Request, int, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One step's results on the host, by sample row (the order of `StepHandle.requests`)."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[LogprobsDict | None] | None = None  # None when no row asked
+    prompt_logprobs: list[tuple[Request, list[LogprobsDict]]] = field(default_factory=list)
+
+
+@dataclass
+class StepHandle:
+    """A launched step. Its sampled ids stay on the device, where the next step may read them,
+    while their copy to the host is in flight; `result()` waits for the step and returns lists."""
+
+    requests: list[Request]  # the rows that sample a token, in row order
+    token_ids: torch.Tensor  # [S] int64 on the device
+    host_token_ids: torch.Tensor  # [S] int64 on the host (pinned, filled asynchronously on CUDA)
+    event: torch.cuda.Event | None
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host (ids, values, ranks)
+    prompt_logprobs: list[_PromptLogprobs]
+
+    def result(self) -> ModelRunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        out = ModelRunnerOutput(self.host_token_ids.tolist())
+        if self.logprobs is not None:
+            ids, values, ranks = (t.tolist() for t in self.logprobs)
+            out.logprobs = [
+                None if r.params.logprobs is None else _logprobs_dict(ids[i], values[i], ranks[i], r.params.logprobs)
+                for i, r in enumerate(self.requests)
+            ]
+        for request, k, ids_t, values_t, ranks_t in self.prompt_logprobs:
+            ids_l, values_l, ranks_l = ids_t.tolist(), values_t.tolist(), ranks_t.tolist()
+            out.prompt_logprobs.append((request, [_logprobs_dict(ids_l[j], values_l[j], ranks_l[j], k) for j in range(len(ids_l))]))
+        return out
 
 
 def _logprobs_dict(ids: list[int], values: list[float], rank: int, k: int) -> LogprobsDict:
@@ -198,41 +275,138 @@ def _logprobs_dict(ids: list[int], values: list[float], rank: int, k: int) -> Lo
     return result
 
 
+class _Staging:
+    """A step's int arrays go to the device in one copy: packed into one host buffer (pinned on
+    CUDA), an int64 section then an int32 one, copied, then sliced on the device. Two host buffers
+    used in turn, so the CPU fills one while the device may still be copying the other (async
+    scheduling); on CPU the host buffer is the device buffer."""
+
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self.device, self.pinned = device, device.type == "cuda"
+        self._allocate(nbytes)
+
+    def _allocate(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
+        self.host_np = [h.numpy() for h in self.host]
+        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if self.pinned else None
+
+    def pack(self, int64s: list[np.ndarray], int32s: list[np.ndarray], turn: int) -> list[torch.Tensor | None]:
+        """Device tensors of the arrays, in order (int64s then int32s); None for an empty one. Each
+        starts on a 16-byte boundary, as Triton kernels like their pointers."""
+        n64, n32 = sum(-(-a.size // 2) * 2 for a in int64s), sum(-(-a.size // 4) * 4 for a in int32s)
+        start32 = 8 * n64
+        total = start32 + 4 * n32
+        if total > self.nbytes:
+            # The old buffers stay safe: the caching allocators hold freed memory until pending copies end.
+            self._allocate(max(total, 2 * self.nbytes))
+        buf = self.host_np[turn]
+        h64, h32 = buf[:start32].view(np.int64), buf[start32:total].view(np.int32)
+        offsets, o = [], 0
+        for a in int64s:
+            h64[o : o + a.size] = a
+            offsets.append(o)
+            o += -(-a.size // 2) * 2
+        o = 0
+        for a in int32s:
+            h32[o : o + a.size] = a.reshape(-1)
+            offsets.append(o)
+            o += -(-a.size // 4) * 4
+        src = self.host[turn]
+        if self.dev is not None:
+            self.dev[:total].copy_(src[:total], non_blocking=True)
+            src = self.dev
+        d64, d32 = src[:start32].view(torch.int64), src[start32:total].view(torch.int32)
+        out: list[torch.Tensor | None] = []
+        for a, o in zip(int64s + int32s, offsets):
+            if a.size == 0:
+                out.append(None)
+                continue
+            t = (d64 if a.dtype == np.int64 else d32)[o : o + a.size]
+            out.append(t if a.ndim == 1 else t.view(a.shape))
+        return out
+
+
 @dataclass
 class _Batch:
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    query_start_loc: np.ndarray
-    query_lens: np.ndarray
-    seq_lens: np.ndarray
-    block_tables: np.ndarray
+    input_ids: np.ndarray  # int64; entries of tokens in flight are filled on the device
+    positions: np.ndarray  # int64
+    slot_mapping: np.ndarray  # int64
+    fill_dst: np.ndarray  # int64: flat indices whose input id is a token in flight ...
+    fill_src: np.ndarray  # int64: ... and its row in the previous step's sampled ids
+    logits_index: np.ndarray  # int64: the flat index of each sampled row's last token; empty when it is every token
+    query_start_loc: np.ndarray  # int32
+    seq_lens: np.ndarray  # int32
+    block_tables: np.ndarray  # int32
     num_decodes: int
-    sample_rows: list[tuple[int, Request]]  # rows whose last token is sampled this step
+    max_query_len: int
+    max_seq_len: int
+    sample_rows: list[int]  # rows whose last token is sampled this step
+    any_prompt_logprobs: bool
 
 
-def _build_batch(sched: SchedulerOutput, block_tables: dict[str, list[int]], block_size: int) -> _Batch:
-    n = len(sched.scheduled)
-    query_lens = np.fromiter((k for _, k in sched.scheduled), dtype=np.int64, count=n)
-    starts = np.fromiter((r.num_computed_tokens for r, _ in sched.scheduled), dtype=np.int64, count=n)
+def _build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> _Batch:
+    scheduled = sched.scheduled
+    n = len(scheduled)
+    starts_l = [r.num_computed_tokens for r, _ in scheduled]
+    lens_l = [k for _, k in scheduled]
+    starts = np.array(starts_l, dtype=np.int64)
+    query_lens = np.array(lens_l, dtype=np.int64)
     seq_lens = starts + query_lens
     query_start_loc = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(query_lens, out=query_start_loc[1:])
-    tables = [block_tables[r.request_id] for r, _ in sched.scheduled]
-    width = max(len(t) for t in tables)
-    table_array = np.zeros((n, width), dtype=np.int64)
-    for i, t in enumerate(tables):
-        table_array[i, : len(t)] = t
-    input_ids = np.empty(int(query_start_loc[-1]), dtype=np.int64)
-    sample_rows = []
-    for i, (request, k) in enumerate(sched.scheduled):
-        s = int(starts[i])
-        input_ids[query_start_loc[i] : query_start_loc[i + 1]] = request.all_token_ids[s : s + k]
+    num_tokens = int(query_start_loc[-1])
+    num_decodes = lens_l.count(1)  # the scheduler put them first
+
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    decode_ids: list[int] = []
+    fill_dst: list[int] = []  # flat indices whose input is a token in flight, and its row in `prev`
+    fill_src: list[int] = []
+    sample_rows: list[int] = []
+    for i in range(num_decodes):  # one token each: flat index == row
+        request = scheduled[i][0]
+        s, ids = starts_l[i], request.all_token_ids
+        if s < len(ids):
+            decode_ids.append(ids[s])
+            if s + 1 == len(ids) + request.num_pending:
+                sample_rows.append(i)
+        else:  # the token in flight (pending tokens are always last)
+            decode_ids.append(0)
+            fill_dst.append(i)
+            fill_src.append(request.pending_row)
+            sample_rows.append(i)
+    input_ids[:num_decodes] = decode_ids
+    q = num_decodes
+    for i in range(num_decodes, n):
+        request, k = scheduled[i]
+        s, ids = starts_l[i], request.all_token_ids
+        known = min(s + k, len(ids))
+        input_ids[q : q + known - s] = ids[s:known]
+        if known < s + k:
+            fill_dst.append(q + k - 1)
+            fill_src.append(request.pending_row)
         if s + k == request.num_tokens:
-            sample_rows.append((i, request))
+            sample_rows.append(i)
+        q += k
+    any_prompt_logprobs = any(r.prompt_logprobs is not None for r, _ in scheduled)
+
+    # Block tables: the rows of the cache manager's mirror, as wide as the longest context needs.
+    block_size, max_seq_len = kv_cache.block_size, int(seq_lens.max())
+    rows = [kv_cache.table_rows[r.request_id] for r, _ in scheduled]
+    table_array = kv_cache.table_array[rows, : -(-max_seq_len // block_size)]
     # Positions and slots for every token, vectorised over the flat batch.
-    row_of_token = np.repeat(np.arange(n), query_lens)
-    positions = np.arange(len(input_ids)) - query_start_loc[row_of_token] + starts[row_of_token]
-    slot_mapping = table_array[row_of_token, positions // block_size] * block_size + positions % block_size
-    num_decodes = int((query_lens == 1).sum())  # the scheduler put them first
-    return _Batch(input_ids, positions, slot_mapping, query_start_loc, query_lens, seq_lens, table_array, num_decodes, sample_rows)
+    if num_tokens == n:
+        row_of_token, positions = np.arange(n), starts
+    else:
+        row_of_token = np.repeat(np.arange(n), query_lens)
+        positions = np.arange(num_tokens) - query_start_loc[row_of_token] + starts[row_of_token]
+    slot_mapping = table_array[row_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    if len(sample_rows) == n and num_tokens == n:
+        logits_index = np.empty(0, dtype=np.int64)
+    else:
+        logits_index = query_start_loc[1:][sample_rows] - 1
+    return _Batch(
+        input_ids, positions, slot_mapping, np.array(fill_dst, dtype=np.int64), np.array(fill_src, dtype=np.int64),
+        logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
+        int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
+    )

@@ -18,7 +18,7 @@ from pagedllm.sampling_params import SamplingParams
 _NEG_INF = float("-inf")
 
 
-def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One host->device copy; pinned so it can overlap with the forward pass on CUDA."""
     pin = device.type == "cuda"
     return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
@@ -74,8 +74,13 @@ class SamplingBatch:
         output_token_ids: list[list[int]],
         vocab_size: int,
         device: torch.device,
+        num_output_tokens: list[int] | None = None,
     ) -> SamplingBatch:
+        """`num_output_tokens`: tokens each row has generated before this one, when that is more than
+        `output_token_ids` holds (async scheduling: a token still in flight); for min_tokens."""
         num_rows = len(params)
+        if num_output_tokens is None:
+            num_output_tokens = [len(ids) for ids in output_token_ids]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         max_num_logprobs = max(asked) if asked else None
 
@@ -83,7 +88,7 @@ class SamplingBatch:
         stops = [
             (i, t)
             for i, p in enumerate(params)
-            if len(output_token_ids[i]) < p.min_tokens
+            if num_output_tokens[i] < p.min_tokens
             for t in sorted(_stop_ids_to_mask(p))
         ]
         penalized = [i for i, p in enumerate(params) if p.needs_penalties]
@@ -94,14 +99,14 @@ class SamplingBatch:
         batch = cls(num_rows, vocab_size, all_greedy=False, max_num_logprobs=max_num_logprobs)
         batch.any_random = not all(greedy)
         if any(greedy) and batch.any_random:
-            batch.greedy_mask = _to_device(greedy, torch.bool, device)
+            batch.greedy_mask = to_device(greedy, torch.bool, device)
         if bias:
             rows, cols, values = zip(*bias)
-            batch.bias_index = (_to_device(list(rows), torch.int64, device), _to_device(list(cols), torch.int64, device))
-            batch.bias_values = _to_device(list(values), torch.float32, device)
+            batch.bias_index = (to_device(list(rows), torch.int64, device), to_device(list(cols), torch.int64, device))
+            batch.bias_values = to_device(list(values), torch.float32, device)
         if stops:
             rows, cols = zip(*stops)
-            batch.stop_index = (_to_device(list(rows), torch.int64, device), _to_device(list(cols), torch.int64, device))
+            batch.stop_index = (to_device(list(rows), torch.int64, device), to_device(list(cols), torch.int64, device))
         if penalized:
             batch._build_penalties(params, penalized, prompt_token_ids, output_token_ids, device)
         if batch.any_random:
@@ -119,15 +124,15 @@ class SamplingBatch:
         vocab = self.vocab_size
 
         def column(name: str) -> torch.Tensor:
-            return _to_device([[getattr(params[i], name)] for i in rows], torch.float32, device)
+            return to_device([[getattr(params[i], name)] for i in rows], torch.float32, device)
 
-        self.penalty_rows = _to_device(rows, torch.int64, device)
+        self.penalty_rows = to_device(rows, torch.int64, device)
         self.repetition_penalty = column("repetition_penalty")
         self.frequency_penalty = column("frequency_penalty")
         self.presence_penalty = column("presence_penalty")
         # Padding goes to an extra column `vocab` that is dropped afterwards.
-        outputs = _to_device(_padded([output_token_ids[i] for i in rows], vocab), torch.int64, device)
-        prompts = _to_device(_padded([prompt_token_ids[i] for i in rows], vocab), torch.int64, device)
+        outputs = to_device(_padded([output_token_ids[i] for i in rows], vocab), torch.int64, device)
+        prompts = to_device(_padded([prompt_token_ids[i] for i in rows], vocab), torch.int64, device)
         counts = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)
         counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=torch.float32))
         seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device)
@@ -146,16 +151,16 @@ class SamplingBatch:
         random = [p for p, g in zip(params, greedy) if not g]
         if any(p.temperature != 1.0 for p in random):
             temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
-            self.temperature = _to_device([[t] for t in temps], torch.float32, device)
+            self.temperature = to_device([[t] for t in temps], torch.float32, device)
         if any(p.min_p > 0.0 for p in random):
-            self.min_p = _to_device([[0.0 if g else p.min_p] for p, g in zip(params, greedy)], torch.float32, device)
+            self.min_p = to_device([[0.0 if g else p.min_p] for p, g in zip(params, greedy)], torch.float32, device)
         # top_k >= vocab is no limit, stored as 0 so it never forces a full-vocab topk.
         ks = [0 if g or p.top_k >= self.vocab_size else p.top_k for p, g in zip(params, greedy)]
         if any(ks):
-            self.top_k = _to_device(ks, torch.int64, device)
+            self.top_k = to_device(ks, torch.int64, device)
             self.max_top_k = max(ks)
         if any(p.top_p < 1.0 for p in random):
-            self.top_p = _to_device([[1.0 if g else p.top_p] for p, g in zip(params, greedy)], torch.float32, device)
+            self.top_p = to_device([[1.0 if g else p.top_p] for p, g in zip(params, greedy)], torch.float32, device)
         self.generators = {i: gen for i, (gen, g) in enumerate(zip(generators, greedy)) if gen is not None and not g}
 
 
