@@ -143,15 +143,16 @@ class ModelRunner:
         if fill_dst is not None:
             assert prev is not None and fill_src is not None, "a token in flight needs the step that samples it"
             input_ids.index_copy_(0, fill_dst, prev.token_ids.index_select(0, fill_src))
-        meta = AttentionMetadata(
-            num_reqs=len(sched.scheduled), num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
-            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
-            query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
-        )
-        if self.graph_runner is not None and meta.num_decodes == meta.num_reqs and self.graph_runner.can_run(meta.num_reqs):
+        num_reqs = len(sched.scheduled)
+        if self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
             hidden = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables)
         else:
+            meta = AttentionMetadata(
+                num_reqs=num_reqs, num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
+                max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+                query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
+                query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
+            )
             with forward_context(self.backend, meta):
                 hidden = self.model(input_ids, positions)
 
@@ -345,18 +346,25 @@ class _Batch:
     any_prompt_logprobs: bool
 
 
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
 def _build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> _Batch:
     scheduled = sched.scheduled
     n = len(scheduled)
     starts_l = [r.num_computed_tokens for r, _ in scheduled]
     lens_l = [k for _, k in scheduled]
     starts = np.array(starts_l, dtype=np.int64)
-    query_lens = np.array(lens_l, dtype=np.int64)
-    seq_lens = starts + query_lens
-    query_start_loc = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
     num_decodes = lens_l.count(1)  # the scheduler put them first
+    if num_decodes == n:  # decodes only, the common step: one token per row
+        query_lens, query_start_loc, num_tokens = None, np.arange(n + 1), n
+        seq_lens = starts + 1
+    else:
+        query_lens = np.array(lens_l, dtype=np.int64)
+        seq_lens = starts + query_lens
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
 
     input_ids = np.empty(num_tokens, dtype=np.int64)
     decode_ids: list[int] = []
@@ -395,18 +403,19 @@ def _build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> _Batch:
     rows = [kv_cache.table_rows[r.request_id] for r, _ in scheduled]
     table_array = kv_cache.table_array[rows, : -(-max_seq_len // block_size)]
     # Positions and slots for every token, vectorised over the flat batch.
-    if num_tokens == n:
-        row_of_token, positions = np.arange(n), starts
+    if query_lens is None:
+        row_of_token, positions = query_start_loc[:n], starts
     else:
         row_of_token = np.repeat(np.arange(n), query_lens)
         positions = np.arange(num_tokens) - query_start_loc[row_of_token] + starts[row_of_token]
     slot_mapping = table_array[row_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
     if len(sample_rows) == n and num_tokens == n:
-        logits_index = np.empty(0, dtype=np.int64)
+        logits_index = _EMPTY
     else:
         logits_index = query_start_loc[1:][sample_rows] - 1
     return _Batch(
-        input_ids, positions, slot_mapping, np.array(fill_dst, dtype=np.int64), np.array(fill_src, dtype=np.int64),
+        input_ids, positions, slot_mapping,
+        np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
         logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
-        int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
+        1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
     )
