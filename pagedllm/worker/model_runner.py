@@ -143,15 +143,16 @@ class ModelRunner:
         if fill_dst is not None:
             assert prev is not None and fill_src is not None, "a token in flight needs the step that samples it"
             input_ids.index_copy_(0, fill_dst, prev.token_ids.index_select(0, fill_src))
-        meta = AttentionMetadata(
-            num_reqs=len(sched.scheduled), num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
-            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
-            query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
-        )
-        if self.graph_runner is not None and meta.num_decodes == meta.num_reqs and self.graph_runner.can_run(meta.num_reqs):
+        num_reqs = len(sched.scheduled)
+        if self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
             hidden = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables)
         else:
+            meta = AttentionMetadata(
+                num_reqs=num_reqs, num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
+                max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+                query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
+                query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
+            )
             with forward_context(self.backend, meta):
                 hidden = self.model(input_ids, positions)
 
@@ -290,6 +291,8 @@ class _Staging:
         self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
         self.host_np = [h.numpy() for h in self.host]
         self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if self.pinned else None
+        # Device views by layout: steady decoding repeats a few layouts, and slicing costs a dispatch each.
+        self.views: dict[tuple, list[torch.Tensor | None]] = {}
 
     def pack(self, int64s: list[np.ndarray], int32s: list[np.ndarray], turn: int) -> list[torch.Tensor | None]:
         """Device tensors of the arrays, in order (int64s then int32s); None for an empty one. Each
@@ -315,15 +318,18 @@ class _Staging:
         src = self.host[turn]
         if self.dev is not None:
             self.dev[:total].copy_(src[:total], non_blocking=True)
-            src = self.dev
-        d64, d32 = src[:start32].view(torch.int64), src[start32:total].view(torch.int32)
-        out: list[torch.Tensor | None] = []
-        for a, o in zip(int64s + int32s, offsets):
-            if a.size == 0:
-                out.append(None)
-                continue
-            t = (d64 if a.dtype == np.int64 else d32)[o : o + a.size]
-            out.append(t if a.ndim == 1 else t.view(a.shape))
+            src, turn = self.dev, 0
+        key = (turn, *(a.shape for a in int64s), *(a.shape for a in int32s))
+        out = self.views.get(key)
+        if out is None:
+            if len(self.views) > 256:
+                self.views.clear()
+            d64, d32 = src[:start32].view(torch.int64), src[start32:total].view(torch.int32)
+            out = []
+            for a, o in zip(int64s + int32s, offsets):
+                t = None if a.size == 0 else (d64 if a.dtype == np.int64 else d32)[o : o + a.size]
+                out.append(t if t is None or a.ndim == 1 else t.view(a.shape))
+            self.views[key] = out
         return out
 
 
@@ -345,18 +351,25 @@ class _Batch:
     any_prompt_logprobs: bool
 
 
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
 def _build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> _Batch:
     scheduled = sched.scheduled
     n = len(scheduled)
     starts_l = [r.num_computed_tokens for r, _ in scheduled]
     lens_l = [k for _, k in scheduled]
     starts = np.array(starts_l, dtype=np.int64)
-    query_lens = np.array(lens_l, dtype=np.int64)
-    seq_lens = starts + query_lens
-    query_start_loc = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
     num_decodes = lens_l.count(1)  # the scheduler put them first
+    if num_decodes == n:  # decodes only, the common step: one token per row
+        query_lens, query_start_loc, num_tokens = None, np.arange(n + 1), n
+        seq_lens = starts + 1
+    else:
+        query_lens = np.array(lens_l, dtype=np.int64)
+        seq_lens = starts + query_lens
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
 
     input_ids = np.empty(num_tokens, dtype=np.int64)
     decode_ids: list[int] = []
@@ -395,18 +408,19 @@ def _build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> _Batch:
     rows = [kv_cache.table_rows[r.request_id] for r, _ in scheduled]
     table_array = kv_cache.table_array[rows, : -(-max_seq_len // block_size)]
     # Positions and slots for every token, vectorised over the flat batch.
-    if num_tokens == n:
-        row_of_token, positions = np.arange(n), starts
+    if query_lens is None:
+        row_of_token, positions = query_start_loc[:n], starts
     else:
         row_of_token = np.repeat(np.arange(n), query_lens)
         positions = np.arange(num_tokens) - query_start_loc[row_of_token] + starts[row_of_token]
     slot_mapping = table_array[row_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
     if len(sample_rows) == n and num_tokens == n:
-        logits_index = np.empty(0, dtype=np.int64)
+        logits_index = _EMPTY
     else:
         logits_index = query_start_loc[1:][sample_rows] - 1
     return _Batch(
-        input_ids, positions, slot_mapping, np.array(fill_dst, dtype=np.int64), np.array(fill_src, dtype=np.int64),
+        input_ids, positions, slot_mapping,
+        np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
         logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
-        int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
+        1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
     )
