@@ -23,7 +23,10 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 49000) for _ in range(rng.randint(1, 300))] for _ in range(32)]
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 300))] for _ in range(32)]
     max_tokens = [rng.randint(1, 48) for _ in prompts]
 
     from transformers import AutoModelForCausalLM
@@ -40,7 +43,7 @@ def main() -> None:
 
     def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True) -> list[list[int]]:
         llm = LLM(path, dtype=dtype, skip_tokenizer_init=True, enforce_eager=enforce_eager, gpu_memory_utilization=0.5,
-                  max_num_seqs=64, max_model_len=2048, async_scheduling=async_scheduling)
+                  max_num_seqs=64, max_model_len=1024, async_scheduling=async_scheduling)
         params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -71,7 +74,7 @@ def run_seeded(path: str, prompts: list[list[int]], max_tokens: list[int], async
 
     # float32: batches differ between the modes (a finished request can ride one step longer), and
     # bf16 logits depend on the batch shape enough to flip a draw now and then.
-    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_num_seqs=64, max_model_len=2048,
+    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, gpu_memory_utilization=0.5, max_num_seqs=64, max_model_len=1024,
               async_scheduling=async_scheduling)
     params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i, max_tokens=m) for i, m in enumerate(max_tokens)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
