@@ -29,7 +29,8 @@ from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.logger import get_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.worker.model_runner import ModelRunner, StepHandle
+from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.step_output import StepHandle
 
 logger = get_logger(__name__)
 

@@ -11,9 +11,6 @@ nothing in `execute` synchronises, so the engine can schedule step N+1 while ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -24,10 +21,11 @@ from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.models.loader import load_model
-from pagedllm.outputs import Logprob, LogprobsDict
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import CudaGraphRunner
+from pagedllm.worker.input_batch import FlatBatch, build_batch, Staging
 from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprobs, to_device
+from pagedllm.worker.step_output import PromptLogprobs, StepHandle
 
 _CPU_KV_CACHE_BYTES = 4 << 30
 
@@ -49,10 +47,10 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         self.num_blocks = self._allocate_kv_cache()
         self.capture_cuda_graphs()
-        # Persistent host buffers, two of each, used by alternate steps (see _Staging).
+        # Persistent host buffers, two of each, used by alternate steps (see Staging).
         assert config.max_num_batched_tokens is not None
         tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
-        self._staging = _Staging(self.device, 8 * (3 * tokens + 3 * seqs) + 4 * (2 * seqs + 1 + seqs * 16) + 64)
+        self._staging = Staging(self.device, 8 * (3 * tokens + 3 * seqs) + 4 * (2 * seqs + 1 + seqs * 16) + 64)
         self._turn = 0
         self._sampling_cache: tuple[list[Request], SamplingBatch] | None = None
         if self.device.type == "cuda":
@@ -132,7 +130,7 @@ class ModelRunner:
         """Launches one step and returns at once on CUDA (nothing here waits for the device); the
         handle's `result()` waits. A request with a token still in flight reads it from `prev`, the
         step that samples it, on the device."""
-        batch = _build_batch(sched, kv_cache)
+        batch = build_batch(sched, kv_cache)
         turn, self._turn = self._turn, self._turn ^ 1
         input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables = self._staging.pack(
             [batch.input_ids, batch.positions, batch.slot_mapping, batch.fill_dst, batch.fill_src, batch.logits_index],
@@ -202,8 +200,8 @@ class ModelRunner:
         self._sampling_cache = (requests, batch) if batch.stop_index is None and batch.penalty_rows is None else None
         return batch
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, batch: _Batch, hidden: torch.Tensor) -> list[_PromptLogprobs]:
-        out: list[_PromptLogprobs] = []
+    def _prompt_logprobs(self, sched: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor) -> list[PromptLogprobs]:
+        out: list[PromptLogprobs] = []
         if not batch.any_prompt_logprobs:
             return out
         for row, (request, num_new) in enumerate(sched.scheduled):
@@ -225,202 +223,3 @@ class ModelRunner:
             return tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         return host.copy_(tensor, non_blocking=True)
-
-
-# (request, k, ids [N, 1 + k], logprobs [N, 1 + k], ranks [N]) on the host
-_PromptLogprobs = tuple[Request, int, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class ModelRunnerOutput:
-    """One step's results on the host, by sample row (the order of `StepHandle.requests`)."""
-
-    sampled_token_ids: list[int]
-    logprobs: list[LogprobsDict | None] | None = None  # None when no row asked
-    prompt_logprobs: list[tuple[Request, list[LogprobsDict]]] = field(default_factory=list)
-
-
-@dataclass
-class StepHandle:
-    """A launched step. Its sampled ids stay on the device, where the next step may read them,
-    while their copy to the host is in flight; `result()` waits for the step and returns lists."""
-
-    requests: list[Request]  # the rows that sample a token, in row order
-    token_ids: torch.Tensor  # [S] int64 on the device
-    host_token_ids: torch.Tensor  # [S] int64 on the host (pinned, filled asynchronously on CUDA)
-    event: torch.cuda.Event | None
-    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host (ids, values, ranks)
-    prompt_logprobs: list[_PromptLogprobs]
-
-    def result(self) -> ModelRunnerOutput:
-        if self.event is not None:
-            self.event.synchronize()
-        out = ModelRunnerOutput(self.host_token_ids.tolist())
-        if self.logprobs is not None:
-            ids, values, ranks = (t.tolist() for t in self.logprobs)
-            out.logprobs = [
-                None if r.params.logprobs is None else _logprobs_dict(ids[i], values[i], ranks[i], r.params.logprobs)
-                for i, r in enumerate(self.requests)
-            ]
-        for request, k, ids_t, values_t, ranks_t in self.prompt_logprobs:
-            ids_l, values_l, ranks_l = ids_t.tolist(), values_t.tolist(), ranks_t.tolist()
-            out.prompt_logprobs.append((request, [_logprobs_dict(ids_l[j], values_l[j], ranks_l[j], k) for j in range(len(ids_l))]))
-        return out
-
-
-def _logprobs_dict(ids: list[int], values: list[float], rank: int, k: int) -> LogprobsDict:
-    """The chosen token (column 0, with its rank) plus the top-k, ranked 1..k."""
-    result: LogprobsDict = {ids[0]: Logprob(values[0], rank)}
-    for j in range(1, k + 1):
-        result.setdefault(ids[j], Logprob(values[j], j))
-    return result
-
-
-class _Staging:
-    """A step's int arrays go to the device in one copy: packed into one host buffer (pinned on
-    CUDA), an int64 section then an int32 one, copied, then sliced on the device. Two host buffers
-    used in turn, so the CPU fills one while the device may still be copying the other (async
-    scheduling); on CPU the host buffer is the device buffer."""
-
-    def __init__(self, device: torch.device, nbytes: int) -> None:
-        self.device, self.pinned = device, device.type == "cuda"
-        self._allocate(nbytes)
-
-    def _allocate(self, nbytes: int) -> None:
-        self.nbytes = nbytes
-        self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
-        self.host_np = [h.numpy() for h in self.host]
-        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if self.pinned else None
-        # Device views by layout: steady decoding repeats a few layouts, and slicing costs a dispatch each.
-        self.views: dict[tuple, list[torch.Tensor | None]] = {}
-
-    def pack(self, int64s: list[np.ndarray], int32s: list[np.ndarray], turn: int) -> list[torch.Tensor | None]:
-        """Device tensors of the arrays, in order (int64s then int32s); None for an empty one. Each
-        starts on a 16-byte boundary, as Triton kernels like their pointers."""
-        n64, n32 = sum(-(-a.size // 2) * 2 for a in int64s), sum(-(-a.size // 4) * 4 for a in int32s)
-        start32 = 8 * n64
-        total = start32 + 4 * n32
-        if total > self.nbytes:
-            # The old buffers stay safe: the caching allocators hold freed memory until pending copies end.
-            self._allocate(max(total, 2 * self.nbytes))
-        buf = self.host_np[turn]
-        h64, h32 = buf[:start32].view(np.int64), buf[start32:total].view(np.int32)
-        offsets, o = [], 0
-        for a in int64s:
-            h64[o : o + a.size] = a
-            offsets.append(o)
-            o += -(-a.size // 2) * 2
-        o = 0
-        for a in int32s:
-            h32[o : o + a.size] = a.reshape(-1)
-            offsets.append(o)
-            o += -(-a.size // 4) * 4
-        src = self.host[turn]
-        if self.dev is not None:
-            self.dev[:total].copy_(src[:total], non_blocking=True)
-            src, turn = self.dev, 0
-        key = (turn, *(a.shape for a in int64s), *(a.shape for a in int32s))
-        out = self.views.get(key)
-        if out is None:
-            if len(self.views) > 256:
-                self.views.clear()
-            d64, d32 = src[:start32].view(torch.int64), src[start32:total].view(torch.int32)
-            out = []
-            for a, o in zip(int64s + int32s, offsets):
-                t = None if a.size == 0 else (d64 if a.dtype == np.int64 else d32)[o : o + a.size]
-                out.append(t if t is None or a.ndim == 1 else t.view(a.shape))
-            self.views[key] = out
-        return out
-
-
-@dataclass
-class _Batch:
-    input_ids: np.ndarray  # int64; entries of tokens in flight are filled on the device
-    positions: np.ndarray  # int64
-    slot_mapping: np.ndarray  # int64
-    fill_dst: np.ndarray  # int64: flat indices whose input id is a token in flight ...
-    fill_src: np.ndarray  # int64: ... and its row in the previous step's sampled ids
-    logits_index: np.ndarray  # int64: the flat index of each sampled row's last token; empty when it is every token
-    query_start_loc: np.ndarray  # int32
-    seq_lens: np.ndarray  # int32
-    block_tables: np.ndarray  # int32
-    num_decodes: int
-    max_query_len: int
-    max_seq_len: int
-    sample_rows: list[int]  # rows whose last token is sampled this step
-    any_prompt_logprobs: bool
-
-
-_EMPTY = np.empty(0, dtype=np.int64)
-
-
-def _build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> _Batch:
-    scheduled = sched.scheduled
-    n = len(scheduled)
-    starts_l = [r.num_computed_tokens for r, _ in scheduled]
-    lens_l = [k for _, k in scheduled]
-    starts = np.array(starts_l, dtype=np.int64)
-    num_decodes = lens_l.count(1)  # the scheduler put them first
-    if num_decodes == n:  # decodes only, the common step: one token per row
-        query_lens, query_start_loc, num_tokens = None, np.arange(n + 1), n
-        seq_lens = starts + 1
-    else:
-        query_lens = np.array(lens_l, dtype=np.int64)
-        seq_lens = starts + query_lens
-        query_start_loc = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        num_tokens = int(query_start_loc[-1])
-
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    decode_ids: list[int] = []
-    fill_dst: list[int] = []  # flat indices whose input is a token in flight, and its row in `prev`
-    fill_src: list[int] = []
-    sample_rows: list[int] = []
-    for i in range(num_decodes):  # one token each: flat index == row
-        request = scheduled[i][0]
-        s, ids = starts_l[i], request.all_token_ids
-        if s < len(ids):
-            decode_ids.append(ids[s])
-            if s + 1 == len(ids) + request.num_pending:
-                sample_rows.append(i)
-        else:  # the token in flight (pending tokens are always last)
-            decode_ids.append(0)
-            fill_dst.append(i)
-            fill_src.append(request.pending_row)
-            sample_rows.append(i)
-    input_ids[:num_decodes] = decode_ids
-    q = num_decodes
-    for i in range(num_decodes, n):
-        request, k = scheduled[i]
-        s, ids = starts_l[i], request.all_token_ids
-        known = min(s + k, len(ids))
-        input_ids[q : q + known - s] = ids[s:known]
-        if known < s + k:
-            fill_dst.append(q + k - 1)
-            fill_src.append(request.pending_row)
-        if s + k == request.num_tokens:
-            sample_rows.append(i)
-        q += k
-    any_prompt_logprobs = any(r.prompt_logprobs is not None for r, _ in scheduled)
-
-    # Block tables: the rows of the cache manager's mirror, as wide as the longest context needs.
-    block_size, max_seq_len = kv_cache.block_size, int(seq_lens.max())
-    rows = [kv_cache.table_rows[r.request_id] for r, _ in scheduled]
-    table_array = kv_cache.table_array[rows, : -(-max_seq_len // block_size)]
-    # Positions and slots for every token, vectorised over the flat batch.
-    if query_lens is None:
-        row_of_token, positions = query_start_loc[:n], starts
-    else:
-        row_of_token = np.repeat(np.arange(n), query_lens)
-        positions = np.arange(num_tokens) - query_start_loc[row_of_token] + starts[row_of_token]
-    slot_mapping = table_array[row_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
-    if len(sample_rows) == n and num_tokens == n:
-        logits_index = _EMPTY
-    else:
-        logits_index = query_start_loc[1:][sample_rows] - 1
-    return _Batch(
-        input_ids, positions, slot_mapping,
-        np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
-        logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
-        1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
-    )

@@ -1,0 +1,160 @@
+"""The flat batch of one step, built on the host, and the pinned staging that moves it to the device in one copy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.core.scheduler import SchedulerOutput
+
+class Staging:
+    """A step's int arrays go to the device in one copy: packed into one host buffer (pinned on
+    CUDA), an int64 section then an int32 one, copied, then sliced on the device. Two host buffers
+    used in turn, so the CPU fills one while the device may still be copying the other (async
+    scheduling); on CPU the host buffer is the device buffer."""
+
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self.device, self.pinned = device, device.type == "cuda"
+        self._allocate(nbytes)
+
+    def _allocate(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
+        self.host_np = [h.numpy() for h in self.host]
+        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if self.pinned else None
+        # Device views by layout: steady decoding repeats a few layouts, and slicing costs a dispatch each.
+        self.views: dict[tuple, list[torch.Tensor | None]] = {}
+
+    def pack(self, int64s: list[np.ndarray], int32s: list[np.ndarray], turn: int) -> list[torch.Tensor | None]:
+        """Device tensors of the arrays, in order (int64s then int32s); None for an empty one. Each
+        starts on a 16-byte boundary, as Triton kernels like their pointers."""
+        n64, n32 = sum(-(-a.size // 2) * 2 for a in int64s), sum(-(-a.size // 4) * 4 for a in int32s)
+        start32 = 8 * n64
+        total = start32 + 4 * n32
+        if total > self.nbytes:
+            # The old buffers stay safe: the caching allocators hold freed memory until pending copies end.
+            self._allocate(max(total, 2 * self.nbytes))
+        buf = self.host_np[turn]
+        h64, h32 = buf[:start32].view(np.int64), buf[start32:total].view(np.int32)
+        offsets, o = [], 0
+        for a in int64s:
+            h64[o : o + a.size] = a
+            offsets.append(o)
+            o += -(-a.size // 2) * 2
+        o = 0
+        for a in int32s:
+            h32[o : o + a.size] = a.reshape(-1)
+            offsets.append(o)
+            o += -(-a.size // 4) * 4
+        src = self.host[turn]
+        if self.dev is not None:
+            self.dev[:total].copy_(src[:total], non_blocking=True)
+            src, turn = self.dev, 0
+        key = (turn, *(a.shape for a in int64s), *(a.shape for a in int32s))
+        out = self.views.get(key)
+        if out is None:
+            if len(self.views) > 256:
+                self.views.clear()
+            d64, d32 = src[:start32].view(torch.int64), src[start32:total].view(torch.int32)
+            out = []
+            for a, o in zip(int64s + int32s, offsets):
+                t = None if a.size == 0 else (d64 if a.dtype == np.int64 else d32)[o : o + a.size]
+                out.append(t if t is None or a.ndim == 1 else t.view(a.shape))
+            self.views[key] = out
+        return out
+
+
+@dataclass
+class FlatBatch:
+    input_ids: np.ndarray  # int64; entries of tokens in flight are filled on the device
+    positions: np.ndarray  # int64
+    slot_mapping: np.ndarray  # int64
+    fill_dst: np.ndarray  # int64: flat indices whose input id is a token in flight ...
+    fill_src: np.ndarray  # int64: ... and its row in the previous step's sampled ids
+    logits_index: np.ndarray  # int64: the flat index of each sampled row's last token; empty when it is every token
+    query_start_loc: np.ndarray  # int32
+    seq_lens: np.ndarray  # int32
+    block_tables: np.ndarray  # int32
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    sample_rows: list[int]  # rows whose last token is sampled this step
+    any_prompt_logprobs: bool
+
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> FlatBatch:
+    scheduled = sched.scheduled
+    n = len(scheduled)
+    starts_l = [r.num_computed_tokens for r, _ in scheduled]
+    lens_l = [k for _, k in scheduled]
+    starts = np.array(starts_l, dtype=np.int64)
+    num_decodes = lens_l.count(1)  # the scheduler put them first
+    if num_decodes == n:  # decodes only, the common step: one token per row
+        query_lens, query_start_loc, num_tokens = None, np.arange(n + 1), n
+        seq_lens = starts + 1
+    else:
+        query_lens = np.array(lens_l, dtype=np.int64)
+        seq_lens = starts + query_lens
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    decode_ids: list[int] = []
+    fill_dst: list[int] = []  # flat indices whose input is a token in flight, and its row in `prev`
+    fill_src: list[int] = []
+    sample_rows: list[int] = []
+    for i in range(num_decodes):  # one token each: flat index == row
+        request = scheduled[i][0]
+        s, ids = starts_l[i], request.all_token_ids
+        if s < len(ids):
+            decode_ids.append(ids[s])
+            if s + 1 == len(ids) + request.num_pending:
+                sample_rows.append(i)
+        else:  # the token in flight (pending tokens are always last)
+            decode_ids.append(0)
+            fill_dst.append(i)
+            fill_src.append(request.pending_row)
+            sample_rows.append(i)
+    input_ids[:num_decodes] = decode_ids
+    q = num_decodes
+    for i in range(num_decodes, n):
+        request, k = scheduled[i]
+        s, ids = starts_l[i], request.all_token_ids
+        known = min(s + k, len(ids))
+        input_ids[q : q + known - s] = ids[s:known]
+        if known < s + k:
+            fill_dst.append(q + k - 1)
+            fill_src.append(request.pending_row)
+        if s + k == request.num_tokens:
+            sample_rows.append(i)
+        q += k
+    any_prompt_logprobs = any(r.prompt_logprobs is not None for r, _ in scheduled)
+
+    # Block tables: the rows of the cache manager's mirror, as wide as the longest context needs.
+    block_size, max_seq_len = kv_cache.block_size, int(seq_lens.max())
+    rows = [kv_cache.table_rows[r.request_id] for r, _ in scheduled]
+    table_array = kv_cache.table_array[rows, : -(-max_seq_len // block_size)]
+    # Positions and slots for every token, vectorised over the flat batch.
+    if query_lens is None:
+        row_of_token, positions = query_start_loc[:n], starts
+    else:
+        row_of_token = np.repeat(np.arange(n), query_lens)
+        positions = np.arange(num_tokens) - query_start_loc[row_of_token] + starts[row_of_token]
+    slot_mapping = table_array[row_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    if len(sample_rows) == n and num_tokens == n:
+        logits_index = _EMPTY
+    else:
+        logits_index = query_start_loc[1:][sample_rows] - 1
+    return FlatBatch(
+        input_ids, positions, slot_mapping,
+        np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
+        logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
+        1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
+    )
