@@ -210,9 +210,7 @@ class LLMEngine:
         for group in touched.values():
             if group.num_unfinished and group.output_kind is RequestOutputKind.FINAL_ONLY:
                 continue
-            output = self._make_output(group)
-            if output is not None:
-                outputs.append(output)
+            outputs.append(self._make_output(group))
             if group.finished:
                 del self.groups[group.request_id]
         return outputs
@@ -254,8 +252,7 @@ class LLMEngine:
             touched[key] = groups[key]
 
     def _append(self, request: Request, token: int, logprobs: Any, now: float) -> None:
-        request.output_token_ids.append(token)
-        request.all_token_ids.append(token)
+        request.append_token(token)
         self.generation_tokens += 1
         metrics = request.metrics
         if metrics.first_token_time is None:
@@ -294,10 +291,9 @@ class LLMEngine:
         self.groups[request.parent_id or request.request_id].num_unfinished -= 1
 
     # ---- outputs --------------------------------------------------------------------------
-    def _make_output(self, group: _Group) -> RequestOutput | None:
+    def _make_output(self, group: _Group) -> RequestOutput:
+        """The group's output now (`step` skips unfinished FINAL_ONLY groups)."""
         finished = group.finished
-        if group.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
-            return None
         delta = group.output_kind is RequestOutputKind.DELTA
         completions = []
         for child in group.children:
