@@ -1,6 +1,6 @@
 """GPU correctness: greedy outputs of a real model in float32 on CUDA equal transformers' on CUDA,
-CUDA-graph outputs equal eager outputs (bf16 too), and async scheduling (the CUDA default) equals
-synchronous steps. Prints one JSON line per check.
+CUDA-graph outputs equal eager outputs (bf16 too), async scheduling (the CUDA default) equals
+synchronous steps, and prefix caching on equals off on prompts that share a prefix. Prints one JSON line per check.
 
     python benchmarks/gpu_identity.py [MODEL_DIR]     (default: the converted SmolLM2-135M-Instruct)
 """
@@ -41,9 +41,9 @@ def main() -> None:
     del hf
     torch.cuda.empty_cache()
 
-    def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True) -> list[list[int]]:
+    def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True, caching: bool = True) -> list[list[int]]:
         llm = LLM(path, dtype=dtype, skip_tokenizer_init=True, enforce_eager=enforce_eager, gpu_memory_utilization=0.5,
-                  max_num_seqs=64, max_model_len=1024, async_scheduling=async_scheduling)
+                  max_num_seqs=64, max_model_len=1024, async_scheduling=async_scheduling, enable_prefix_caching=caching)
         params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -52,7 +52,9 @@ def main() -> None:
         assert engine.kv_cache.num_used_blocks == 0 and not engine.has_unfinished_requests()
         del llm
         torch.cuda.empty_cache()
-        print(json.dumps({"run": f"{dtype} eager={enforce_eager} async={async_scheduling}", "seconds": round(elapsed, 3)}), flush=True)
+        hits = engine.get_stats().prefix_cache_hits
+        print(json.dumps({"run": f"{dtype} eager={enforce_eager} async={async_scheduling} caching={caching}", "seconds": round(elapsed, 3),
+                          "prefix_cache_hits": hits}), flush=True)
         return [o.outputs[0].token_ids for o in outs]
 
     graphs = run("float32", enforce_eager=False)
@@ -67,6 +69,12 @@ def main() -> None:
     print(json.dumps({"check": "float32 seeded sampling async == sync", "identical": f"{sum(a == b for a, b in zip(*seeded))}/{len(prompts)}"}))
     bf_graphs, bf_eager = run("bfloat16", False), run("bfloat16", True)
     print(json.dumps({"check": "bfloat16 graphs == eager", "identical": f"{sum(g == e for g, e in zip(bf_graphs, bf_eager))}/{len(prompts)}"}))
+    # Prefix caching: one 200-token system prompt before every prompt; all but the first request hit its blocks.
+    system = [rng.randrange(3, vocab) for _ in range(200)]
+    prompts[:] = [system + p[:64] for p in prompts]
+    for dtype in ("float32", "bfloat16"):
+        cached, plain = run(dtype, False, caching=True), run(dtype, False, caching=False)
+        print(json.dumps({"check": f"{dtype} prefix caching on == off (shared prefix)", "identical": f"{sum(a == b for a, b in zip(cached, plain))}/{len(prompts)}"}))
 
 
 def run_seeded(path: str, prompts: list[list[int]], max_tokens: list[int], async_scheduling: bool) -> list[list[int]]:

@@ -25,6 +25,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: from gpu_memory_utilization (CUDA) or 4 GiB (CPU)
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True  # share full KV blocks between requests with the same leading tokens
     # Scheduler
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default 8192 on CUDA, 2048 on CPU (at least max_model_len without chunked prefill)

@@ -53,6 +53,8 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         self.preemptions = counter("num_preemptions", "Cumulative number of preemptions from the engine.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
         self.success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
                                labels + ["finished_reason"], registry=r)
         for reason in ("stop", "length", "abort"):  # exported at 0 from the start, so rates work
@@ -71,6 +73,7 @@ class ServerMetrics:
         self._last_token: dict[tuple[str, int], float] = {}
         self._num_tokens: dict[tuple[str, int], int] = {}
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # queries, hits
 
     def record_step(self, stats: EngineStats, outputs: list[RequestOutput], now: float) -> None:
         """Engine-thread hook: one step's stats and DELTA outputs."""
@@ -80,6 +83,11 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        queries, hits = self._prefix_seen
+        if stats.prefix_cache_queries > queries:
+            self.prefix_queries.inc(stats.prefix_cache_queries - queries)
+            self.prefix_hits.inc(stats.prefix_cache_hits - hits)
+            self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
         for output in outputs:
             self._record_output(output, now)
 

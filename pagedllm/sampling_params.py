@@ -108,3 +108,28 @@ class SamplingParams:
 
         return copy.deepcopy(self)
 
+
+@dataclass
+class BeamSearchParams:
+    """Parameters of `LLM.beam_search` (vLLM's names). The search is transformers' `generate(num_beams=beam_width,
+    do_sample=False, length_penalty=...)`: finished hypotheses rank by cum_logprob / num_tokens ** length_penalty."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0  # accepted as vLLM does; beams rank by logprobs of the raw logits, so it has no effect
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False  # keep the EOS token's text in `text`
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}.")
+
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            fail("beam_width", "must be an integer >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            fail("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
+            fail("temperature", "must be a non-negative number")
+        if not isinstance(self.length_penalty, (int, float)) or not math.isfinite(self.length_penalty):
+            fail("length_penalty", "must be a finite number")

@@ -28,3 +28,4 @@ def assert_clean(engine: LLMEngine) -> None:
     assert engine.kv_cache.num_used_blocks == 0
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
     assert not engine.kv_cache.block_tables
+    engine.kv_cache.pool.check()

@@ -148,6 +148,23 @@ def test_chat(server: ServerProcess) -> None:
     assert "Paris" in cont.choices[0].message.content
 
 
+def test_completion_beam_search(server: ServerProcess, smollm2: str) -> None:
+    from pagedllm import LLM
+    from pagedllm.sampling_params import BeamSearchParams
+
+    client = server.client()
+    prompt, beam_search = "The capital of France is", {"use_beam_search": True}
+    beams = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8, n=2, extra_body=beam_search)
+    llm = LLM(smollm2, max_model_len=256, kv_cache_memory=64 << 20)
+    expected = llm.beam_search(prompt, BeamSearchParams(beam_width=2, max_tokens=8))[0].sequences
+    assert [(c.index, c.text, c.finish_reason) for c in beams.choices] == [(i, s.text, s.finish_reason) for i, s in enumerate(expected)]
+    assert beams.usage.completion_tokens == sum(len(s.logprobs) for s in expected)
+    assert beams.usage.prompt_tokens == len(expected[0].tokens) - len(expected[0].logprobs)
+    with pytest.raises(APIStatusError) as error:
+        client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8, n=2, stream=True, extra_body=beam_search)
+    assert error.value.status_code == 400 and "use_beam_search" in error.value.message
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 OK_CHAT = [{"role": "user", "content": "hi"}]
@@ -281,6 +298,25 @@ def test_metrics_counters_match_requests(server: ServerProcess) -> None:
         assert delta(f"pagedllm:{histogram}_count") == 4, histogram
     assert delta("pagedllm:inter_token_latency_seconds_count") == 3 * 3 + 1
     assert "pagedllm:num_preemptions_total" in after
+
+
+def test_prefix_cache_metrics_salt_and_reset(server: ServerProcess) -> None:
+    client = server.client()
+    prompt = "Tell me a story about a dragon who guards a library of ancient books. " * 6  # several full blocks
+
+    def hits_after(**extra: Any) -> float:
+        before = wait_idle(server)
+        answer = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2, **GREEDY, **extra)
+        after = wait_idle(server)
+        assert after["pagedllm:prefix_cache_queries_total"] - before["pagedllm:prefix_cache_queries_total"] == answer.usage.prompt_tokens
+        return after["pagedllm:prefix_cache_hits_total"] - before["pagedllm:prefix_cache_hits_total"]
+
+    hits_after()
+    assert hits_after() >= 64
+    salted = {"extra_body": {"cache_salt": "tenant-a"}}
+    assert hits_after(**salted) == 0 and hits_after(**salted) >= 64
+    assert httpx.post(server.url("/reset_prefix_cache")).status_code == 200
+    assert hits_after() == 0
 
 
 # ---- shutdown and API key (their own short-lived server) --------------------------------------------
@@ -442,5 +478,26 @@ def test_over_capacity_gets_503(tiny_app: Any) -> None:
         assert codes == [200, 200, 200, 503]
         assert next(r for r in results if r.status_code == 503).json()["error"]["code"] == "overloaded"
         assert engine.num_samples_in_flight == 0
+
+    run_in_app(tiny_app, scenario)
+
+
+def test_beam_search_in_app(tiny_app: Any, tiny_models: dict[str, str]) -> None:
+    """AsyncLLM.beam_search gives LLM.beam_search's beams, the endpoint its n choices, and the engine ends clean."""
+    from pagedllm import LLM
+    from pagedllm.sampling_params import BeamSearchParams
+    from tests.conftest import assert_clean
+
+    prompt, params = {"prompt_token_ids": [5, 6, 7]}, BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
+    expected = LLM(tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20).beam_search(prompt, params)
+
+    async def scenario(http: httpx.AsyncClient, engine: Any) -> None:
+        [output] = await engine.beam_search([prompt], params, "beams")
+        assert [(s.tokens, s.finish_reason) for s in output.sequences] == [(s.tokens, s.finish_reason) for s in expected[0].sequences]
+        body = {"prompt": [5, 6, 7], "n": 3, "max_tokens": 6, "ignore_eos": True, "use_beam_search": True}
+        response = (await http.post(COMPLETIONS, json=body)).json()
+        assert [c["index"] for c in response["choices"]] == [0, 1, 2] and response["usage"]["completion_tokens"] == 18
+        assert not engine._streams and engine.num_samples_in_flight == 0
+        assert_clean(engine.engine)
 
     run_in_app(tiny_app, scenario)

@@ -37,9 +37,6 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     name: str
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Stores key/value [num_tokens, num_kv_heads, head_dim] at their slots."""
-
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:

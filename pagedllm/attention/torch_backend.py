@@ -13,16 +13,19 @@ import torch.nn.functional as F
 from pagedllm.attention.backend import AttentionMetadata
 
 
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Stores key/value [T, Hkv, D] at their slots of kv_cache [2, num_blocks, block_size, Hkv, D]; slot -1
+    (padding) stores nothing. The CPU path (on CUDA the attention layer writes through a fused kernel)."""
+    flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])  # [2, num_slots, Hkv, D]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
 class TorchAttentionBackend:
     name = "torch"
-
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])  # [2, num_slots, Hkv, D]
-        valid = slot_mapping >= 0
-        if not bool(valid.all()):
-            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-        flat[0].index_copy_(0, slot_mapping, key)
-        flat[1].index_copy_(0, slot_mapping, value)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(query)

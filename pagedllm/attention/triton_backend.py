@@ -16,7 +16,6 @@ import functools
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
-from pagedllm.kernels.kv_write import write_kv
 from pagedllm.kernels.paged_attention import split_kv_decode, split_kv_partition, unified_attention
 
 SPLIT_KV_MIN_SEQ_LEN = 1024
@@ -41,9 +40,6 @@ def use_split_kv(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bo
 
 class TritonAttentionBackend:
     name = "triton"
-
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        write_kv(key, value, kv_cache, slot_mapping)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if query.stride(-1) != 1:

@@ -117,7 +117,7 @@ def write_json(path: str, args: argparse.Namespace, payload: dict[str, Any]) -> 
 def finish(benchmark: str, args: argparse.Namespace, setup: BenchSetup, results: dict[str, dict[str, Any]], ratio_note: str = "") -> dict[str, Any]:
     """The run's payload: figures per backend, the ours/hf ratio when both ran, written to --output-json."""
     payload: dict[str, Any] = {"benchmark": benchmark, "workload": args.workload, "environment": setup.environment, "results": results}
-    if len(results) == 2:
+    if "hf" in results and "pagedllm" in results:
         ratio = results["pagedllm"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
         payload["ratio_pagedllm_over_hf"] = ratio
         print(f"pagedllm / hf: {ratio:.2f}x output tokens/s{ratio_note}")

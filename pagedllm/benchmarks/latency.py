@@ -58,6 +58,7 @@ def _time_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], args: ar
     params = [SamplingParams(temperature=args.temperature, top_p=1.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
 
     def run() -> None:
+        llm.reset_prefix_cache()  # every iteration prefills its prompt, as the first one did
         outputs = llm.generate(prompts, params, use_tqdm=False)
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
         if generated != sum(r.output_len for r in requests):

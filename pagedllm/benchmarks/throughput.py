@@ -21,6 +21,8 @@ _HF_BATCH_SIZE = 256  # the issues' baseline: transformers in static batches of 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=None, help="number of requests (default 64)")
     parser.add_argument("--prefix-len", type=int, default=None, help="random tokens shared by every prompt, before its own --input-len (default 0)")
+    parser.add_argument("--compare-prefix-caching", action="store_true",
+                        help="also run pagedllm with prefix caching flipped (off if on), in this process, and report the speed-up")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch size of the hf backend (default: 256, the largest that fits an 8B model on an 80 GB GPU)")
 
 
@@ -32,28 +34,41 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     if args.backend in ("pagedllm", "both"):
         results["pagedllm"] = _report("pagedllm", *run_pagedllm(setup, requests, args.temperature), requests)
+        if args.compare_prefix_caching:
+            caching = not setup.config.enable_prefix_caching
+            name = "pagedllm-" + ("" if caching else "no-") + "prefix-caching"
+            results[name] = _report(name, *run_pagedllm(setup, requests, args.temperature, enable_prefix_caching=caching), requests)
+            on, off = (results[name], results["pagedllm"]) if caching else (results["pagedllm"], results[name])
+            speedup = on["requests_per_s"] / off["requests_per_s"]
+            results["prefix_caching_speedup"] = {"on_over_off_requests_per_s": speedup}
+            print(f"prefix caching on / off: {speedup:.3f}x requests/s (hit rate {on['prefix_cache_hit_rate']:.1%})")
     if args.backend in ("hf", "both"):
         elapsed = run_hf(setup, requests, args.temperature, args.hf_batch_size or min(_HF_BATCH_SIZE, len(requests)))
-        results["hf"] = _report("hf", elapsed, sum(r.output_len for r in requests), requests)
+        results["hf"] = _report("hf", elapsed, sum(r.output_len for r in requests), 0.0, requests)
     return finish("throughput", args, setup, results)
 
 
-def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float) -> tuple[float, int]:
-    """Returns (elapsed seconds, output tokens generated)."""
+def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, **overrides: Any) -> tuple[float, int, float]:
+    """Returns (elapsed seconds, output tokens generated, prefix-cache hit rate in prompt tokens)."""
     from pagedllm import LLM, SamplingParams
 
     def params(output_len: int) -> SamplingParams:
         return SamplingParams(temperature=temperature, top_p=1.0, max_tokens=output_len, ignore_eos=True)
 
-    llm = LLM(**setup.llm_kwargs)
+    llm = LLM(**(setup.llm_kwargs | overrides))
     warmup = requests[:_WARMUP_PROMPTS]
     llm.generate([_prompt(r) for r in warmup], [params(min(r.output_len, _WARMUP_TOKENS)) for r in warmup], use_tqdm=False)
+    llm.reset_prefix_cache()  # the timed run starts cold: its hits are its own
+    before = llm.llm_engine.get_stats()
     start = time.perf_counter()  # generate returns host-side token ids, so the device is done when it returns
     outputs = llm.generate([_prompt(r) for r in requests], [params(r.output_len) for r in requests], use_tqdm=False)
     elapsed = time.perf_counter() - start
+    after = llm.llm_engine.get_stats()
     del llm
     release_memory(setup.config.device)
-    return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
+    queries = after.prefix_cache_queries - before.prefix_cache_queries
+    hit_rate = (after.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs), hit_rate
 
 
 def run_hf(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, batch_size: int) -> float:
@@ -77,7 +92,7 @@ def _prompt(request: BenchRequest) -> dict[str, list[int]]:
     return {"prompt_token_ids": request.prompt_token_ids}
 
 
-def _report(backend: str, elapsed: float, output_tokens: int, requests: Sequence[BenchRequest]) -> dict[str, Any]:
+def _report(backend: str, elapsed: float, output_tokens: int, hit_rate: float, requests: Sequence[BenchRequest]) -> dict[str, Any]:
     expected = sum(r.output_len for r in requests)
     if output_tokens != expected:  # ignore_eos: anything else means requests ended early, and the figures would lie
         raise RuntimeError(f"{backend} generated {output_tokens} tokens, expected {expected}.")
@@ -90,10 +105,12 @@ def _report(backend: str, elapsed: float, output_tokens: int, requests: Sequence
         "requests_per_s": len(requests) / elapsed,
         "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
         "output_tokens_per_s": output_tokens / elapsed,
+        "prefix_cache_hit_rate": hit_rate,
     }
     print(
         f"[{backend:>8}] {len(requests)} requests in {elapsed:.2f} s: {figures['requests_per_s']:.2f} requests/s, "
         f"{figures['total_tokens_per_s']:.1f} total tokens/s, {figures['output_tokens_per_s']:.1f} output tokens/s"
+        + (f", prefix-cache hit rate {hit_rate:.1%}" if hit_rate else "")
     )
     return figures
 

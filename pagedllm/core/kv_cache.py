@@ -1,8 +1,19 @@
-"""KV-cache block accounting: one pool of fixed-size blocks shared by every request.
+"""KV-cache bookkeeping: which physical blocks each request reads and writes, and prefix caching.
 
-Only the bookkeeping lives here (which physical blocks each request owns); the tensors are
-allocated by the model runner as [2, num_blocks, block_size, num_kv_heads, head_dim] per layer.
-A request's block table grows one block at a time as its tokens are scheduled.
+Only the bookkeeping lives here; the tensors are allocated by the model runner as
+[2, num_blocks, block_size, num_kv_heads, head_dim] per layer. A request's block table grows
+one block at a time as its tokens are scheduled.
+
+Prefix caching: every full block of a request gets a hash chained from its parent block's hash
+and its token ids (the first block's parent is the request's cache salt, if any), and is
+registered in the pool under that hash as soon as the step that computes it is scheduled. A new
+request walks its tokens block by block and takes every block it finds, so only the rest is
+prefilled. Only full blocks are shared, and a hit never covers a request's last token (it must
+run to be sampled), so a request writes only into blocks it alone holds.
+
+A block registered while the step that writes it is still to run is safe to share: a reader in a
+later step runs after it on the same stream, and a reader in the same step reads it after the
+layer's K/V write, which comes before attention in every layer.
 
 The tables are also mirrored, one row per request that holds blocks, in a numpy array that grows
 with them (`table_array`, zero past each table's end): the runner gathers a step's block tables
@@ -11,29 +22,39 @@ from it in one indexing op, whatever the context lengths.
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
 
 import numpy as np
 
+from pagedllm.core.block_pool import BlockHash, BlockPool
+from pagedllm.engine.request import Request
+
+
+def hash_block(parent: BlockHash, token_ids: list[int]) -> BlockHash:
+    # 128 bits: accidental collisions are out of reach; the salt keeps tenants from probing each other.
+    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
+
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 16) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"The KV cache must hold at least one block, got {num_blocks}.")
+    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 16, enable_prefix_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}
+        self.num_hashed: dict[str, int] = {}  # request -> how many leading blocks of its table are registered
         self.table_rows: dict[str, int] = {}  # request -> its row of table_array
         self.table_array = np.zeros((16, max(1, max_blocks_per_seq)), dtype=np.int32)
         self._free_rows = list(range(15, -1, -1))
+        self.prefix_queries = self.prefix_hits = 0  # tokens looked up / found, over all admissions
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return self.pool.num_free
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
+        return self.num_blocks - self.pool.num_free
 
     @property
     def usage(self) -> float:
@@ -42,19 +63,73 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
-        """Grows the request's table to cover `num_tokens` tokens in all; False (and no change) if the pool is short."""
+    # ---- prefix caching -------------------------------------------------------------------
+    def find_cached_blocks(self, request: Request) -> list[int]:
+        """The cached blocks that hold the longest run of the request's leading full blocks."""
+        if not self.enable_prefix_caching or request.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
+        limit = (len(request.all_token_ids) - 1) // self.block_size
+        blocks: list[int] = []
+        for block_hash in self._hashes(request, limit):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_hit_tokens
+
+    def cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Registers the request's blocks that are full once its first `num_tokens` tokens are
+        computed (those whose token ids are all known)."""
+        if not self.enable_prefix_caching:
+            return
+        request_id = request.request_id
+        done = self.num_hashed.get(request_id, 0)
+        full = min(num_tokens, len(request.all_token_ids)) // self.block_size
+        if full <= done:
+            return
+        table = self.block_tables[request_id]
+        for i, block_hash in enumerate(self._hashes(request, full)[done:full], done):
+            self.pool.cache(table[i], block_hash)
+        self.num_hashed[request_id] = full
+
+    def _hashes(self, request: Request, count: int) -> list[BlockHash]:
+        """The chained hashes of the request's first `count` full blocks, extended as needed."""
+        hashes, size, ids = request.block_hashes, self.block_size, request.all_token_ids
+        count = min(count, len(ids) // size)
+        while len(hashes) < count:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else (request.cache_salt or "").encode()
+            hashes.append(hash_block(parent, ids[i * size : (i + 1) * size]))
+        return hashes
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset()
+
+    # ---- tables ---------------------------------------------------------------------------
+    def allocate_slots(self, request_id: str, num_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Grows the request's table to cover `num_tokens` tokens in all, starting (for a request
+        with no blocks yet) with `cached_blocks`; False, and no change, if the pool is short."""
         table = self.block_tables.get(request_id)
         have = 0 if table is None else len(table)
-        needed = self.blocks_for(num_tokens) - have
-        if needed <= 0:
+        cached = cached_blocks or []
+        needed = self.blocks_for(num_tokens) - have - len(cached)
+        if needed <= 0 and not cached:
             return True
-        if needed > len(self.free_blocks):
+        # A hit on a block nobody holds takes it out of the free queue too.
+        revived = sum(1 for b in cached if self.pool.ref_counts[b] == 0)
+        if max(needed, 0) + revived > self.pool.num_free:
             return False
         if table is None:
             table = self.block_tables[request_id] = []
             self.table_rows[request_id] = self._take_row()
-        new = [self.free_blocks.popleft() for _ in range(needed)]
+            self.num_hashed[request_id] = len(cached)
+        self.pool.touch(cached)
+        new = cached + self.pool.take(max(needed, 0))
         table.extend(new)
         if len(table) > self.table_array.shape[1]:
             self._grow(cols=max(len(table), 2 * self.table_array.shape[1]))
@@ -65,11 +140,12 @@ class KVCacheManager:
         table = self.block_tables.pop(request_id, None)
         if table is None:
             return
+        del self.num_hashed[request_id]
         row = self.table_rows.pop(request_id)
         self.table_array[row, : len(table)] = 0
         self._free_rows.append(row)
-        # Tail blocks first, so that (with prefix caching) a prompt's shared head outlives its tail.
-        self.free_blocks.extend(reversed(table))
+        # Tail blocks first: a shared prompt head is more likely to be asked for again than a tail.
+        self.pool.release(reversed(table))
 
     def get_block_table(self, request_id: str) -> list[int]:
         return self.block_tables.get(request_id, [])

@@ -2,7 +2,8 @@
 
 Every step: first the running requests, oldest first (a decode costs one token, an unfinished
 prompt costs its next chunk), then waiting requests in arrival order while the budget,
-`max_num_seqs` and the KV pool allow. When the pool runs dry, the most recently admitted running
+`max_num_seqs` and the KV pool allow; a waiting request starts past the blocks the prefix cache
+already holds for it. When the pool runs dry, the most recently admitted running
 request is preempted: its blocks are freed and it goes back to the head of the queue, to be
 recomputed (prompt + what it generated so far) when there is room again.
 
@@ -55,6 +56,7 @@ class Scheduler:
         decodes: list[tuple[Request, int]] = []  # one-token steps go first in the batch
         chunks: list[tuple[Request, int]] = []
         running, tables, block_size = self.running, self.kv_cache.block_tables, self.kv_cache.block_size
+        hashed = self.kv_cache.num_hashed if self.kv_cache.enable_prefix_caching else None
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
@@ -67,6 +69,8 @@ class Scheduler:
             table = tables.get(request.request_id)
             fits = table is not None and len(table) * block_size >= computed + num_new  # most steps need no new block
             if fits or self._allocate_or_preempt(request, num_new, out):
+                if hashed is not None and (computed + num_new) // block_size > hashed[request.request_id]:
+                    self.kv_cache.cache_full_blocks(request, computed + num_new)  # a block is full (if its ids are known)
                 (decodes if num_new == 1 else chunks).append((request, num_new))
                 budget -= num_new
                 i += 1
@@ -75,14 +79,21 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_pending:  # preempted with a token in flight: wait until it lands
                 break
-            num_new = request.num_tokens - request.num_computed_tokens
+            cached = self.kv_cache.find_cached_blocks(request)  # it holds no blocks: computed == 0
+            num_cached = len(cached) * block_size
+            num_new = request.num_tokens - num_cached
             if num_new > budget and not self.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+            if not self.kv_cache.allocate_slots(request.request_id, num_cached + num_new, cached):
                 break
+            self.kv_cache.record_lookup(request.num_tokens, num_cached)
+            self.kv_cache.cache_full_blocks(request, num_cached + num_new)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_cached
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
             self.running.append(request)

@@ -20,11 +20,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 from pagedllm.engine.llm_engine import EngineStats, LLMEngine, PromptType
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.beam_search import BeamSearch, BeamSearchOutput
+from pagedllm.outputs import LogprobsDict, RequestOutput
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,14 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclass
+class _Call:
+    """Runs `fn(engine)` on the engine thread, between steps."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future[Any] = field(repr=False)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_queued_samples: int | None = None, on_step: StepHook | None = None) -> None:
         self.engine = engine
@@ -98,7 +107,7 @@ class AsyncLLM:
         self.error: BaseException | None = None
         # Engine-thread side, guarded by _cond.
         self._cond = threading.Condition()
-        self._inbox: list[_Add | _Abort] = []
+        self._inbox: list[_Add | _Abort | _Call] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Event-loop side.
@@ -183,6 +192,35 @@ class AsyncLLM:
         finally:
             self.abort(stream.unfinished)
 
+    async def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams, request_id: str) -> list[BeamSearchOutput]:
+        """`LLM.beam_search` on this engine: each step's beams run as one batch of requests `{request_id}-{step}-{i}`."""
+        search = BeamSearch.for_engine(self.engine, prompts, params)  # reads only what never changes after start
+        while not search.done:
+            batch_id = f"{request_id}-{search.num_steps}"
+            search.advance(await self._next_logprobs(batch_id, search.step_prompts(), search.step_params))
+        return search.outputs(self.tokenizer)
+
+    async def _next_logprobs(self, batch_id: str, prompts: list[PromptType], params: SamplingParams) -> list[LogprobsDict]:
+        """Runs one-token requests together; returns each one's logprobs, in order. All or nothing."""
+        stream = RequestStream()
+        ids = [f"{batch_id}-{i}" for i in range(len(prompts))]
+        logprobs: dict[str, LogprobsDict] = {}
+        try:
+            adds = (self.add_request(rid, prompt, params, stream=stream) for rid, prompt in zip(ids, prompts))
+            added = await asyncio.gather(*adds, return_exceptions=True)
+            errors = [result for result in added if isinstance(result, BaseException)]
+            if errors:
+                raise errors[0]
+            async for output in stream:
+                if output.outputs and output.outputs[0].logprobs:
+                    logprobs[output.request_id] = output.outputs[0].logprobs[0]
+        finally:
+            self.abort(stream.unfinished)
+        missing = [rid for rid in ids if rid not in logprobs]
+        if missing:
+            raise RuntimeError(f"beam search request {missing[0]} was aborted")
+        return [logprobs[rid] for rid in ids]
+
     def abort(self, request_ids: str | Iterable[str]) -> None:
         """Stops requests; each one's stream then gets a final output with finish_reason 'abort'."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -192,7 +230,16 @@ class AsyncLLM:
     def abort_all(self) -> None:
         self.abort(list(self._streams))
 
-    def _send(self, command: _Add | _Abort) -> None:
+    async def reset_prefix_cache(self) -> bool:
+        return await self._call_engine(LLMEngine.reset_prefix_cache)
+
+    async def _call_engine(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._send(_Call(fn, future))
+        return await future
+
+    def _send(self, command: _Add | _Abort | _Call) -> None:
         with self._cond:
             if self.error is not None or self._stopping:
                 raise EngineDeadError("the engine loop is not running")
@@ -205,12 +252,7 @@ class AsyncLLM:
         if error is not None:
             self._forget(command.request_id)
             self._streams.pop(command.request_id, None)
-        if command.future.done():  # the caller was cancelled meanwhile
-            return
-        if error is None:
-            command.future.set_result(None)
-        else:
-            command.future.set_exception(error)
+        _settle(command.future, None, error)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -270,9 +312,17 @@ class AsyncLLM:
                 self.error = exc
             self._call(self._fail_all, EngineDeadError(f"the engine loop died: {exc!r}"))
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _Call) -> None:
         if isinstance(command, _Abort):
             self.engine.abort_request(command.request_ids)
+            return
+        if isinstance(command, _Call):
+            try:
+                result = command.fn(self.engine)
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
+                self._call(_settle, command.future, None, exc)
+            else:
+                self._call(_settle, command.future, result, None)
             return
         error: BaseException | None = None
         try:
@@ -288,3 +338,12 @@ class AsyncLLM:
             self.on_step(self.stats, outputs, now)
         except Exception:  # noqa: BLE001 - metrics must never take the engine down
             logger.exception("on_step hook failed")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)

@@ -34,7 +34,8 @@ from pagedllm.worker.step_output import StepHandle
 
 logger = get_logger(__name__)
 
-# A prompt: text, or {"prompt_token_ids": [...]} (optionally with "prompt" text beside it).
+# A prompt: text, or {"prompt_token_ids": [...]} (optionally with "prompt" text beside it), or
+# {"prompt": text}; a dict may carry a "cache_salt": only requests with the same salt share cached blocks.
 PromptType = str | dict[str, Any]
 
 
@@ -47,6 +48,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    prefix_cache_queries: int  # tokens looked up in the prefix cache
+    prefix_cache_hits: int  # tokens found there
 
 
 @dataclass(eq=False)
@@ -77,7 +80,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.runner = ModelRunner(config)
         self.vocab_size = self.runner.vocab_size
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq, config.enable_prefix_caching)
         assert config.max_model_len is not None
         logger.info(
             "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens (%.2f GiB), max concurrency at "
@@ -108,6 +111,9 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         text, token_ids = self._tokenize(prompt)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and not isinstance(salt, str):
+            raise ValueError("cache_salt must be a string.")
         max_tokens = self._validate(token_ids, params)
         children = []
         for i in range(params.n):
@@ -117,7 +123,7 @@ class LLMEngine:
                 child_params.seed = params.seed + i
             child_params.all_stop_token_ids = set(params.stop_token_ids or []) | self.eos_token_ids
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
-            request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed), request_id, i)
+            request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed), request_id, i, cache_salt=salt)
             if arrival_time is not None:
                 request.metrics.arrival_time = arrival_time
             if self.tokenizer is not None:
@@ -314,6 +320,7 @@ class LLMEngine:
             prompt_logprobs=first.prompt_logprobs,
             outputs=completions,
             finished=finished,
+            num_cached_tokens=first.num_cached_tokens or 0,
             metrics=first.metrics,
         )
 
@@ -356,7 +363,14 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            prefix_cache_queries=self.kv_cache.prefix_queries,
+            prefix_cache_hits=self.kv_cache.prefix_hits,
         )
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block, so later requests compute their prompts from scratch."""
+        self.kv_cache.reset_prefix_cache()
+        return True
 
 
 def _load_tokenizer(config: EngineConfig) -> Any:

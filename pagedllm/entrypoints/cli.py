@@ -39,8 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(field.name))
             continue
         if field.type in ("bool", bool):
-            if field.default:  # on by default: offer the --no- form, as vLLM does
-                group.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help=_HELP.get(field.name))
+            if field.default:  # on by default: --x and --no-x, as vLLM does
+                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=True, help=_HELP.get(field.name))
             else:
                 group.add_argument(flag, dest=field.name, action="store_true", help=_HELP.get(field.name))
             continue

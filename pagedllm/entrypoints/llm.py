@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.beam_search import BeamSearch, BeamSearchOutput
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -44,6 +45,9 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm_engine.reset_prefix_cache()
 
     def generate(
         self,
@@ -93,6 +97,21 @@ class LLM:
                     bar.set_postfix_str(f"output {(engine.generation_tokens - start_tokens) / elapsed:.1f} tok/s", refresh=False)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def beam_search(
+        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams, use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt, as transformers' `generate(num_beams=params.beam_width)`; outputs come
+        back in the order of the prompts. Every step runs all running beams as one batch of requests."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        search = BeamSearch.for_engine(self.llm_engine, list(prompts), params)
+        with tqdm(total=params.max_tokens, desc="Beam search", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            while not search.done:
+                outputs = self.generate(search.step_prompts(), search.step_params, use_tqdm=False)
+                search.advance([output.outputs[0].logprobs[0] for output in outputs])  # type: ignore[index]
+                bar.update(1)
+        return search.outputs(self.get_tokenizer())
 
     def chat(
         self,

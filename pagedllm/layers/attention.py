@@ -1,7 +1,9 @@
 """The attention layer models use; the backend and this step's metadata come from the forward context.
 
 The model runner sets the context around each forward, so model code never sees block tables,
-slot mappings or which backend runs (torch on CPU, Triton on CUDA).
+slot mappings or which backend runs (torch on CPU, Triton on CUDA). The layer takes the fused QKV
+projection's output and does everything up to attention itself: the optional per-head q/k norms,
+rotary embedding and the K/V write into the paged cache; on CUDA these are one fused kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.torch_backend import write_kv
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -36,14 +41,28 @@ def forward_context(backend: AttentionBackend, meta: AttentionMetadata) -> Itera
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.rotary = rotary  # one cos/sin table shared by every layer
         self.kv_cache = torch.empty(0)  # bound by the model runner once the pool is allocated
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None = None,
+                k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """qkv [T, (H + 2 Hkv) * D] -> [T, H * D]; q_norm/k_norm: per-head RMSNorms (Qwen3)."""
         assert _context is not None, "Attention ran outside the model runner's forward_context."
         backend, meta = _context.backend, _context.meta
-        backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
-        return backend.forward(q, self.kv_cache, meta, self.scale)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if qkv.is_cuda:
+            from pagedllm.kernels.rope_kv_write import rope_kv_write
+
+            q = rope_kv_write(qkv, positions, self.rotary.cos_sin_cache, heads, kv_heads, dim, self.kv_cache, meta.slot_mapping,
+                              q_norm.weight if q_norm else None, k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0)
+        else:
+            q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+            if q_norm is not None and k_norm is not None:
+                q, k = q_norm(q), k_norm(k)
+            q, k = self.rotary(positions, q, k)
+            write_kv(k, v, self.kv_cache, meta.slot_mapping)
+        return backend.forward(q, self.kv_cache, meta, self.scale).flatten(1)

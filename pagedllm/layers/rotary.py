@@ -41,12 +41,7 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, H, D], k [T, Hkv, D]."""
-        if q.is_cuda:
-            from pagedllm.kernels.rotary import apply_rotary
-
-            apply_rotary(q, k, positions, self.cos_sin_cache)
-            return q, k
+        """q [T, H, D], k [T, Hkv, D] (the torch path; on CUDA the attention layer's fused kernel rotates)."""
         cos, sin = self.cos_sin_cache[positions].to(q.dtype)[:, None, :].chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -5,7 +5,7 @@ pytest.importorskip("triton")
 
 from pagedllm.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from pagedllm.kernels.norm import fused_add_rms_norm, rms_norm, rms_norm_ref  # noqa: E402
-from pagedllm.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from pagedllm.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -42,28 +42,40 @@ def test_fused_add_rms_norm(device, assert_close, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rot_dim", [128, 64] if ON_CUDA else [64, 32])
-def test_rotary_in_place(device, assert_close, dtype, rot_dim):
-    head_dim = 128 if ON_CUDA else 64
-    num_heads, num_kv_heads, max_pos = 7, 1, 4096
-    freqs = torch.arange(max_pos)[:, None].float() / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
-    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
-    # q and k as views into a fused qkv projection (token stride != heads * head_dim).
-    qkv = _rand(TOKENS, (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=dtype)
-    q = qkv[:, : num_heads * head_dim].view(TOKENS, num_heads, head_dim)
-    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(TOKENS, num_kv_heads, head_dim)
-    positions = torch.randint(0, max_pos, (TOKENS,), generator=torch.Generator().manual_seed(3)).to(device)
-    ref_q, ref_k = apply_rotary_ref(q, k, positions, cos_sin)
-    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
-    apply_rotary(q, k, positions, cos_sin)
-    assert_close(q, ref_q)
-    assert_close(k, ref_k)
-    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [11008, 1000] if ON_CUDA else [256, 100])
 def test_silu_and_mul(device, assert_close, dtype, inter):
     x = _rand(TOKENS, 2 * inter, device=device, dtype=dtype) * 3
     ref = silu_and_mul_ref(x.double())
     assert_close(silu_and_mul(x), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(8, 8), (32, 8), (7, 1)], ids=["gqa1", "gqa4", "gqa7"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "norm+rope"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_rope_kv_write(device, assert_close, dtype, heads, qk_norm, partial, block_size):
+    """q normed and rotated in place in the fused projection's output; k (normed, rotated) and v
+    land in the paged cache at scattered slots, slot -1 writes nothing, v in qkv is untouched."""
+    num_heads, num_kv_heads = heads
+    head_dim = 128 if ON_CUDA else 32
+    rot_dim = head_dim // 2 if partial else head_dim
+    num_blocks, max_pos = 9, 4096
+    freqs = torch.arange(max_pos)[:, None].float() / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
+    qkv = _rand(TOKENS, (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=dtype) * 2
+    positions = torch.randint(0, max_pos, (TOKENS,), generator=torch.Generator().manual_seed(3)).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(4))[:TOKENS]
+    slots[1] = -1  # padding: writes nothing
+    slots = slots.to(device)
+    q_w = _rand(head_dim, device=device, dtype=dtype, seed=5) if qk_norm else None
+    k_w = _rand(head_dim, device=device, dtype=dtype, seed=6) if qk_norm else None
+    cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, device=device, dtype=dtype)
+    ref_cache = cache.clone()
+    ref_q = rope_kv_write_ref(qkv.clone(), positions, cos_sin, num_heads, num_kv_heads, head_dim, ref_cache, slots, q_w, k_w)
+    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
+    q = rope_kv_write(qkv, positions, cos_sin, num_heads, num_kv_heads, head_dim, cache, slots, q_w, k_w)
+    assert q.data_ptr() == qkv.data_ptr()  # rotated in place
+    assert_close(q, ref_q, interp_bound=3e-2)
+    assert_close(cache, ref_cache, interp_bound=3e-2)
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)

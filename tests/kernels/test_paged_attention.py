@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from pagedllm.attention.backend import AttentionMetadata  # noqa: E402
+from pagedllm.attention.torch_backend import write_kv  # noqa: E402
 from pagedllm.attention.triton_backend import TritonAttentionBackend, use_split_kv  # noqa: E402
 from pagedllm.kernels.paged_attention import (  # noqa: E402
     paged_attention_ref,
@@ -156,14 +157,14 @@ def test_split_kv_heuristic():
     assert split_kv_partition(1024, 300, 132) == 1024  # one partition when the grid is already full
 
 
-def test_backend_writes_then_attends(device, assert_close):
-    """The backend path the model takes: write this step's K/V, then attend (mixed batch)."""
+def test_backend_attends_after_the_write(device, assert_close):
+    """The path the model takes: this step's K/V written into the cache, then attention (mixed batch)."""
     b = make_batch(REQS, 8, 2, 64, 16, BF16, device, seed=3)
     cache = b.kv_cache.clone()
     flat = cache.view(2, -1, *cache.shape[-2:])
     flat[:, b.meta.slot_mapping] = float("nan")  # this step's slots start unwritten
     backend = TritonAttentionBackend()
-    backend.write_kv(b.new_k, b.new_v, cache, b.meta.slot_mapping)
+    write_kv(b.new_k, b.new_v, cache, b.meta.slot_mapping)
     assert torch.equal(cache.nan_to_num(7.0), b.kv_cache.nan_to_num(7.0))
     assert_close(backend.forward(b.q, cache, b.meta, 0.125), reference(b, 0.125))
 

@@ -65,6 +65,24 @@ class HFOracle:
         return out[0, len(prompt_ids) :].tolist()
 
     @torch.inference_mode()
+    def beam_search(self, prompt_ids: list[int], width: int, max_new_tokens: int, length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
+        """generate(num_beams=width, do_sample=False): the `width` hypotheses, best first, as (generated ids, score),
+        EOS from the model's generation_config (None: never). Width 1 runs as greedy search, scored here alike:
+        sum of logprobs / len ** length_penalty."""
+        out = self.model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), num_beams=width,
+            do_sample=False, num_return_sequences=width, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+            pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+        )
+        generated = out.sequences[:, len(prompt_ids) :]
+        if width == 1:  # no padding; scores are the step logits
+            ids = generated[0].tolist()
+            logprob = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.scores, ids))
+            return [(ids, logprob / len(ids) ** length_penalty)]
+        lengths = (out.beam_indices >= 0).sum(dim=1).tolist()  # -1 marks the padding after a hypothesis ends
+        return [(generated[i, :n].tolist(), out.sequences_scores[i].item()) for i, n in enumerate(lengths)]
+
+    @torch.inference_mode()
     def logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """log_softmax over the vocabulary at every position of `token_ids`: [len, vocab]."""
         logits = self.model(torch.tensor([token_ids])).logits[0].float()

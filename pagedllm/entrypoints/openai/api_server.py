@@ -128,6 +128,11 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
             return Response(status_code=200)
         return APIError(f"the engine loop is not running ({engine.error!r})", 503, code="engine_dead").response()
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        await engine.reset_prefix_cache()
+        return Response(status_code=200)
+
     @app.get("/version")
     async def version() -> VersionResponse:
         return VersionResponse(version=pagedllm.__version__)

@@ -65,6 +65,7 @@ class SamplingRequest(OpenAIModel):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    cache_salt: str | None = Field(None, min_length=1)  # only requests with the same salt share prefix-cache blocks
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -79,6 +80,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)  # None: up to the context length
     logprobs: int | None = Field(None, ge=0, le=LOGPROBS_CAP)
     echo: bool = False
+    use_beam_search: bool = False  # vLLM's extension: the n best of n beams, as choices 0 (best) .. n-1
+    length_penalty: float = 1.0  # beam search: hypotheses rank by cum_logprob / num_tokens ** length_penalty
 
 
 class CompletionLogprobs(OpenAIModel):

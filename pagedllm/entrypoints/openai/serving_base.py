@@ -163,10 +163,11 @@ class OpenAIServing:
         except ValueError as error:
             raise value_error(error) from None
 
-    async def submit(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
-                     arrival_time: float, aliases: dict[str, str] | None = None) -> tuple[RequestStream, dict[str, int]]:
+    async def submit(self, request_id: str, prompts: list[PromptType], params: SamplingParams, arrival_time: float,
+                     aliases: dict[str, str] | None = None, cache_salt: str | None = None) -> tuple[RequestStream, dict[str, int]]:
         """Adds every prompt as its own engine request, all feeding one stream; all or nothing."""
         stream = RequestStream()
+        prompts = with_cache_salt(prompts, cache_salt)
         ids = {f"{request_id}-{i}": i for i in range(len(prompts))}
         adds = [self.engine.add_request(rid, prompt, params, arrival_time, stream) for rid, prompt in zip(ids, prompts)]
         results = await asyncio.gather(*adds, return_exceptions=True)
@@ -202,6 +203,12 @@ class OpenAIServing:
             yield SSE_DONE
         finally:
             self.engine.abort(stream.unfinished)
+
+
+def with_cache_salt(prompts: list[PromptType], cache_salt: str | None) -> list[PromptType]:
+    if cache_salt is None:
+        return prompts
+    return [{"prompt": p, "cache_salt": cache_salt} if isinstance(p, str) else {**p, "cache_salt": cache_salt} for p in prompts]
 
 
 # ---- logprobs ---------------------------------------------------------------------------------

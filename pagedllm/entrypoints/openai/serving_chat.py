@@ -93,7 +93,8 @@ class ChatServing(OpenAIServing):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens, logprobs)
         request_id = random_id("chatcmpl")
-        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, {"prompt": "messages", "max_tokens": max_field})
+        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, {"prompt": "messages", "max_tokens": max_field},
+                                      request.cache_salt)
         acc = _Accumulator(request, self.tokenizer)
         created = int(time.time())
         if request.stream:

@@ -2,6 +2,7 @@
 
 Streaming and non-streaming share one path: every engine output becomes delta choices; a stream sends
 them as they come, a plain response merges them. So streamed text always equals non-streamed text.
+Beam search (`use_beam_search`) takes its own, non-streaming path.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo, random_id,
 )
 from pagedllm.entrypoints.openai.serving_base import (
-    APIError, OpenAIServing, SSEResponse, clamp, json_response, token_text,
+    APIError, OpenAIServing, SSEResponse, clamp, engine_error, json_response, token_text, with_cache_salt,
 )
 from pagedllm.outputs import LogprobsDict, RequestOutput
+from pagedllm.sampling_params import BeamSearchParams
 
 
 @dataclass
@@ -101,10 +103,12 @@ class CompletionServing(OpenAIServing):
     async def create(self, request: CompletionRequest, arrival_time: float) -> Response:
         self.check_request(request)
         prompts = _prompts(request.prompt)
+        if request.use_beam_search:
+            return await self._beam_search(request, prompts)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = self.sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
         request_id = random_id("cmpl")
-        stream, ids = await self.submit(request_id, prompts, params, arrival_time)
+        stream, ids = await self.submit(request_id, prompts, params, arrival_time, cache_salt=request.cache_salt)
         acc = _Accumulator(request, ids, self.tokenizer)
         created = int(time.time())
         if request.stream:
@@ -118,6 +122,30 @@ class CompletionServing(OpenAIServing):
             self.engine.abort(stream.unfinished)  # only if something failed midway
         ordered = [choices[i] for i in sorted(choices)]
         return json_response(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage()))
+
+    async def _beam_search(self, request: CompletionRequest, prompts: list[PromptType]) -> Response:
+        """Each prompt's n best beams (of n) as its choices, best first; the sampling fields do not apply."""
+        for name in ("stream", "echo", "logprobs"):
+            if getattr(request, name) not in (False, None):
+                raise APIError(f"{name} is not supported with use_beam_search.", 400, param=name)
+        if request.max_tokens is None:
+            raise APIError("max_tokens is required with use_beam_search.", 400, param="max_tokens")
+        request_id = random_id("cmpl")
+        try:
+            params = BeamSearchParams(beam_width=request.n, max_tokens=request.max_tokens, ignore_eos=request.ignore_eos,
+                                      length_penalty=request.length_penalty,
+                                      include_stop_str_in_output=request.include_stop_str_in_output)
+            outputs = await self.engine.beam_search(with_cache_salt(prompts, request.cache_salt), params, request_id)
+        except Exception as error:  # noqa: BLE001 - fails this request only
+            raise engine_error(error) from None
+        choices = [
+            CompletionChoice(index=i * request.n + j, text=seq.text or "", finish_reason=seq.finish_reason)
+            for i, output in enumerate(outputs) for j, seq in enumerate(output.sequences)
+        ]
+        generated = sum(len(seq.logprobs) for output in outputs for seq in output.sequences)
+        prompt = sum(len(seq.tokens) - len(seq.logprobs) for output in outputs for seq in output.sequences[:1])
+        usage = UsageInfo(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+        return json_response(CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
 
     async def _collect(self, stream: RequestStream, acc: _Accumulator) -> dict[int, CompletionChoice]:
         choices: dict[int, CompletionChoice] = {}

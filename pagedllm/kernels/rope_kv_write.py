@@ -1,0 +1,140 @@
+"""Everything between the QKV projection and attention, in one kernel: the optional per-head
+RMSNorm of q and k (Qwen3), rotary embedding of q and k, and the write of k and v into the paged
+KV cache. Unfused that is four or five launches per layer; at decode batch sizes each is a few
+microseconds of mostly idle GPU.
+
+qkv is the projection's output [T, (H + 2 Hkv) * D]. q is rotated in place there (attention reads
+it as a view); k and v go only to the cache, at slot s (block s // block_size, offset
+s % block_size; slot -1 writes nothing). Rotary is NeoX / HF rotate-half over the first rot_dim
+dims of each head (cos_sin_cache [max_pos, rot_dim]: cos then sin); dims past rot_dim pass through.
+Numerics follow the unfused path: the norm rounds to the input dtype before and after its weight,
+the rotation runs in fp32 and rounds once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_rope(ptr, num_heads, cos, sin, w_ptr, eps, HAS_NORM: tl.constexpr, HEAD_D: tl.constexpr,
+               HALF: tl.constexpr, HALF_PAD: tl.constexpr, REST: tl.constexpr, REST_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Loads heads [BLOCK_H, D] at ptr (contiguous), returns (rotated first half, second half, rest) in fp32."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    j = tl.arange(0, HALF_PAD)[None, :]
+    r = tl.arange(0, REST_PAD)[None, :]
+    hm = h < num_heads
+    mj, mr = hm & (j < HALF), hm & (r < REST)
+    dtype = ptr.dtype.element_ty
+    x1 = tl.load(ptr + h * HEAD_D + j, mask=mj, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + h * HEAD_D + HALF + j, mask=mj, other=0.0).to(tl.float32)
+    x3 = tl.load(ptr + h * HEAD_D + 2 * HALF + r, mask=mr, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / HEAD_D + eps)[:, None]
+        w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + 2 * HALF + r, mask=r < REST, other=0.0).to(tl.float32)
+        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+        x3 = ((x3 * rstd).to(dtype).to(tl.float32) * w3).to(dtype).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin, x3
+
+
+@triton.jit
+def _rope_kv_write_kernel(
+    qkv_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, k_cache, v_cache, slot_ptr,
+    stride_t, stride_cs, stride_cb, stride_co, eps, num_heads, num_kv_heads,
+    HAS_NORM: tl.constexpr, HEAD_D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    REST: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+    r = tl.arange(0, REST_PAD)[None, :]
+    q_ptr = qkv_ptr + t * stride_t
+    dtype = q_ptr.dtype.element_ty
+
+    h = tl.arange(0, BLOCK_HQ)[:, None]
+    o1, o2, o3 = _norm_rope(q_ptr, num_heads, cos, sin, q_w_ptr, eps, HAS_NORM, HEAD_D, HALF, HALF_PAD, REST, REST_PAD, BLOCK_HQ)
+    mj, mr = (h < num_heads) & (j < HALF), (h < num_heads) & (r < REST)
+    tl.store(q_ptr + h * HEAD_D + j, o1.to(dtype), mask=mj)
+    tl.store(q_ptr + h * HEAD_D + HALF + j, o2.to(dtype), mask=mj)
+    tl.store(q_ptr + h * HEAD_D + 2 * HALF + r, o3.to(dtype), mask=mr)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        k_ptr = q_ptr + num_heads * HEAD_D
+        h = tl.arange(0, BLOCK_HK)[:, None]
+        o1, o2, o3 = _norm_rope(k_ptr, num_kv_heads, cos, sin, k_w_ptr, eps, HAS_NORM, HEAD_D, HALF, HALF_PAD, REST, REST_PAD, BLOCK_HK)
+        mj, mr = (h < num_kv_heads) & (j < HALF), (h < num_kv_heads) & (r < REST)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h * HEAD_D
+        cache_dtype = k_cache.dtype.element_ty
+        tl.store(k_cache + dst + j, o1.to(dtype).to(cache_dtype), mask=mj)
+        tl.store(k_cache + dst + HALF + j, o2.to(dtype).to(cache_dtype), mask=mj)
+        tl.store(k_cache + dst + 2 * HALF + r, o3.to(dtype).to(cache_dtype), mask=mr)
+        d = tl.arange(0, D_PAD)[None, :]
+        mv = (h < num_kv_heads) & (d < HEAD_D)
+        v = tl.load(k_ptr + num_kv_heads * HEAD_D + h * HEAD_D + d, mask=mv)
+        tl.store(v_cache + dst + d, v.to(cache_dtype), mask=mv)
+
+
+def rope_kv_write(
+    qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+) -> torch.Tensor:
+    """qkv [T, (H + 2 Hkv) * D] -> q [T, H, D] (a view of qkv, normed and rotated in place); k and v
+    (normed and rotated k) are written to kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping."""
+    num_tokens = qkv.shape[0]
+    rot_dim = cos_sin_cache.shape[-1]
+    assert qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
+    assert rot_dim <= head_dim and rot_dim % 2 == 0 and cos_sin_cache.stride(-1) == 1
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    assert k_cache.stride(2) == head_dim and k_cache.stride(3) == 1
+    has_norm = q_norm_weight is not None
+    assert has_norm == (k_norm_weight is not None)
+    if num_tokens:
+        half, rest = rot_dim // 2, head_dim - rot_dim
+        _rope_kv_write_kernel[(num_tokens,)](
+            qkv, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
+            k_cache, v_cache, slot_mapping,
+            qkv.stride(0), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), eps, num_heads, num_kv_heads,
+            HAS_NORM=has_norm, HEAD_D=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
+            REST=rest, REST_PAD=triton.next_power_of_2(max(rest, 1)), D_PAD=triton.next_power_of_2(head_dim),
+            BLOCK_SIZE=k_cache.shape[1], BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+            num_warps=4,
+        )
+    return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+
+
+def rope_kv_write_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+) -> torch.Tensor:
+    """Step by step in torch (norm in fp32 with the dtype roundings, rotation in fp32): returns q, fills kv_cache."""
+    from pagedllm.kernels.norm import rms_norm_ref
+
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k, v = q.reshape(-1, num_heads, head_dim), k.reshape(-1, num_kv_heads, head_dim), v.reshape(-1, num_kv_heads, head_dim)
+    if q_norm_weight is not None and k_norm_weight is not None:
+        q, k = rms_norm_ref(q, q_norm_weight, eps)[0], rms_norm_ref(k, k_norm_weight, eps)[0]
+    cos, sin = cos_sin_cache[positions.long()].float()[:, None, :].chunk(2, dim=-1)
+    half = cos.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).to(x.dtype)
+
+    q, k = rotate(q), rotate(k)
+    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    keep = slot_mapping >= 0
+    flat[0][slot_mapping[keep]] = k[keep].to(kv_cache.dtype)
+    flat[1][slot_mapping[keep]] = v[keep].to(kv_cache.dtype)
+    return q
