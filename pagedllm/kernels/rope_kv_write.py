@@ -68,18 +68,19 @@ def _rope_kv_write_kernel(
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
+        # New names in this branch: Triton wants a variable's shape fixed across an if.
         k_ptr = q_ptr + num_heads * HEAD_D
-        h = tl.arange(0, BLOCK_HK)[:, None]
-        o1, o2, o3 = _norm_rope(k_ptr, num_kv_heads, cos, sin, k_w_ptr, eps, HAS_NORM, HEAD_D, HALF, HALF_PAD, REST, REST_PAD, BLOCK_HK)
-        mj, mr = (h < num_kv_heads) & (j < HALF), (h < num_kv_heads) & (r < REST)
-        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h * HEAD_D
+        hk = tl.arange(0, BLOCK_HK)[:, None]
+        k1, k2, k3 = _norm_rope(k_ptr, num_kv_heads, cos, sin, k_w_ptr, eps, HAS_NORM, HEAD_D, HALF, HALF_PAD, REST, REST_PAD, BLOCK_HK)
+        mkj, mkr = (hk < num_kv_heads) & (j < HALF), (hk < num_kv_heads) & (r < REST)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + hk * HEAD_D
         cache_dtype = k_cache.dtype.element_ty
-        tl.store(k_cache + dst + j, o1.to(dtype).to(cache_dtype), mask=mj)
-        tl.store(k_cache + dst + HALF + j, o2.to(dtype).to(cache_dtype), mask=mj)
-        tl.store(k_cache + dst + 2 * HALF + r, o3.to(dtype).to(cache_dtype), mask=mr)
+        tl.store(k_cache + dst + j, k1.to(dtype).to(cache_dtype), mask=mkj)
+        tl.store(k_cache + dst + HALF + j, k2.to(dtype).to(cache_dtype), mask=mkj)
+        tl.store(k_cache + dst + 2 * HALF + r, k3.to(dtype).to(cache_dtype), mask=mkr)
         d = tl.arange(0, D_PAD)[None, :]
-        mv = (h < num_kv_heads) & (d < HEAD_D)
-        v = tl.load(k_ptr + num_kv_heads * HEAD_D + h * HEAD_D + d, mask=mv)
+        mv = (hk < num_kv_heads) & (d < HEAD_D)
+        v = tl.load(k_ptr + num_kv_heads * HEAD_D + hk * HEAD_D + d, mask=mv)
         tl.store(v_cache + dst + d, v.to(cache_dtype), mask=mv)
 
 

@@ -1,7 +1,7 @@
 """CUDA graphs for decode-only steps.
 
 The decode forward is captured once per batch size of a ladder (1, 2, 4, 8, 16, 24, 32, ... up to
-max_num_seqs) over persistent input buffers. A step with n decodes copies its inputs into the
+max_num_seqs or 512) over persistent input buffers. A step with n decodes copies its inputs into the
 buffers, pads to the next captured size (padding rows write no K/V: slot -1, context length 0),
 replays, and reads the first n rows of the captured output. Launch overhead, which dominates
 small decode batches, disappears.
@@ -18,9 +18,14 @@ from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.layers.attention import forward_context
 
 
+MAX_CAPTURE_SIZE = 512  # larger decode batches are compute-bound enough to run eagerly
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 8))
-    return sizes + [max_num_seqs]
+    """1, 2, 4, 8, then every 8 up to 256, every 16 up to 512, and the largest batch (capped)."""
+    top = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, min(top, 256), 8)) + list(range(256, top, 16))
+    return sizes + [top]
 
 
 class CudaGraphRunner:

@@ -86,24 +86,10 @@ class ModelRunner:
         for layer in self.attn_layers:  # one scratch block: the dummy batch reads block 0 and writes nothing
             layer.kv_cache = torch.zeros(2, 1, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device)
         query_lens = [tokens // reqs + (1 if i < tokens % reqs else 0) for i in range(reqs)]
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        max_blocks = -(-max(query_lens) // self.block_size)
-        meta = AttentionMetadata(
-            num_reqs=reqs, num_decodes=0, num_decode_tokens=0, max_query_len=max(query_lens), max_seq_len=max(query_lens),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(reqs, max_blocks, dtype=torch.int32, device=self.device),
-            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
-            query_start_loc_cpu=qsl, seq_lens_cpu=query_lens,
-        )
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-        with forward_context(self.backend, meta):
-            hidden = self.model(ids, ids)
+        hidden = self._dummy_forward(query_lens, query_lens)
         logits = self.model.compute_logits(hidden[:reqs]).float()
         self.sampler(logits, SamplingBatch.build([SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * reqs, [None] * reqs,
                                                  [[0]] * reqs, [[0]] * reqs, self.vocab_size, self.device))
@@ -118,8 +104,37 @@ class ModelRunner:
         weights = torch.cuda.memory_allocated(self.device)
         return max(0, int(total * self.config.gpu_memory_utilization) - weights - self.activation_peak - non_torch)
 
+    def _dummy_forward(self, query_lens: list[int], seq_lens: list[int]) -> torch.Tensor:
+        """A forward over requests whose contexts all read block 0 and whose tokens write nothing (slot -1)."""
+        reqs, tokens = len(query_lens), sum(query_lens)
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        num_decodes = reqs if max(query_lens) == 1 else 0
+        meta = AttentionMetadata(
+            num_reqs=reqs, num_decodes=num_decodes, num_decode_tokens=num_decodes, max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(reqs, -(-max(seq_lens) // self.block_size), dtype=torch.int32, device=self.device),
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+        )
+        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        with forward_context(self.backend, meta):
+            return self.model(ids, ids)
+
+    @torch.inference_mode()
+    def _compile_kernels(self) -> None:
+        """One long-context decode, run eagerly: the split-KV attention kernels compile now rather than in
+        the first step that needs them (a second or so of a benchmark's timed run otherwise)."""
+        assert self.config.max_model_len is not None
+        self._dummy_forward([1], [min(self.config.max_model_len, 4096)])
+
     def capture_cuda_graphs(self) -> None:
-        if self.device.type != "cuda" or self.config.enforce_eager:
+        if self.device.type != "cuda":
+            return
+        self._compile_kernels()
+        if self.config.enforce_eager:
             return
         self.graph_runner = CudaGraphRunner(self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device)
         self.graph_runner.capture()
