@@ -309,7 +309,9 @@ def test_prefix_cache_metrics_salt_and_reset(server: ServerProcess) -> None:
         answer = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2, **GREEDY, **extra)
         after = wait_idle(server)
         assert after["pagedllm:prefix_cache_queries_total"] - before["pagedllm:prefix_cache_queries_total"] == answer.usage.prompt_tokens
-        return after["pagedllm:prefix_cache_hits_total"] - before["pagedllm:prefix_cache_hits_total"]
+        hits = after["pagedllm:prefix_cache_hits_total"] - before["pagedllm:prefix_cache_hits_total"]
+        assert answer.usage.prompt_tokens_details.cached_tokens == hits
+        return hits
 
     hits_after()
     assert hits_after() >= 64
@@ -317,6 +319,9 @@ def test_prefix_cache_metrics_salt_and_reset(server: ServerProcess) -> None:
     assert hits_after(**salted) == 0 and hits_after(**salted) >= 64
     assert httpx.post(server.url("/reset_prefix_cache")).status_code == 200
     assert hits_after() == 0
+    chat = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": prompt}], max_tokens=2, **GREEDY)
+    client.chat.completions.create(**chat)
+    assert client.chat.completions.create(**chat).usage.prompt_tokens_details.cached_tokens >= 64
 
 
 # ---- shutdown and API key (their own short-lived server) --------------------------------------------

@@ -49,10 +49,12 @@ class _Accumulator:
     tokenizer: Any
     started: set[int] = field(default_factory=set)
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
 
     def deltas(self, output: RequestOutput) -> list[ChatStreamChoice]:
         self.prompt_tokens = len(output.prompt_token_ids)
+        self.cached_tokens = output.num_cached_tokens
         return [self._delta(completion) for completion in output.outputs]
 
     def _delta(self, completion: CompletionOutput) -> ChatStreamChoice:
@@ -78,8 +80,7 @@ class _Accumulator:
         return out
 
     def usage(self) -> UsageInfo:
-        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                         total_tokens=self.prompt_tokens + self.completion_tokens)
+        return UsageInfo.of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 class ChatServing(OpenAIServing):

@@ -40,11 +40,13 @@ class _Accumulator:
     tokenizer: Any
     choices: dict[int, _ChoiceState] = field(default_factory=dict)
     prompt_tokens: dict[int, int] = field(default_factory=dict)
+    cached_tokens: dict[int, int] = field(default_factory=dict)
     completion_tokens: int = 0
 
     def deltas(self, output: RequestOutput) -> list[CompletionChoice]:
         i = self.prompt_index[output.request_id]
         self.prompt_tokens[i] = len(output.prompt_token_ids)
+        self.cached_tokens[i] = output.num_cached_tokens
         n = self.request.n
         return [self._delta(i * n + completion.index, output, completion) for completion in output.outputs]
 
@@ -86,8 +88,7 @@ class _Accumulator:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
 
     def usage(self) -> UsageInfo:
-        prompt = sum(self.prompt_tokens.values())
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=self.completion_tokens, total_tokens=prompt + self.completion_tokens)
+        return UsageInfo.of(sum(self.prompt_tokens.values()), self.completion_tokens, sum(self.cached_tokens.values()))
 
 
 def _merge(into: CompletionChoice, delta: CompletionChoice) -> None:
