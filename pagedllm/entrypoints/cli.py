@@ -18,7 +18,8 @@ _HELP = {
     "dtype": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16",
     "kv_cache_memory": "bytes for the KV cache (default: 4 GiB on CPU, --gpu-memory-utilization on CUDA)",
     "load_format": "auto | safetensors | dummy (random weights of the model's shape)",
-    "max_num_batched_tokens": "token budget of one step (default 8192 on CUDA, 2048 on CPU)",
+    "max_num_seqs": "most sequences in one step (default 512 on CUDA, 256 on CPU)",
+    "max_num_batched_tokens": "token budget of one step (default 16384 on CUDA, 2048 on CPU)",
     "attention_backend": "auto | torch | triton",
     "async_scheduling": "overlap the CPU work of the next step with the device's run of this one (default: on for CUDA)",
 }

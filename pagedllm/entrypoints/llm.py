@@ -24,7 +24,7 @@ class LLM:
         tokenizer: str | None = None,
         dtype: str = "auto",
         max_model_len: int | None = None,
-        max_num_seqs: int = 256,
+        max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         kv_cache_memory: int | None = None,
         block_size: int = 16,
