@@ -37,6 +37,11 @@ class EngineConfig:
     enforce_eager: bool = False
     # Schedule and launch step N+1 while step N runs, then process N's tokens: None = on for CUDA, off for CPU.
     async_scheduling: bool | None = None
+    # Parallelism: a world of tensor x pipeline ranks per engine, data-parallel engines behind one server.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # how ranks 1.. start: mp (default, one node) | ray
     # Filled in when the engine starts.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -84,6 +89,31 @@ class EngineConfig:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}.")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1.")
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got {self.distributed_executor_backend!r}.")
+        hf, tp = self.hf_config, self.tensor_parallel_size
+        heads = hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+        if heads % tp or (kv_heads % tp and tp % kv_heads) or hf.intermediate_size % tp:
+            raise ValueError(
+                f"tensor_parallel_size={tp} must divide the model's {heads} attention heads and intermediate size "
+                f"{hf.intermediate_size}, and divide or be a multiple of its {kv_heads} KV heads."
+            )
+        if self.pipeline_parallel_size > hf.num_hidden_layers:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} exceeds the model's {hf.num_hidden_layers} layers.")
+        if self.device.startswith("cuda") and self.world_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} needs as many GPUs; {torch.cuda.device_count()} visible.")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one engine: tensor x pipeline (data-parallel replicas each have their own world)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def torch_dtype(self) -> torch.dtype:

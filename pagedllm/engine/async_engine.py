@@ -129,6 +129,15 @@ class AsyncLLM:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
         self._thread.start()
+        self.engine.on_failure(self._engine_failed)
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """A rank of a parallel engine died (called on its watchdog thread): fail every request and report
+        unhealthy now, even if the engine thread is stuck in a collective that will never complete."""
+        with self._cond:
+            self.error = error
+            self._cond.notify()
+        self._call(self._fail_all, EngineDeadError(f"the engine failed: {error}"))
 
     @property
     def is_running(self) -> bool:
@@ -230,8 +239,12 @@ class AsyncLLM:
     def abort_all(self) -> None:
         self.abort(list(self._streams))
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether `request_id` is in flight here (added, not yet finished)."""
+        return request_id in self._streams
+
     async def reset_prefix_cache(self) -> bool:
-        return await self._call_engine(LLMEngine.reset_prefix_cache)
+        return await self._call_engine(lambda engine: engine.reset_prefix_cache())
 
     async def _call_engine(self, fn: Callable[[LLMEngine], Any]) -> Any:
         assert self._loop is not None

@@ -12,11 +12,17 @@ finishes (or is aborted) when N is processed, its N+1 token is dropped; its bloc
 once, which is safe because any new owner writes them in a later step, stream-ordered after N+1.
 Outputs therefore come one `step` call later than in synchronous mode, with the same tokens.
 Batches that hold a request with penalties (which read the output history) run synchronously.
+
+Tensor/pipeline parallelism: the engine starts ranks 1..N-1 (`executor/`) and hosts the driver
+rank's runner itself, so scheduling, async scheduling and sampling work as with one process.
+`shutdown()` stops those ranks; a rank that dies fails the next step, and `on_failure` callbacks
+hear of it at once.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -26,6 +32,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.executor.workers import FailureCallback, Workers, start_workers
 from pagedllm.logger import get_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -74,11 +81,19 @@ class _Group:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config.finalize()
+        if config.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 runs engine replicas behind `pagedllm serve`; one LLMEngine is one replica.")
         self.config = config
         self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config)
         self.eos_token_ids = _eos_token_ids(config, self.tokenizer)
         start = time.perf_counter()
-        self.runner = ModelRunner(config)
+        self.workers: Workers | None = start_workers(config) if config.world_size > 1 else None
+        self._shutdown = weakref.finalize(self, self.workers.shutdown) if self.workers is not None else None
+        try:
+            self.runner = ModelRunner(config, None if self.workers is None else self.workers.state)
+        except BaseException:
+            self.shutdown()
+            raise
         self.vocab_size = self.runner.vocab_size
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq, config.enable_prefix_caching)
         assert config.max_model_len is not None
@@ -86,7 +101,8 @@ class LLMEngine:
             "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens (%.2f GiB), max concurrency at "
             "max_model_len=%d: %.1f requests; ready in %.1f s",
             config.model_path, config.device, config.dtype, self.runner.backend.name,
-            (", CUDA graphs" if self.runner.graph_runner else "") + (", async scheduling" if config.async_scheduling else ""),
+            (", CUDA graphs" if self.runner.graph_runner else "") + (", async scheduling" if config.async_scheduling else "")
+            + (f", TP={config.tensor_parallel_size} PP={config.pipeline_parallel_size}" if self.workers else ""),
             self.runner.num_blocks, config.block_size,
             self.runner.num_blocks * self.runner.kv_bytes_per_block() / 2**30, config.max_model_len,
             self.runner.num_blocks / self.kv_cache.blocks_for(config.max_model_len), time.perf_counter() - start,
@@ -229,6 +245,8 @@ class LLMEngine:
     def _launch(self, sched: SchedulerOutput) -> StepHandle:
         """Runs the step (asynchronously on CUDA) and books its tokens as computed at once, so that
         the next schedule sees them; a token it samples counts as pending until processed."""
+        if self.workers is not None:
+            self.workers.check_alive()
         handle = self.runner.execute(sched, self.kv_cache, self._inflight)
         for request, num_new in sched.scheduled:
             computed = request.num_computed_tokens
@@ -371,6 +389,17 @@ class LLMEngine:
         """Forgets every cached block, so later requests compute their prompts from scratch."""
         self.kv_cache.reset_prefix_cache()
         return True
+
+    # ---- the other ranks ------------------------------------------------------------------
+    def on_failure(self, callback: FailureCallback) -> None:
+        """`callback(error)` runs, on a watchdog thread, if a rank of this engine dies (never with one process)."""
+        if self.workers is not None:
+            self.workers.on_failure(callback)
+
+    def shutdown(self) -> None:
+        """Stops the other ranks of a parallel engine (also done when the engine is collected, or at exit)."""
+        if self._shutdown is not None:
+            self._shutdown()
 
 
 def _load_tokenizer(config: EngineConfig) -> Any:

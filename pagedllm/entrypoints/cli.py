@@ -22,6 +22,10 @@ _HELP = {
     "max_num_batched_tokens": "token budget of one step (default 16384 on CUDA, 2048 on CPU)",
     "attention_backend": "auto | torch | triton",
     "async_scheduling": "overlap the CPU work of the next step with the device's run of this one (default: on for CUDA)",
+    "tensor_parallel_size": "split every layer over N ranks (one process per device)",
+    "pipeline_parallel_size": "split the layers into M contiguous stages, one per rank group",
+    "data_parallel_size": "serve with K engine replicas (each with its own TP x PP world), requests balanced by load",
+    "distributed_executor_backend": "how ranks 1.. of a parallel engine start: mp (default) | ray (actors on a Ray cluster)",
 }
 
 

@@ -1,12 +1,24 @@
 """Linear layers. On CPU in float32 they multiply through MKL's pre-packed copy of the weight:
 bit-for-bit the same sums as `F.linear` (the oracle tests hold), about 1.5x faster at decode
-batch sizes, where re-packing the weight on every call is a large share of the work."""
+batch sizes, where re-packing the weight on every call is a large share of the work.
+
+Tensor parallelism is Megatron's: a column-parallel layer (fused QKV, gate/up) keeps each rank's
+rows of every checkpoint tensor fused into it, so its output needs no communication; the
+row-parallel layer after it (o_proj, down_proj) multiplies the matching input columns and sums
+the partial products with one all-reduce. With one rank both are plain `Linear`s.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedllm.distributed.communication import tp_all_reduce
+from pagedllm.distributed.parallel_state import ParallelState, get_parallel_state
+from pagedllm.layers.sharding import Weight, load_whole, narrow, weight_shape
 
 _PACK_BATCH_HINT = 64  # MKL packs for a typical row count; any row count works with the result
 
@@ -33,3 +45,85 @@ def pack_linear_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Linear):
             module.pack()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The rows of one checkpoint tensor that this rank holds."""
+
+    rows: int  # the tensor's full row count
+    start: int
+    size: int
+
+
+def even_shard(rows: int, state: ParallelState) -> Shard:
+    if rows % state.tp_size:
+        raise ValueError(f"{rows} features do not split evenly over tensor_parallel_size={state.tp_size}.")
+    size = rows // state.tp_size
+    return Shard(rows, state.tp_rank * size, size)
+
+
+def qkv_shards(head_dim: int, num_heads: int, num_kv_heads: int) -> list[Shard]:
+    """This rank's q heads, and its k/v heads: split like the q heads, or, with fewer KV heads than
+    ranks, the one KV head its q heads attend to (replicated over tp_size // num_kv_heads ranks)."""
+    state = get_parallel_state()
+    tp, rank = state.tp_size, state.tp_rank
+    if num_heads % tp or (num_kv_heads % tp and tp % num_kv_heads):
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide the {num_heads} attention heads, and divide or be a multiple of "
+            f"the {num_kv_heads} KV heads."
+        )
+    q = even_shard(num_heads * head_dim, state)
+    kv_heads = max(1, num_kv_heads // tp)
+    kv_start = (rank * kv_heads if num_kv_heads >= tp else rank // (tp // num_kv_heads)) * head_dim
+    kv = Shard(num_kv_heads * head_dim, kv_start, kv_heads * head_dim)
+    return [q, kv, kv]
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split over the TP group: this rank's `Shard` of each checkpoint tensor fused
+    here (q, k, v or gate, up), side by side in that order."""
+
+    def __init__(self, in_features: int, shards: list[Shard], bias: bool) -> None:
+        super().__init__(in_features, sum(s.size for s in shards), bias)
+        self.shards = shards
+
+    def checkpoint_shapes(self, param: torch.Tensor) -> list[tuple[int, ...]]:
+        return [(s.rows, *param.shape[1:]) for s in self.shards]
+
+    def weight_loader(self, param: torch.Tensor, weight: Weight, index: int) -> None:
+        shard = self.shards[index]
+        if weight_shape(weight) != (shard.rows, *param.shape[1:]):
+            raise ValueError(f"Shape mismatch for shard {index}: checkpoint {weight_shape(weight)}, expected {(shard.rows, *param.shape[1:])}.")
+        offset = sum(s.size for s in self.shards[:index])
+        param.data[offset : offset + shard.size].copy_(narrow(weight, 0, shard.start, shard.size))
+
+
+class RowParallelLinear(Linear):
+    """Input features split over the TP group; the partial outputs are summed by one all-reduce.
+    The bias is added on TP rank 0 only, so the sum holds it once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        state = get_parallel_state()
+        shard = even_shard(in_features, state)
+        super().__init__(shard.size, out_features, bias)
+        self.shard, self.tp, self.tp_size, self.tp_rank = shard, state, state.tp_size, state.tp_rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp_rank == 0 else None
+        if self.packed_weight is not None and x.dim() == 2 and x.dtype == torch.float32:
+            out = torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, bias, _PACK_BATCH_HINT)
+        else:
+            out = F.linear(x, self.weight, bias)
+        return out if self.tp_size == 1 else tp_all_reduce(out, self.tp)
+
+    def checkpoint_shapes(self, param: torch.Tensor) -> list[tuple[int, ...]]:
+        return [(self.out_features, self.shard.rows) if param.dim() == 2 else (self.out_features,)]
+
+    def weight_loader(self, param: torch.Tensor, weight: Weight, index: int) -> None:
+        if param.dim() == 1:  # the bias is whole on every rank
+            load_whole(param, weight, "bias")
+            return
+        if weight_shape(weight) != (self.out_features, self.shard.rows):
+            raise ValueError(f"Shape mismatch: checkpoint {weight_shape(weight)}, expected {(self.out_features, self.shard.rows)}.")
+        param.data.copy_(narrow(weight, 1, self.shard.start, self.shard.size))

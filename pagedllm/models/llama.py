@@ -2,32 +2,39 @@
 q/k/v biases or per-head q/k norms, so they subclass this file with two flags.
 
 The model takes one flat batch: token ids [T] and positions [T] of every scheduled token; the
-attention layer finds each token's request through the forward context.
+attention layer finds each token's request through the forward context. Under tensor parallelism
+each rank builds its own slice of every layer (the layers read the TP group); under pipeline
+parallelism a stage builds only its layers and passes (hidden, residual) on to the next.
 """
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
+from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, even_shard, qkv_shards
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.pipeline import MissingLayer, stage_layers
 from pagedllm.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        shards = qkv_shards(self.head_dim, num_heads, num_kv_heads)
+        self.num_heads, self.num_kv_heads = shards[0].size // self.head_dim, shards[1].size // self.head_dim  # this rank's
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, shards, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, rotary)
@@ -39,8 +46,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        shard = even_shard(config.intermediate_size, get_parallel_state())
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [shard, shard], bias=False)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,18 +77,29 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        state = get_parallel_state()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if state.is_first_stage else MissingLayer()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
+        local = stage_layers(config.num_hidden_layers)
+        self.start_layer, self.end_layer = local.start, local.stop
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, rotary) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, rotary) if i in local else MissingLayer()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_last_stage = state.is_last_stage
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if state.is_last_stage else MissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states on the last stage; elsewhere (hidden, residual), which the next
+        stage passes back in as `intermediate` (the first stage embeds `input_ids` instead)."""
+        x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             x, residual = layer(positions, x, residual)
+        if not self.is_last_stage:
+            return x, residual
         return self.norm(x, residual)[0]
 
 
@@ -100,16 +119,20 @@ class LlamaForCausalLM(nn.Module):
         o_bias = attention_bias and self.qkv_bias is None  # Qwen2 biases q/k/v only
         self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size) if get_parallel_state().is_last_stage else MissingLayer()
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """With tied embeddings the output projection is the embedding matrix itself (re-tie after `to_empty`)."""
-        if self.tie_word_embeddings:
+        """With tied embeddings the output projection is the embedding matrix itself (re-tie after `to_empty`);
+        a last pipeline stage without the embedding loads its own copy of it."""
+        if self.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead) and isinstance(self.model.embed_tokens, VocabParallelEmbedding):
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.model(input_ids, positions, intermediate)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full logits on the last stage's TP rank 0, None on its other ranks."""
         return self.lm_head(hidden)

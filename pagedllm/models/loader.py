@@ -1,9 +1,14 @@
-"""Builds a model and fills its weights: from safetensors files, or random ("dummy") for benchmarks."""
+"""Builds a model and fills its weights: from safetensors files, or random ("dummy") for benchmarks.
+
+Under tensor/pipeline parallelism each rank builds only its part of the model, and each parameter's
+owning layer slices the checkpoint tensors it needs (`weight_loader`), reading only those bytes.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
+import zlib
 from typing import Any, Iterator
 
 import torch
@@ -11,7 +16,9 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedllm.layers.linear import pack_linear_weights
+from pagedllm.layers.pipeline import is_missing
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.layers.sharding import Weight, load_whole
 from pagedllm.models.registry import get_model_class
 
 
@@ -25,7 +32,7 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
         model.tie_weights()
     _init_buffers(model, device)
     if load_format == "dummy":
-        _randomize(model, seed=0)
+        _randomize(model)
     elif load_format in ("auto", "safetensors"):
         _load_safetensors(model, model_path)
     else:
@@ -42,67 +49,77 @@ def _init_buffers(model: nn.Module, device: torch.device) -> None:
                 module.cos_sin_cache = module.build_cache().to(device)
 
 
-def _safetensors_weights(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(model_path: str) -> Iterator[tuple[str, Weight]]:
+    """Lazy slices: a layer reads only the rows or columns its rank holds."""
     files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {model_path}.")
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 def _load_safetensors(model: nn.Module, model_path: str) -> None:
     params = dict(model.named_parameters())
-    stacked = getattr(model, "stacked_params", [])
     loaded: dict[str, set[int]] = {}
     for name, weight in _safetensors_weights(model_path):
-        if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False)):
-            continue
-        for fused, shard, index in stacked:
-            if f".{shard}." in name:
-                name = name.replace(f".{shard}.", f".{fused}.")
-                _copy_shard(params[name], weight, index, _shard_sizes(model, name))
-                break
-        else:
-            if name not in params:
+        for target, index in _targets(model, params, name):
+            if target not in params:
+                if is_missing(model, target):
+                    continue  # another pipeline stage's
                 raise ValueError(f"Checkpoint weight {name!r} has no place in {type(model).__name__}.")
-            if params[name].shape != weight.shape:
-                raise ValueError(f"Shape mismatch for {name}: checkpoint {tuple(weight.shape)}, model {tuple(params[name].shape)}.")
-            params[name].data.copy_(weight)
-            index = 0
-        loaded.setdefault(name, set()).add(index)
-    missing = [n for n in params if len(loaded.get(n, ())) < len(_shard_sizes(model, n))]
+            _load_param(model, target, params[target], weight, index)
+            loaded.setdefault(target, set()).add(index)
+    missing = [n for n, p in params.items() if len(loaded.get(n, ())) < len(_checkpoint_shapes(model, n, p))]
     if missing:
         raise ValueError(f"Weights missing from the checkpoint in {model_path}: {missing[:8]}")
 
 
-def _copy_shard(param: torch.Tensor, weight: torch.Tensor, index: int, sizes: list[int]) -> None:
-    """Copies q/k/v (or gate/up) weight `index` into its rows of the fused parameter."""
-    start = sum(sizes[:index])
-    if weight.shape[0] != sizes[index] or weight.shape[1:] != param.shape[1:]:
-        raise ValueError(f"Shape mismatch for shard {index}: {tuple(weight.shape)} vs {sizes[index]} rows of {tuple(param.shape)}.")
-    param.data[start : start + sizes[index]].copy_(weight)
+def _targets(model: nn.Module, params: dict[str, nn.Parameter], name: str) -> list[tuple[str, int]]:
+    """The parameters checkpoint tensor `name` loads into, each with the tensor's index among those fused there."""
+    tied = getattr(model, "tie_word_embeddings", False)
+    if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and tied):
+        return []
+    for fused, shard, index in getattr(model, "stacked_params", []):
+        if f".{shard}." in name:
+            return [(name.replace(f".{shard}.", f".{fused}."), index)]
+    if tied and name == "model.embed_tokens.weight" and "lm_head.weight" in params:  # a last stage's own copy
+        return [(name, 0), ("lm_head.weight", 0)]
+    return [(name, 0)]
 
 
-def _shard_sizes(model: nn.Module, name: str) -> list[int]:
-    """Row counts of the checkpoint tensors fused into parameter `name` ([all rows] if not fused)."""
-    module_name, _, _ = name.rpartition(".")
-    owner_name, _, leaf = module_name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    if leaf == "qkv_proj":
-        return [owner.q_size, owner.kv_size, owner.kv_size]
-    if leaf == "gate_up_proj":
-        return [owner.down_proj.in_features] * 2
-    return [model.get_parameter(name).shape[0] if model.get_parameter(name).dim() else 1]
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
 
 
-def _randomize(model: nn.Module, seed: int) -> None:
-    """Random weights of the real shapes: speed does not depend on their values."""
+def _load_param(model: nn.Module, name: str, param: nn.Parameter, weight: Weight, index: int) -> None:
+    loader = getattr(_owner(model, name), "weight_loader", None)
+    if loader is None:
+        load_whole(param, weight, name)
+    else:
+        loader(param, weight, index)
+
+
+def _checkpoint_shapes(model: nn.Module, name: str, param: nn.Parameter) -> list[tuple[int, ...]]:
+    """Full shapes of the checkpoint tensors that parameter `name` holds (a slice of)."""
+    owner = _owner(model, name)
+    return owner.checkpoint_shapes(param) if hasattr(owner, "checkpoint_shapes") else [tuple(param.shape)]
+
+
+def _randomize(model: nn.Module) -> None:
+    """Random weights of the real shapes (speed does not depend on their values). Each parameter's full,
+    unsharded value is drawn from a generator seeded by its name and sliced like a checkpoint tensor,
+    so every tensor/pipeline layout holds the same model."""
+    tied = getattr(model, "tie_word_embeddings", False)
     for name, param in model.named_parameters():
-        generator = torch.Generator(device=param.device).manual_seed(seed)
-        seed += 1
         if "norm" in name:
             param.data.fill_(1.0)
-        else:
-            param.data.normal_(0.0, 0.02, generator=generator)
+            continue
+        key = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+        generator = torch.Generator(device=param.device).manual_seed(zlib.crc32(key.encode()))
+        shapes = _checkpoint_shapes(model, name, param)
+        rows = [shape[0] for shape in shapes]
+        full = torch.empty((sum(rows), *shapes[0][1:]), dtype=param.dtype, device=param.device).normal_(0.0, 0.02, generator=generator)
+        for index, part in enumerate(full.split(rows)):
+            _load_param(model, name, param, part, index)

@@ -85,6 +85,16 @@ class FlatBatch:
     any_prompt_logprobs: bool
 
 
+@dataclass
+class StepPlan:
+    """What the driver broadcasts to the other ranks each step: enough to run the same forward and
+    the same logits calls (no requests, no sampling state)."""
+
+    batch: FlatBatch
+    prompt_rows: list[tuple[int, int]]  # flat row ranges whose logits prompt logprobs need, in the driver's order
+    num_prev_sampled: int  # rows the previous step sampled: tokens in flight are read from them
+
+
 _EMPTY = np.empty(0, dtype=np.int64)
 
 

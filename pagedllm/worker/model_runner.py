@@ -7,6 +7,12 @@ span, the context length and the block table. The KV cache pool is allocated her
 `execute` only launches: it returns a `StepHandle` whose sampled ids stay on the device (the next
 step can take a token in flight from there) and whose `result()` waits for the host copy. On CUDA
 nothing in `execute` synchronises, so the engine can schedule step N+1 while step N runs.
+
+Under tensor/pipeline parallelism one runner lives on every rank, each with its slice of the model
+and of the KV cache (the same block count everywhere). The driver's (rank 0, in the engine
+process) `execute` broadcasts each step's `StepPlan`; the other ranks `follow`, running the same
+forward and the same logits calls so that their collectives pair up. Sampling runs on the driver
+only, from logits gathered to it (and sent from the last stage under pipeline parallelism).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from pagedllm.attention.backend import AttentionMetadata, get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import SchedulerOutput
+from pagedllm.distributed.communication import broadcast_object, min_over_world, recv, send, tp_broadcast
+from pagedllm.distributed.parallel_state import ParallelState, building
 from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.models.loader import load_model
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import CudaGraphRunner
-from pagedllm.worker.input_batch import FlatBatch, build_batch, Staging
+from pagedllm.worker.input_batch import FlatBatch, StepPlan, build_batch, Staging
 from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprobs, to_device
 from pagedllm.worker.step_output import PromptLogprobs, StepHandle
 
@@ -31,7 +39,7 @@ _CPU_KV_CACHE_BYTES = 4 << 30
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelState | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
@@ -39,8 +47,16 @@ class ModelRunner:
         hf = config.hf_config
         assert config.model_path is not None
         torch.manual_seed(config.seed)
-        self.model: nn.Module = load_model(hf, config.model_path, self.dtype, self.device, config.load_format)
+        self.parallel = parallel or ParallelState()  # this rank's place in the engine's world (alone by default)
+        self.distributed = self.parallel.world_size > 1
+        with building(self.parallel):
+            self.model: nn.Module = load_model(hf, config.model_path, self.dtype, self.device, config.load_format)
         self.vocab_size: int = hf.vocab_size
+        self.hidden_size: int = hf.hidden_size
+        # Pipeline stages pass activations on and send the logits back; one stage calls the model directly.
+        single_stage = self.parallel.pp_size == 1
+        self.run_model = self.model if single_stage else self._run_stage
+        self.compute_logits = self.model.compute_logits if single_stage else self._stage_logits
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
@@ -68,6 +84,8 @@ class ModelRunner:
         if budget is None:
             budget = self._profile_free_gpu_memory() if self.device.type == "cuda" else _CPU_KV_CACHE_BYTES
         num_blocks = self.config.num_gpu_blocks_override or budget // self.kv_bytes_per_block()
+        if self.distributed:
+            num_blocks = min_over_world(self.parallel, num_blocks)  # a block id must mean the same slot on every rank
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes is less than one KV block ({self.kv_bytes_per_block()} bytes).")
         for layer in self.attn_layers:
@@ -90,9 +108,10 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         hidden = self._dummy_forward(query_lens, query_lens)
-        logits = self.model.compute_logits(hidden[:reqs]).float()
-        self.sampler(logits, SamplingBatch.build([SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * reqs, [None] * reqs,
-                                                 [[0]] * reqs, [[0]] * reqs, self.vocab_size, self.device))
+        logits = self.compute_logits(hidden[:reqs])
+        if logits is not None:
+            self.sampler(logits.float(), SamplingBatch.build([SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * reqs, [None] * reqs,
+                                                             [[0]] * reqs, [[0]] * reqs, self.vocab_size, self.device))
         torch.cuda.synchronize()
         self.activation_peak = torch.cuda.max_memory_allocated(self.device) - before
         del hidden, logits
@@ -121,7 +140,7 @@ class ModelRunner:
         )
         ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
         with forward_context(self.backend, meta):
-            return self.model(ids, ids)
+            return self.run_model(ids, ids)
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
@@ -131,10 +150,10 @@ class ModelRunner:
         self._dummy_forward([1], [min(self.config.max_model_len, 4096)])
 
     def capture_cuda_graphs(self) -> None:
-        if self.device.type != "cuda":
-            return
-        self._compile_kernels()
-        if self.config.enforce_eager:
+        if self.device.type == "cuda" and self.parallel.world_size == 1:
+            self._compile_kernels()
+        # Not with several ranks yet: collectives inside captured graphs are unverified here.
+        if self.device.type != "cuda" or self.config.enforce_eager or self.parallel.world_size > 1:
             return
         self.graph_runner = CudaGraphRunner(self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device)
         self.graph_runner.capture()
@@ -146,35 +165,17 @@ class ModelRunner:
         handle's `result()` waits. A request with a token still in flight reads it from `prev`, the
         step that samples it, on the device."""
         batch = build_batch(sched, kv_cache)
+        spans = self._prompt_logprob_spans(sched, batch)
+        if self.distributed:
+            broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans], 0 if prev is None else len(prev.requests)))
         turn, self._turn = self._turn, self._turn ^ 1
-        input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables = self._staging.pack(
-            [batch.input_ids, batch.positions, batch.slot_mapping, batch.fill_dst, batch.fill_src, batch.logits_index],
-            [batch.query_start_loc, batch.seq_lens, batch.block_tables], turn,
-        )
-        assert input_ids is not None and positions is not None and slot_mapping is not None
-        assert query_start_loc is not None and seq_lens is not None and tables is not None
-        if fill_dst is not None:
-            assert prev is not None and fill_src is not None, "a token in flight needs the step that samples it"
-            input_ids.index_copy_(0, fill_dst, prev.token_ids.index_select(0, fill_src))
-        num_reqs = len(sched.scheduled)
-        if self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
-            hidden = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables)
-        else:
-            meta = AttentionMetadata(
-                num_reqs=num_reqs, num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
-                max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-                query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
-                query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
-            )
-            with forward_context(self.backend, meta):
-                hidden = self.model(input_ids, positions)
-
-        prompt_logprobs = self._prompt_logprobs(sched, batch, hidden)
+        hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
+        prompt_logprobs = self._prompt_logprobs(spans, hidden)
         requests = [sched.scheduled[r][0] for r in batch.sample_rows]
         logprobs = None
         if requests:
             rows = hidden if logits_index is None else hidden.index_select(0, logits_index)
-            logits = self.model.compute_logits(rows)
+            logits = self.compute_logits(rows)
             if all(r.plain_greedy for r in requests):
                 # argmax of the raw logits (bf16 -> f32 is exact, so no upcast is needed)
                 result = self.sampler(logits, SamplingBatch(len(requests), self.vocab_size, all_greedy=True))
@@ -199,6 +200,75 @@ class ModelRunner:
             host_ids = token_ids
         return StepHandle(requests, token_ids, host_ids, event, logprobs, prompt_logprobs)
 
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """The loop of every rank but the driver: runs each step the driver broadcasts, with the same
+        logits calls in the same order (their collectives pair with the driver's), until it sends None."""
+        turn = 0
+        while (plan := broadcast_object(self.parallel)) is not None:
+            batch: FlatBatch = plan.batch
+            prev_ids = torch.empty(plan.num_prev_sampled, dtype=torch.int64, device=self.device) if batch.fill_dst.size else None
+            hidden, logits_index = self._forward(batch, prev_ids, turn)
+            turn ^= 1
+            for lo, hi in plan.prompt_rows:
+                self.compute_logits(hidden[lo:hi])
+            if batch.sample_rows:
+                self.compute_logits(hidden if logits_index is None else hidden.index_select(0, logits_index))
+
+    def _forward(self, batch: FlatBatch, prev_ids: torch.Tensor | None, turn: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stages the batch, fills in tokens in flight from `prev_ids` (the previous step's sampled ids),
+        runs the model; returns the hidden states and the flat indices of the rows to sample."""
+        input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables = self._staging.pack(
+            [batch.input_ids, batch.positions, batch.slot_mapping, batch.fill_dst, batch.fill_src, batch.logits_index],
+            [batch.query_start_loc, batch.seq_lens, batch.block_tables], turn,
+        )
+        assert input_ids is not None and positions is not None and slot_mapping is not None
+        assert query_start_loc is not None and seq_lens is not None and tables is not None
+        if fill_dst is not None and self.parallel.is_first_stage:  # later stages never read input ids
+            assert prev_ids is not None and fill_src is not None, "a token in flight needs the step that samples it"
+            if self.parallel.tp_size > 1:
+                tp_broadcast(prev_ids, self.parallel)  # the driver's sampled ids, to the first stage's other ranks
+            input_ids.index_copy_(0, fill_dst, prev_ids.index_select(0, fill_src))
+        num_reqs = len(batch.seq_lens)
+        if self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
+            return self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables), logits_index
+        meta = AttentionMetadata(
+            num_reqs=num_reqs, num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
+            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
+            query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
+        )
+        with forward_context(self.backend, meta):
+            return self.run_model(input_ids, positions), logits_index
+
+    def _run_stage(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One pipeline stage: (hidden, residual) in from the previous stage, this stage's layers, out to
+        the next. Only the last stage ends with hidden states; the others return an empty [T, 0]
+        stand-in, whose row count is all the logits calls need."""
+        p = self.parallel
+        intermediate = None
+        if not p.is_first_stage:
+            shape = (input_ids.shape[0], self.hidden_size)
+            hidden, residual = recv([shape, shape], self.dtype, self.device, src=p.rank - p.tp_size)
+            intermediate = (hidden, residual)
+        out = self.model(input_ids, positions, intermediate)
+        if p.is_last_stage:
+            return out
+        send(list(out), dst=p.rank + p.tp_size)
+        return out[0][:, :0]
+
+    def _stage_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits under pipeline parallelism: computed by the last stage, sent by its leader to the driver."""
+        p = self.parallel
+        if p.is_last_stage:
+            logits = self.model.compute_logits(hidden)
+            if logits is not None:
+                send([logits], dst=0)
+            return None
+        if p.rank == 0:
+            return recv([(hidden.shape[0], self.vocab_size)], self.dtype, self.device, src=(p.pp_size - 1) * p.tp_size)[0]
+        return None
+
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         cached = self._sampling_cache
         if cached is not None and cached[0] == requests:  # same rows (by identity) as last time
@@ -215,17 +285,23 @@ class ModelRunner:
         self._sampling_cache = (requests, batch) if batch.stop_index is None and batch.penalty_rows is None else None
         return batch
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor) -> list[PromptLogprobs]:
-        out: list[PromptLogprobs] = []
+    def _prompt_logprob_spans(self, sched: SchedulerOutput, batch: FlatBatch) -> list[tuple[Request, range, int, int]]:
+        """Per request that wants prompt logprobs from this step's tokens: the prompt positions, and their flat rows."""
+        out: list[tuple[Request, range, int, int]] = []
         if not batch.any_prompt_logprobs:
             return out
         for row, (request, num_new) in enumerate(sched.scheduled):
             start = request.num_computed_tokens
             span = request.prompt_logprob_span(start, start + num_new)
-            if not span:
-                continue
-            offset = int(batch.query_start_loc[row]) - start
-            logits = self.model.compute_logits(hidden[offset + span.start : offset + span.stop]).float()
+            if span:
+                offset = int(batch.query_start_loc[row]) - start
+                out.append((request, span, offset + span.start, offset + span.stop))
+        return out
+
+    def _prompt_logprobs(self, spans: list[tuple[Request, range, int, int]], hidden: torch.Tensor) -> list[PromptLogprobs]:
+        out: list[PromptLogprobs] = []
+        for request, span, lo, hi in spans:
+            logits = self.compute_logits(hidden[lo:hi]).float()
             targets = to_device(request.prompt_token_ids[span.start + 1 : span.stop + 1], torch.int64, self.device)
             k = request.params.prompt_logprobs or 0
             ids, values, ranks = compute_topk_logprobs(logits, targets, k)

@@ -216,18 +216,25 @@ async def _serve(server: _Server, app: FastAPI, engine: AsyncLLM, shutdown_timeo
 
 
 def run_server(args: argparse.Namespace) -> None:
+    from pagedllm.config import EngineConfig
     from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.entrypoints.cli import engine_kwargs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = LLMEngine.from_kwargs(**engine_kwargs(args))
+    engine_config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    engine_config.finalize()
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
-    max_model_len = engine.config.max_model_len or 0
+    max_model_len = engine_config.max_model_len or 0
     metrics = ServerMetrics(names[0], max_model_len)
-    capacity = engine.config.max_num_seqs + args.max_waiting_requests
-    async_engine = AsyncLLM(engine, max_queued_samples=capacity, on_step=metrics.record_step)
+    capacity = engine_config.max_num_seqs + args.max_waiting_requests
+    if engine_config.data_parallel_size > 1:  # replicas in processes of their own, each bounded by `capacity`
+        from pagedllm.engine.data_parallel import DPAsyncLLM
+
+        async_engine = DPAsyncLLM.create(engine_config, capacity, metrics.record_step)
+    else:
+        async_engine = AsyncLLM(LLMEngine(engine_config), max_queued_samples=capacity, on_step=metrics.record_step)
     settings = ServerSettings(
-        model_names=names, model_path=engine.config.model_path, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
+        model_names=names, model_path=engine_config.model_path, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         max_n=args.max_n, max_request_body_bytes=args.max_request_body_bytes,
     )
     app = build_app(async_engine, settings, metrics)

@@ -1,0 +1,196 @@
+"""Tensor and pipeline parallelism on CPU (gloo, one process per rank): greedy outputs token-identical
+to one process on the tiny random-weight models, in a mixed batch with chunked prefill and preemption
+(the tiny Qwen2 has one KV head, so TP=2 replicates it); sampling, logprobs and async scheduling
+through the parallel path; and a rank that dies fails the engine instead of hanging it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.executor.workers import WorkerDiedError
+from tests.conftest import assert_clean
+
+ENGINE_ARGS = dict(skip_tokenizer_init=True, max_num_batched_tokens=64, max_num_seqs=16, num_gpu_blocks_override=40, max_model_len=512)
+GetLLM = Callable[..., LLM]
+
+
+@pytest.fixture(scope="module")
+def parallel_llm() -> Iterator[GetLLM]:
+    """`get(path, **kwargs)`: an LLM with ENGINE_ARGS. One world per process means one parallel engine
+    alive at a time; consecutive tests that ask for the same one share it (starting one costs seconds)."""
+    current: dict[str, Any] = {}
+
+    def get(path: str, **kwargs: Any) -> LLM:
+        key = (path, sorted(kwargs.items()))
+        if current.get("key") != key:
+            if "llm" in current:
+                current.pop("llm").llm_engine.shutdown()
+            current["llm"], current["key"] = LLM(path, **{**ENGINE_ARGS, **kwargs}), key
+        return current["llm"]
+
+    yield get
+    if "llm" in current:
+        current["llm"].llm_engine.shutdown()
+
+
+def workload(seed: int = 0, n: int = 16) -> tuple[list[dict], list[SamplingParams]]:
+    rng = random.Random(seed)
+    lengths = [1, 200] + [rng.randint(1, 200) for _ in range(n - 2)]
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(length)]} for length in lengths]
+    return prompts, [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 24), ignore_eos=True) for _ in range(n)]
+
+
+def generate(llm: LLM, prompts: list[dict], params: list[SamplingParams]) -> list:
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert_clean(llm.llm_engine)
+    return outputs
+
+
+_reference: dict[tuple, list[list[int]]] = {}
+
+
+def reference_tokens(path: str, load_format: str = "auto") -> list[list[int]]:
+    """One process's greedy tokens (which test_correctness holds equal to transformers')."""
+    key = (path, load_format)
+    if key not in _reference:
+        llm = LLM(path, load_format=load_format, **ENGINE_ARGS)
+        _reference[key] = [o.outputs[0].token_ids for o in generate(llm, *workload())]
+    return _reference[key]
+
+
+@pytest.mark.parametrize(
+    "arch, tp, pp, extra",
+    [
+        ("llama", 2, 1, {}),
+        ("qwen2", 2, 1, {}),  # 1 KV head, replicated on both ranks
+        ("qwen3", 2, 1, {}),
+        ("llama", 1, 2, {}),
+        ("qwen2", 1, 2, {}),  # tied embeddings: the last stage holds its own copy for the LM head
+        ("qwen2", 2, 1, {"load_format": "dummy"}),  # random weights: the same model whatever the layout
+        ("qwen3", 2, 2, {"async_scheduling": True}),  # tokens in flight reach the first stage's other rank
+    ],
+    ids=["llama-tp2", "qwen2-tp2", "qwen3-tp2", "llama-pp2", "qwen2-pp2", "qwen2-tp2-dummy", "qwen3-tp2pp2-async"],
+)
+def test_greedy_matches_one_process(parallel_llm: GetLLM, tiny_models: dict[str, str], arch: str, tp: int, pp: int, extra: dict) -> None:
+    path = tiny_models[arch]
+    expected = reference_tokens(path, str(extra.get("load_format", "auto")))
+    llm = parallel_llm(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **extra)
+    assert [o.outputs[0].token_ids for o in generate(llm, *workload())] == expected
+    assert llm.llm_engine.scheduler.num_preemptions > 0  # the 40-block pool cannot hold the whole batch
+
+
+def test_sampling_and_logprobs_match_one_process(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:
+    """Seeded sampling, logprobs and prompt logprobs run once, on the driver, from the gathered logits."""
+    prompts, _ = workload(seed=3, n=6)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=6, logprobs=3, prompt_logprobs=2, ignore_eos=True)] * 6
+    single = generate(LLM(tiny_models["qwen3"], **ENGINE_ARGS), prompts, params)
+    # The engine of the test before (the same layout): not started again.
+    parallel = generate(parallel_llm(tiny_models["qwen3"], tensor_parallel_size=2, pipeline_parallel_size=2, async_scheduling=True),
+                        prompts, params)
+    for a, b in zip(single, parallel):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+
+
+def test_invalid_layouts_are_rejected(tiny_models: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        LLM(tiny_models["llama"], tensor_parallel_size=3, **ENGINE_ARGS)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=4"):
+        LLM(tiny_models["llama"], pipeline_parallel_size=4, **ENGINE_ARGS)
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        LLM(tiny_models["llama"], data_parallel_size=2, **ENGINE_ARGS)
+
+
+def test_dead_worker_fails_the_engine(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:
+    engine = parallel_llm(tiny_models["llama"], tensor_parallel_size=2, max_num_seqs=4).llm_engine
+    assert engine.workers is not None
+    failures: list[BaseException] = []
+    engine.on_failure(failures.append)
+    for i in range(4):
+        engine.add_request(str(i), {"prompt_token_ids": [5 + i] * 20}, SamplingParams(max_tokens=400, ignore_eos=True))
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            for step in range(10_000):
+                if step == 5:
+                    os.kill(engine.workers.pids[0], signal.SIGKILL)  # type: ignore[union-attr]
+                engine.step()
+        except BaseException as error:  # noqa: BLE001 - what the test looks at
+            errors.append(error)
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the engine hung after its worker died"
+    assert errors and isinstance(errors[0], (WorkerDiedError, RuntimeError))
+    deadline = time.monotonic() + 10
+    while not failures and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert failures and "exited with code -9" in str(failures[0])
+    with pytest.raises(WorkerDiedError):
+        engine.step()
+    start = time.monotonic()
+    engine.shutdown()
+    assert time.monotonic() - start < 30
+
+
+def test_dead_worker_fails_requests_and_health(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:
+    """Behind the server: the in-flight stream ends with an engine_dead error and /health turns 503."""
+    from pagedllm.engine.async_engine import AsyncLLM
+    from pagedllm.entrypoints.openai.api_server import ServerSettings, build_app
+    from tests.test_server import COMPLETIONS, sse_events
+
+    engine = parallel_llm(tiny_models["qwen3"], tensor_parallel_size=2, max_num_seqs=4).llm_engine
+    async_engine = AsyncLLM(engine)
+    app = build_app(async_engine, ServerSettings(model_names=["tiny"]))
+
+    async def scenario() -> None:
+        async_engine.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tiny") as http:
+                assert (await http.get("/health")).status_code == 200
+
+                async def kill_soon() -> None:
+                    while async_engine.stats.generation_tokens < 5:
+                        await asyncio.sleep(0.01)
+                    os.kill(engine.workers.pids[0], signal.SIGKILL)  # type: ignore[union-attr]
+
+                body = {"prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True, "stream": True}
+                streamed, _ = await asyncio.gather(http.post(COMPLETIONS, json=body), kill_soon())
+                events = sse_events(streamed.text)
+                assert "error" in events[-2] and events[-2]["error"]["code"] == "engine_dead"
+                assert (await http.get("/health")).status_code == 503
+        finally:
+            await async_engine.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_ray_tensor_parallel(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:
+    """The ranks as Ray actors in a placement group, on a local one-node cluster (skipped without Ray:
+    `pip install -e ".[ray]"`, then `python -m pytest -q tests/test_distributed.py -k ray`)."""
+    ray = pytest.importorskip("ray")
+    path = tiny_models["llama"]
+    expected = reference_tokens(path)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 << 20)
+    try:
+        llm = parallel_llm(path, tensor_parallel_size=2, distributed_executor_backend="ray")
+        assert llm.llm_engine.workers is not None and llm.llm_engine.workers.backend == "ray"
+        assert [o.outputs[0].token_ids for o in generate(llm, *workload())] == expected
+        llm.llm_engine.shutdown()  # before the cluster goes
+    finally:
+        ray.shutdown()
