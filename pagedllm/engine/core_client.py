@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import EngineStats, LLMEngine
-from pagedllm.executor.workers import FailureCallback
+from pagedllm.executor.workers import FailureReporter
 
 logger = logging.getLogger(__name__)
 _CALLS = frozenset({"add_request", "abort_request", "step", "reset_prefix_cache"})
@@ -35,12 +35,13 @@ class EngineCoreDiedError(RuntimeError):
     """The engine-core process has exited."""
 
 
-class EngineCoreClient:
+class EngineCoreClient(FailureReporter):
     # Beam search tokenizes its prompts on the front, with the same tokenizer the core uses.
     _tokenize = LLMEngine._tokenize
 
     def __init__(self, config: EngineConfig, index: int, tokenizer: Any, env: dict[str, str] | None = None) -> None:
         """Starts the core process; `wait_ready` finishes the start (so several cores load at once)."""
+        super().__init__()
         self.config, self.index, self.tokenizer = config, index, tokenizer
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
@@ -50,10 +51,6 @@ class EngineCoreClient:
         child.close()
         # Also at exit (or collection): multiprocessing would otherwise join a core still waiting on its pipe.
         self._stop = weakref.finalize(self, _stop_core, self.proc, self._conn)
-        self.failure: EngineCoreDiedError | None = None
-        self._callbacks: list[FailureCallback] = []
-        self._lock = threading.Lock()
-        self._closing = False
         self._unfinished = 0
         self._stats: EngineStats | None = None
         self.vocab_size = 0
@@ -90,14 +87,6 @@ class EngineCoreClient:
         assert self._stats is not None
         return self._stats
 
-    def on_failure(self, callback: FailureCallback) -> None:
-        with self._lock:
-            failure = self.failure
-            if failure is None:
-                self._callbacks.append(callback)
-        if failure is not None:
-            callback(failure)
-
     def shutdown(self) -> None:
         """Asks the core to stop its engine and exit; kills it if it does not within the timeout."""
         with self._lock:
@@ -132,14 +121,7 @@ class EngineCoreClient:
     def _watch(self) -> None:
         wait([self.proc.sentinel])
         self.proc.join()
-        with self._lock:
-            if self._closing:
-                return
-            self.failure = EngineCoreDiedError(f"engine core {self.index} (pid {self.proc.pid}) exited with code {self.proc.exitcode}")
-            callbacks = list(self._callbacks)
-        logger.error("%s", self.failure)
-        for callback in callbacks:
-            callback(self.failure)
+        self._report(EngineCoreDiedError(f"engine core {self.index} (pid {self.proc.pid}) exited with code {self.proc.exitcode}"))
 
 
 def _stop_core(proc: BaseProcess, conn: Connection) -> None:

@@ -24,22 +24,18 @@ class WorkerDiedError(RuntimeError):
     """A rank of the engine's world has exited."""
 
 
-class Workers:
-    """Base of the executors: failure reporting and the driver's side of start and shutdown."""
-
-    backend = ""
+class FailureReporter:
+    """The first fatal failure of a process the engine needs (a rank, an engine core), told once to every
+    callback; nothing is a failure once shutdown has begun (`_closing`)."""
 
     def __init__(self) -> None:
-        self.failure: WorkerDiedError | None = None
+        self.failure: BaseException | None = None
         self._callbacks: list[FailureCallback] = []
         self._lock = threading.Lock()
         self._closing = False
-        self.store: Any = None  # the driver's rendezvous store, which the process group keeps using
-        self.state = ParallelState()  # the driver's place in the world, once joined
-        self.driver_threads: int | None = None  # the driver's CPU threads before it shared the cores
 
     def on_failure(self, callback: FailureCallback) -> None:
-        """`callback(error)` runs (on the watchdog thread) when a rank dies; at once if one already has."""
+        """`callback(error)` runs (on the watching thread) at the failure; at once if it has happened."""
         with self._lock:
             failure = self.failure
             if failure is None:
@@ -47,19 +43,34 @@ class Workers:
         if failure is not None:
             callback(failure)
 
+    def _report(self, failure: BaseException) -> None:
+        with self._lock:
+            if self._closing or self.failure is not None:
+                return
+            self.failure = failure
+            callbacks = list(self._callbacks)
+        logger.error("%s: the engine cannot continue", failure)
+        for callback in callbacks:
+            callback(failure)
+
+
+class Workers(FailureReporter):
+    """Base of the executors: failure reporting and the driver's side of start and shutdown."""
+
+    backend = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: Any = None  # the driver's rendezvous store, which the process group keeps using
+        self.state = ParallelState()  # the driver's place in the world, once joined
+        self.driver_threads: int | None = None  # the driver's CPU threads before it shared the cores
+
     def check_alive(self) -> None:
         if self.failure is not None:
             raise WorkerDiedError(str(self.failure))
 
     def _fail(self, message: str) -> None:
-        with self._lock:
-            if self._closing or self.failure is not None:
-                return
-            self.failure = WorkerDiedError(message)
-            callbacks = list(self._callbacks)
-        logger.error("%s: the engine cannot continue", message)
-        for callback in callbacks:
-            callback(self.failure)
+        self._report(WorkerDiedError(message))
 
     def shutdown(self) -> None:
         """Tells the ranks to leave their loop, waits for them (killing stragglers) and leaves the world."""
