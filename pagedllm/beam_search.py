@@ -107,7 +107,7 @@ class BeamSearch:
     def for_engine(cls, engine: LLMEngine, prompts: Sequence[PromptType], params: BeamSearchParams) -> BeamSearch:
         """Tokenizes the prompts as the engine does; raises ValueError (naming the field) if the search could not run."""
         instances = [
-            BeamSearchInstance([BeamSearchSequence(engine._tokenize(p)[1])], p.get("cache_salt") if isinstance(p, dict) else None)
+            BeamSearchInstance([BeamSearchSequence(engine.tokenize_prompt(p)[1])], p.get("cache_salt") if isinstance(p, dict) else None)
             for p in prompts
         ]
         search = cls(instances, params, engine.eos_token_ids)

@@ -37,7 +37,7 @@ class EngineCoreDiedError(RuntimeError):
 
 class EngineCoreClient(FailureReporter):
     # Beam search tokenizes its prompts on the front, with the same tokenizer the core uses.
-    _tokenize = LLMEngine._tokenize
+    tokenize_prompt = LLMEngine.tokenize_prompt
 
     def __init__(self, config: EngineConfig, index: int, tokenizer: Any, env: dict[str, str] | None = None) -> None:
         """Starts the core process; `wait_ready` finishes the start (so several cores load at once)."""

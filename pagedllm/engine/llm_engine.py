@@ -126,7 +126,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use.")
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = self.tokenize_prompt(prompt)
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if salt is not None and not isinstance(salt, str):
             raise ValueError("cache_salt must be a string.")
@@ -153,7 +153,7 @@ class LLMEngine:
             self._num_penalized += request.params.needs_penalties
             self.scheduler.add_request(request)
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])

@@ -150,10 +150,12 @@ class ModelRunner:
         self._dummy_forward([1], [min(self.config.max_model_len, 4096)])
 
     def capture_cuda_graphs(self) -> None:
-        if self.device.type == "cuda" and self.parallel.world_size == 1:
-            self._compile_kernels()
-        # Not with several ranks yet: collectives inside captured graphs are unverified here.
-        if self.device.type != "cuda" or self.config.enforce_eager or self.parallel.world_size > 1:
+        # Not with several ranks yet: collectives inside captured graphs are unverified here (and a
+        # warm-up forward would need every rank to follow it).
+        if self.device.type != "cuda" or self.parallel.world_size > 1:
+            return
+        self._compile_kernels()
+        if self.config.enforce_eager:
             return
         self.graph_runner = CudaGraphRunner(self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device)
         self.graph_runner.capture()
