@@ -61,6 +61,14 @@ def test_throughput_both(tiny_llama: str, tmp_path: os.PathLike) -> None:
     assert result["args"]["num_prompts"] == 3 and result["args"]["backend"] == "both"
 
 
+def test_throughput_data_parallel(tiny_llama: str, tmp_path: os.PathLike) -> None:
+    """--data-parallel-size 2: the workload through two engine replicas (processes), every token counted once."""
+    result = run_cli(["throughput", "--model", tiny_llama, "--input-len", "8", "--output-len", "4", "--num-prompts", "6",
+                      "--data-parallel-size", "2", "--kv-cache-memory", KV], tmp_path)
+    figures = result["results"]["pagedllm"]
+    assert figures["num_requests"] == 6 and figures["output_tokens"] == 24 and figures["elapsed_s"] > 0
+
+
 def test_latency_both(tiny_llama: str, tmp_path: os.PathLike) -> None:
     result = run_cli(["latency", "--model", tiny_llama, "--input-len", "8", "--output-len", "4", "--batch-size", "2",
                       "--num-iters", "2", "--num-iters-warmup", "0", "--temperature", "0", "--backend", "both",
@@ -151,7 +159,8 @@ def test_workload_defaults_and_overrides() -> None:
 
 @pytest.mark.parametrize(
     "shape, params, vocab, layers",
-    [("llama3-8b", 8.03e9, 128256, 32), ("qwen3-0.6b", 0.596e9, 151936, 28)],
+    [("llama3-8b", 8.03e9, 128256, 32), ("qwen3-0.6b", 0.596e9, 151936, 28), ("llama3-70b", 70.55e9, 128256, 80),
+     ("llama3.1-405b", 405.85e9, 128256, 126)],
 )
 def test_bundled_shapes(shape: str, params: float, vocab: int, layers: int) -> None:
     """The shapes are config.json alone and build our model class; on the meta device, so no memory is used."""

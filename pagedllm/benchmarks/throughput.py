@@ -7,6 +7,9 @@ generates exactly its output length and the token counts are the same for every 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
+import itertools
 import time
 from typing import Any, Sequence
 
@@ -48,13 +51,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return finish("throughput", args, setup, results)
 
 
+def _params(temperature: float, output_len: int) -> Any:
+    from pagedllm import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_p=1.0, max_tokens=output_len, ignore_eos=True)
+
+
 def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, **overrides: Any) -> tuple[float, int, float]:
     """Returns (elapsed seconds, output tokens generated, prefix-cache hit rate in prompt tokens)."""
-    from pagedllm import LLM, SamplingParams
+    from pagedllm import LLM
 
-    def params(output_len: int) -> SamplingParams:
-        return SamplingParams(temperature=temperature, top_p=1.0, max_tokens=output_len, ignore_eos=True)
-
+    if setup.config.data_parallel_size > 1:
+        return asyncio.run(_run_data_parallel(setup, requests, temperature, overrides))
+    params = functools.partial(_params, temperature)
     llm = LLM(**(setup.llm_kwargs | overrides))
     warmup = requests[:_WARMUP_PROMPTS]
     llm.generate([_prompt(r) for r in warmup], [params(min(r.output_len, _WARMUP_TOKENS)) for r in warmup], use_tqdm=False)
@@ -69,6 +78,40 @@ def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperatur
     queries = after.prefix_cache_queries - before.prefix_cache_queries
     hit_rate = (after.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs), hit_rate
+
+
+async def _run_data_parallel(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, overrides: dict[str, Any]) -> tuple[float, int, float]:
+    """`--data-parallel-size K`: the replicas the server would run (one engine process each, requests to the
+    least loaded), every request submitted at once; same figures as `run_pagedllm`."""
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.data_parallel import DPAsyncLLM
+
+    front = DPAsyncLLM.create(EngineConfig.from_kwargs(**(setup.llm_kwargs | overrides)))
+    front.start()
+    ids = itertools.count()
+
+    async def run(batch: Sequence[BenchRequest], max_tokens: int | None = None) -> int:
+        async def one(r: BenchRequest) -> int:
+            tokens = 0
+            async for out in front.generate(f"bench-{next(ids)}", _prompt(r), _params(temperature, max_tokens or r.output_len)):
+                tokens += len(out.outputs[0].token_ids)  # DELTA outputs
+            return tokens
+
+        return sum(await asyncio.gather(*(one(r) for r in batch)))
+
+    try:
+        await run(requests[: _WARMUP_PROMPTS * len(front.replicas)], _WARMUP_TOKENS)
+        await front.reset_prefix_cache()
+        before = front.stats
+        start = time.perf_counter()
+        output_tokens = await run(requests)
+        elapsed = time.perf_counter() - start
+        after = front.stats
+    finally:
+        await front.shutdown()
+    queries = after.prefix_cache_queries - before.prefix_cache_queries
+    hit_rate = (after.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0
+    return elapsed, output_tokens, hit_rate
 
 
 def run_hf(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, batch_size: int) -> float:

@@ -32,13 +32,15 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: Any, head_dim: int, max_position: int) -> None:
         super().__init__()
         self.config, self.head_dim, self.max_position = config, head_dim, max_position
-        self.register_buffer("cos_sin_cache", self.build_cache(), persistent=False)
+        self.register_buffer("cos_sin_cache", self.build_cache().to(torch.get_default_device()), persistent=False)
 
     def build_cache(self) -> torch.Tensor:
-        """[max_position, head_dim] float32: cos in the first half of each row, sin in the second."""
-        inv_freq, scaling = _inv_freq(self.config, self.head_dim)
-        freqs = torch.arange(self.max_position, dtype=torch.float, device=inv_freq.device)[:, None] * inv_freq[None, :]
-        return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
+        """[max_position, head_dim] float32, on the CPU (also while a model is built on the meta device):
+        cos in the first half of each row, sin in the second."""
+        with torch.device("cpu"):
+            inv_freq, scaling = _inv_freq(self.config, self.head_dim)
+            freqs = torch.arange(self.max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
+            return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, Hkv, D] (the torch path; on CUDA the attention layer's fused kernel rotates)."""

@@ -6,6 +6,7 @@ owning layer slices the checkpoint tensors it needs (`weight_loader`), reading o
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import zlib
@@ -24,10 +25,11 @@ from pagedllm.models.registry import get_model_class
 
 def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torch.device, load_format: str = "auto") -> nn.Module:
     model_cls = get_model_class(hf_config)
-    with torch.device("meta"):
+    with torch.device("meta"), _default_dtype(dtype):
         model = model_cls(hf_config)
-    # Materialise on the target device without initialising: every weight is loaded or randomised below.
-    model = model.to_empty(device=device).to(dtype)
+    # Materialise on the target device, in the target dtype (a float32 copy first would not fit beside a
+    # large model's shard), without initialising: every weight is loaded or randomised below.
+    model = model.to_empty(device=device)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _init_buffers(model, device)
@@ -41,12 +43,21 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
     return model.eval()
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _init_buffers(model: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (the rotary tables) hold garbage after `to_empty`: recompute them."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            with torch.device("cpu"):
-                module.cos_sin_cache = module.build_cache().to(device)
+            module.cos_sin_cache = module.build_cache().to(device)
 
 
 def _safetensors_weights(model_path: str) -> Iterator[tuple[str, Weight]]:

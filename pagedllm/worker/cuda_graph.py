@@ -5,6 +5,11 @@ max_num_seqs or 512) over persistent input buffers. A step with n decodes copies
 buffers, pads to the next captured size (padding rows write no K/V: slot -1, context length 0),
 replays, and reads the first n rows of the captured output. Launch overhead, which dominates
 small decode batches, disappears.
+
+Under tensor parallelism every rank captures the same sizes in the same order, so the all-reduces
+inside the graphs pair up at replay as they did eagerly. Under pipeline parallelism a graph holds one
+stage's layers: a later stage's (hidden, residual) input arrives in persistent buffers (received
+outside the graph), and a stage before the last returns its (hidden, residual) pair.
 """
 
 from __future__ import annotations
@@ -28,8 +33,15 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [top]
 
 
+Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
 class CudaGraphRunner:
-    def __init__(self, model: nn.Module, backend: AttentionBackend, max_num_seqs: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, backend: AttentionBackend, max_num_seqs: int, max_blocks: int, device: torch.device,
+        intermediate: tuple[int, torch.dtype] | None = None,
+    ) -> None:
+        """`intermediate`: (hidden size, dtype) of the activations a later pipeline stage receives."""
         self.model, self.backend = model, backend
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
@@ -40,8 +52,12 @@ class CudaGraphRunner:
         self.seq_lens = torch.zeros(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=i32, device=device)
+        self.intermediate = None
+        if intermediate is not None:
+            hidden_size, dtype = intermediate
+            self.intermediate = (torch.zeros(n, hidden_size, dtype=dtype, device=device), torch.zeros(n, hidden_size, dtype=dtype, device=device))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, Output] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -51,17 +67,21 @@ class CudaGraphRunner:
             query_start_loc_cpu=[], seq_lens_cpu=[], allow_split_kv=False,
         )
 
+    def _forward(self, bs: int) -> Output:
+        inter = None if self.intermediate is None else (self.intermediate[0][:bs], self.intermediate[1][:bs])
+        return self.model(self.input_ids[:bs], self.positions[:bs], inter)
+
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(bs)
             with forward_context(self.backend, meta):
-                self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up: compile kernels outside capture
+                self._forward(bs)  # warm-up: compile kernels (and pair up collectives) outside capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                    self.outputs[bs] = self._forward(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -71,9 +91,10 @@ class CudaGraphRunner:
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-        seq_lens: torch.Tensor, block_tables: torch.Tensor,
-    ) -> torch.Tensor:
-        """Inputs are device tensors of the n decodes; returns hidden states [n, hidden]."""
+        seq_lens: torch.Tensor, block_tables: torch.Tensor, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Output:
+        """Inputs are device tensors of the n decodes; returns hidden states [n, hidden] (a stage before
+        the last: its (hidden, residual) pair)."""
         n = input_ids.shape[0]
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(input_ids)
@@ -83,5 +104,10 @@ class CudaGraphRunner:
         self.seq_lens[:n].copy_(seq_lens)
         self.seq_lens[n:bs].fill_(0)
         self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
+        if intermediate is not None:
+            assert self.intermediate is not None
+            for buffer, value in zip(self.intermediate, intermediate):
+                buffer[:n].copy_(value)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        out = self.outputs[bs]
+        return out[:n] if isinstance(out, torch.Tensor) else (out[0][:n], out[1][:n])

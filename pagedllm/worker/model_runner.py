@@ -150,14 +150,18 @@ class ModelRunner:
         self._dummy_forward([1], [min(self.config.max_model_len, 4096)])
 
     def capture_cuda_graphs(self) -> None:
-        # Not with several ranks yet: collectives inside captured graphs are unverified here (and a
-        # warm-up forward would need every rank to follow it).
-        if self.device.type != "cuda" or self.parallel.world_size > 1:
+        """On CUDA: compiles the kernels, then captures the decode graphs. Every rank runs this at start-up,
+        in the same order, so the collectives of the warm-up forwards and of the captures pair up."""
+        if self.device.type != "cuda":
             return
         self._compile_kernels()
         if self.config.enforce_eager:
             return
-        self.graph_runner = CudaGraphRunner(self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device)
+        p = self.parallel
+        self.graph_runner = CudaGraphRunner(
+            self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device,
+            intermediate=None if p.is_first_stage else (self.hidden_size, self.dtype),
+        )
         self.graph_runner.capture()
 
     # ---- one step -----------------------------------------------------------------------
@@ -233,7 +237,10 @@ class ModelRunner:
             input_ids.index_copy_(0, fill_dst, prev_ids.index_select(0, fill_src))
         num_reqs = len(batch.seq_lens)
         if self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
-            return self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables), logits_index
+            if self.parallel.pp_size == 1:
+                return self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables), logits_index
+            out = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables, self._recv_intermediate(num_reqs))
+            return self._pass_on(out), logits_index
         meta = AttentionMetadata(
             num_reqs=num_reqs, num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
@@ -244,18 +251,23 @@ class ModelRunner:
             return self.run_model(input_ids, positions), logits_index
 
     def _run_stage(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One pipeline stage: (hidden, residual) in from the previous stage, this stage's layers, out to
-        the next. Only the last stage ends with hidden states; the others return an empty [T, 0]
-        stand-in, whose row count is all the logits calls need."""
+        """One pipeline stage: (hidden, residual) in from the previous stage, this stage's layers, out to the next."""
+        return self._pass_on(self.model(input_ids, positions, self._recv_intermediate(input_ids.shape[0])))
+
+    def _recv_intermediate(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         p = self.parallel
-        intermediate = None
-        if not p.is_first_stage:
-            shape = (input_ids.shape[0], self.hidden_size)
-            hidden, residual = recv([shape, shape], self.dtype, self.device, src=p.rank - p.tp_size)
-            intermediate = (hidden, residual)
-        out = self.model(input_ids, positions, intermediate)
-        if p.is_last_stage:
+        if p.is_first_stage:
+            return None
+        shape = (num_tokens, self.hidden_size)
+        hidden, residual = recv([shape, shape], self.dtype, self.device, src=p.rank - p.tp_size)
+        return hidden, residual
+
+    def _pass_on(self, out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Sends a stage's (hidden, residual) to the next stage. Only the last stage ends with hidden
+        states; the others return an empty [T, 0] stand-in, whose row count is all the logits calls need."""
+        if isinstance(out, torch.Tensor):
             return out
+        p = self.parallel
         send(list(out), dst=p.rank + p.tp_size)
         return out[0][:, :0]
 

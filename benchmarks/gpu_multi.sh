@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The multi-GPU checks and runs (issues 6 and 7), one stage per argument, on a machine with 2, 4 or 8 GPUs:
+#   bash benchmarks/gpu_multi.sh identity allreduce W1-70b-tp4 L1-70b-tp4 W1-70b-tp2pp2 ...
+# Stage names: identity (float32 greedy on tiny Llama/Qwen3: TP=2 graphs and eager, PP=2, TP=2 x PP=2 if 4
+# GPUs, all equal to one GPU), allreduce (NCCL time per step, benchmarks/allreduce_bench.py), and
+# WORKLOAD-SHAPE-LAYOUT: W1|L1 with 8b|70b|405b and tpN, ppN or tpNppM (e.g. W1-70b-tp2pp2), and W2-dpK.
+# With $OUT set, JSON results land there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
+out=${OUT:-/tmp/pagedllm-gpu}
+mkdir -p "$out"
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+bench() { python -m pagedllm.entrypoints.cli bench "$@"; }
+identity() {
+  for arch in llama qwen3; do
+    python -c "from tests.reference.models import make_tiny_model as m; m('$arch', '/tmp/tiny-$arch')" || return
+    t=$out/identity-$arch; runs=()
+    python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $t-tp1.json || return
+    layouts=("2 1" "2 1 eager" "1 2")
+    [ "$gpus" -ge 4 ] && layouts+=("2 2")
+    for layout in "${layouts[@]}"; do
+      set -- $layout
+      name=$t-tp$1pp$2${3:+-$3}.json
+      python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $name --tp $1 --pp $2 ${3:+--enforce-eager} && runs+=($name)
+    done
+    python benchmarks/gpu_tp_identity.py --compare $t-tp1.json "${runs[@]}"
+  done
+}
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    identity) identity ;;
+    allreduce)
+      for tp in 2 4 8; do
+        [ "$tp" -le "$gpus" ] || continue
+        python benchmarks/allreduce_bench.py --tp $tp --hidden 8192 --layers 80 --out $out/allreduce-70b-tp$tp.json
+        [ $tp -eq 2 ] && python benchmarks/allreduce_bench.py --tp 2 --hidden 4096 --layers 32 --out $out/allreduce-8b-tp2.json
+      done ;;
+    W2-dp*) bench throughput --workload W2 --data-parallel-size ${stage#W2-dp} --output-json $out/$stage.json ;;
+    [WL]1-*-*)
+      IFS=- read -r workload size layout <<<"$stage"
+      case $size in 8b) model=llama3-8b ;; 70b) model=llama3-70b ;; 405b) model=llama3.1-405b ;; *) echo "unknown shape $size"; continue ;; esac
+      tp=1; pp=1
+      [[ $layout =~ tp([0-9]+) ]] && tp=${BASH_REMATCH[1]}
+      [[ $layout =~ pp([0-9]+) ]] && pp=${BASH_REMATCH[1]}
+      kind=throughput; [ $workload = L1 ] && kind=latency
+      bench $kind --workload $workload --model $model --tensor-parallel-size $tp --pipeline-parallel-size $pp \
+        --output-json $out/$stage.json ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
