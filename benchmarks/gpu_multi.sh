@@ -14,7 +14,7 @@ mkdir -p "$out"
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 bench() { python -m pagedllm.entrypoints.cli bench "$@"; }
 identity() {
-  for arch in llama qwen3; do
+  for arch in ${IDENTITY_ARCHS:-llama qwen3}; do
     python -c "from tests.reference.models import make_tiny_model as m; m('$arch', '/tmp/tiny-$arch')" || return
     t=$out/identity-$arch; runs=()
     python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $t-tp1.json || return

@@ -17,6 +17,8 @@ fail at once rather than time out; the executors' watchdogs cover the rest.
 from __future__ import annotations
 
 import datetime
+import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 _IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers wait on the step plan for as long as the engine idles
 _STORE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -117,6 +121,13 @@ def init_distributed(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int
     return ParallelState(rank, tp_size, pp_size, tp_group, cpu_group)
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed(timeout_s: float = 30.0) -> None:
+    """Leaves the world. Bounded: a teardown that hangs (an NCCL peer gone, pytorch/pytorch#115388) must
+    not keep a shutting-down process alive."""
+    if not dist.is_initialized():
+        return
+    done = threading.Thread(target=dist.destroy_process_group, name="pagedllm-destroy-pg", daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        logger.warning("torch.distributed teardown did not finish in %.0f s; leaving it", timeout_s)

@@ -88,12 +88,15 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(config, self.tokenizer)
         start = time.perf_counter()
         self.workers: Workers | None = start_workers(config) if config.world_size > 1 else None
-        self._shutdown = weakref.finalize(self, self.workers.shutdown) if self.workers is not None else None
+        self._shutdown: weakref.finalize | None = None
         try:
             self.runner = ModelRunner(config, None if self.workers is None else self.workers.state)
         except BaseException:
-            self.shutdown()
+            if self.workers is not None:
+                self.workers.shutdown()
             raise
+        if self.workers is not None:
+            self._shutdown = weakref.finalize(self, _stop_workers, self.runner, self.workers)
         self.vocab_size = self.runner.vocab_size
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq, config.enable_prefix_caching)
         assert config.max_model_len is not None
@@ -400,6 +403,11 @@ class LLMEngine:
         """Stops the other ranks of a parallel engine (also done when the engine is collected, or at exit)."""
         if self._shutdown is not None:
             self._shutdown()
+
+
+def _stop_workers(runner: ModelRunner, workers: Workers) -> None:
+    runner.release_cuda_graphs()  # before the process group goes
+    workers.shutdown()
 
 
 def _load_tokenizer(config: EngineConfig) -> Any:

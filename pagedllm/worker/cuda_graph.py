@@ -86,6 +86,15 @@ class CudaGraphRunner:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Frees the graphs (before a process group whose collectives they captured is destroyed: NCCL's
+        teardown waits on them otherwise, pytorch/pytorch#115388)."""
+        torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def can_run(self, num_reqs: int) -> bool:
         return 0 < num_reqs <= self.sizes[-1]
 

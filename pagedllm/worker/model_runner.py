@@ -164,6 +164,11 @@ class ModelRunner:
         )
         self.graph_runner.capture()
 
+    def release_cuda_graphs(self) -> None:
+        if self.graph_runner is not None:
+            self.graph_runner.release()
+            self.graph_runner = None
+
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, kv_cache: KVCacheManager, prev: StepHandle | None = None) -> StepHandle:

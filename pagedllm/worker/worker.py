@@ -25,6 +25,10 @@ def run_worker(config: EngineConfig, rank: int, host: str, port: int) -> None:
     store = connect_store(host, port, config.world_size)
     state = init_distributed(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, device)
     try:
-        ModelRunner(config, state).follow()
+        runner = ModelRunner(config, state)
+        try:
+            runner.follow()
+        finally:
+            runner.release_cuda_graphs()  # before the process group goes
     finally:
         destroy_distributed()
