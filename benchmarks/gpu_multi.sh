@@ -12,14 +12,15 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 out=${OUT:-/tmp/pagedllm-gpu}
 mkdir -p "$out"
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
-bench() { python -m pagedllm.entrypoints.cli bench "$@"; }
+bench() { python -m pagedllm.entrypoints.cli bench "$@" ${BENCH_ARGS:-}; }  # e.g. BENCH_ARGS=--disable-custom-all-reduce
 identity() {
   for arch in ${IDENTITY_ARCHS:-llama qwen3}; do
     python -c "from tests.reference.models import make_tiny_model as m; m('$arch', '/tmp/tiny-$arch')" || return
     t=$out/identity-$arch; runs=()
     python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $t-tp1.json || return
-    layouts=("2 1" "2 1 eager" "1 2")
+    layouts=("2 1" "2 1 eager" "1 2")  # "TP PP [eager]"; IDENTITY_LAYOUTS="2 1,2 1 eager" picks others
     [ "$gpus" -ge 4 ] && layouts+=("2 2")
+    [ -n "${IDENTITY_LAYOUTS:-}" ] && IFS=, read -ra layouts <<<"$IDENTITY_LAYOUTS"
     for layout in "${layouts[@]}"; do
       set -- $layout
       name=$t-tp$1pp$2${3:+-$3}.json
@@ -33,7 +34,7 @@ for stage in "$@"; do
   case $stage in
     identity) identity ;;
     allreduce)
-      for tp in 2 4 8; do
+      for tp in ${ALLREDUCE_TP:-2 4 8}; do
         [ "$tp" -le "$gpus" ] || continue
         python benchmarks/allreduce_bench.py --tp $tp --hidden 8192 --layers 80 --out $out/allreduce-70b-tp$tp.json
         [ $tp -eq 2 ] && python benchmarks/allreduce_bench.py --tp 2 --hidden 4096 --layers 32 --out $out/allreduce-8b-tp2.json

@@ -35,6 +35,7 @@ class EngineConfig:
     # Worker
     attention_backend: str | None = None
     enforce_eager: bool = False
+    disable_custom_all_reduce: bool = False  # NCCL for every TP all-reduce (no symmetric-memory one-shot for small ones)
     # Schedule and launch step N+1 while step N runs, then process N's tokens: None = on for CUDA, off for CPU.
     async_scheduling: bool | None = None
     # Parallelism: a world of tensor x pipeline ranks per engine, data-parallel engines behind one server.

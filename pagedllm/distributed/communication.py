@@ -12,6 +12,10 @@ from pagedllm.distributed.parallel_state import ParallelState
 
 
 def tp_all_reduce(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """The sum over the stage's TP ranks: in place through NCCL, or a new tensor from the small-message path."""
+    small = state.small_all_reduce
+    if small is not None and small.fits(x):
+        return small(x)
     dist.all_reduce(x, group=state.tp_group)
     return x
 

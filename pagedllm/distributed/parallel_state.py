@@ -40,6 +40,7 @@ class ParallelState:
     pp_size: int = 1
     tp_group: Any = None  # device collectives within this rank's pipeline stage
     cpu_group: Any = None  # gloo over the whole world: the step plan and start-up agreements
+    small_all_reduce: Any = None  # a SymmAllReduce for small TP all-reduces on CUDA, set once the dtype is known
 
     @property
     def world_size(self) -> int:

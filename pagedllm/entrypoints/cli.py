@@ -25,6 +25,7 @@ _HELP = {
     "tensor_parallel_size": "split every layer over N ranks (one process per device)",
     "pipeline_parallel_size": "split the layers into M contiguous stages, one per rank group",
     "data_parallel_size": "serve with K engine replicas (each with its own TP x PP world), requests balanced by load",
+    "disable_custom_all_reduce": "NCCL for every tensor-parallel all-reduce (default: small ones go one-shot through NVLink symmetric memory)",
     "distributed_executor_backend": "how ranks 1.. of a parallel engine start: mp (default) | ray (actors on a Ray cluster)",
 }
 
