@@ -121,6 +121,11 @@ class EngineConfig:
         return _DTYPES[self.dtype]
 
     @property
+    def symm_all_reduce_dtype(self) -> torch.dtype | None:
+        """The dtype of the one-shot small all-reduces (None: NCCL for all)."""
+        return None if self.disable_custom_all_reduce else self.torch_dtype
+
+    @property
     def max_blocks_per_seq(self) -> int:
         assert self.max_model_len is not None
         return -(-self.max_model_len // self.block_size)

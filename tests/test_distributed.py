@@ -194,3 +194,33 @@ def test_ray_tensor_parallel(parallel_llm: GetLLM, tiny_models: dict[str, str]) 
         llm.llm_engine.shutdown()  # before the cluster goes
     finally:
         ray.shutdown()
+
+
+def test_small_all_reduce_dispatch_and_fallback() -> None:
+    """Small TP all-reduces go to the symmetric-memory path when it is set and the message fits, NCCL
+    otherwise; where it cannot be set up (here: CPU tensors) every rank agrees to go without it."""
+    import torch
+    import torch.distributed as dist
+
+    from pagedllm.distributed.communication import tp_all_reduce
+    from pagedllm.distributed.parallel_state import ParallelState
+    from pagedllm.distributed.symm_all_reduce import create_symm_all_reduce
+
+    class Doubling:
+        def fits(self, x: torch.Tensor) -> bool:
+            return x.numel() <= 4
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    state = ParallelState(tp_size=2, small_all_reduce=Doubling())
+    assert tp_all_reduce(torch.ones(4), state).tolist() == [2.0] * 4
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        big = torch.ones(8)
+        assert tp_all_reduce(big, ParallelState(tp_size=2, tp_group=group, small_all_reduce=Doubling())) is big  # NCCL/gloo path
+        assert create_symm_all_reduce(group, group, torch.float32, torch.device("cpu")) is None
+    finally:
+        dist.destroy_process_group()

@@ -40,7 +40,7 @@ class ParallelState:
     pp_size: int = 1
     tp_group: Any = None  # device collectives within this rank's pipeline stage
     cpu_group: Any = None  # gloo over the whole world: the step plan and start-up agreements
-    small_all_reduce: Any = None  # a SymmAllReduce for small TP all-reduces on CUDA, set once the dtype is known
+    small_all_reduce: Any = None  # a SymmAllReduce for the TP group's small all-reduces (CUDA), or None: NCCL
 
     @property
     def world_size(self) -> int:
@@ -104,8 +104,11 @@ def wait_for_workers(store: dist.TCPStore, world_size: int, check_alive: Callabl
         time.sleep(0.05)
 
 
-def init_distributed(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, device: torch.device) -> ParallelState:
-    """Joins this process to the world and builds its groups (every rank creates every group, in the same order)."""
+def init_distributed(
+    store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, device: torch.device, symm_dtype: torch.dtype | None = None,
+) -> ParallelState:
+    """Joins this process to the world and builds its groups (every rank creates every group, in the same order).
+    With `symm_dtype`, on CUDA under TP, small all-reduces of that dtype go through symmetric memory."""
     if dist.is_initialized():
         raise RuntimeError("This process already runs a tensor/pipeline-parallel engine: shut it down first (engine.shutdown()).")
     world_size = tp_size * pp_size
@@ -119,7 +122,12 @@ def init_distributed(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int
         if stage == rank // tp_size:
             tp_group = group
     cpu_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=_IDLE_TIMEOUT)
-    return ParallelState(rank, tp_size, pp_size, tp_group, cpu_group)
+    small = None
+    if symm_dtype is not None and tp_size > 1 and device.type == "cuda":
+        from pagedllm.distributed.symm_all_reduce import create_symm_all_reduce
+
+        small = create_symm_all_reduce(tp_group, cpu_group, symm_dtype, device)
+    return ParallelState(rank, tp_size, pp_size, tp_group, cpu_group, small)
 
 
 def destroy_distributed(timeout_s: float = 30.0) -> None:

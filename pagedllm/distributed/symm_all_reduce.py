@@ -24,6 +24,8 @@ class SymmAllReduce:
     def __init__(self, group: Any, dtype: torch.dtype, device: torch.device, max_bytes: int = MAX_BYTES) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
+        if device.index is None:  # the driver's plain "cuda": the device it runs on
+            device = torch.device("cuda", torch.cuda.current_device())
         self.group_name: str = group.group_name
         if hasattr(symm_mem, "enable_symm_mem_for_group"):
             symm_mem.enable_symm_mem_for_group(self.group_name)

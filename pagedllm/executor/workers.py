@@ -110,7 +110,8 @@ def start_workers(config: EngineConfig) -> Workers:
         if device.type == "cpu":
             workers.driver_threads = torch.get_num_threads()
             share_cpu_threads(config.world_size)
-        workers.state = init_distributed(store, 0, config.tensor_parallel_size, config.pipeline_parallel_size, device)
+        workers.state = init_distributed(store, 0, config.tensor_parallel_size, config.pipeline_parallel_size, device,
+                                         config.symm_all_reduce_dtype)
     except BaseException:
         workers.shutdown()
         raise

@@ -26,7 +26,6 @@ from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.distributed.communication import broadcast_object, min_over_world, recv, send, tp_broadcast
 from pagedllm.distributed.parallel_state import ParallelState, building
-from pagedllm.distributed.symm_all_reduce import create_symm_all_reduce
 from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.models.loader import load_model
@@ -52,9 +51,6 @@ class ModelRunner:
         self.distributed = self.parallel.world_size > 1
         with building(self.parallel):
             self.model: nn.Module = load_model(hf, config.model_path, self.dtype, self.device, config.load_format)
-        p = self.parallel
-        if p.tp_size > 1 and self.device.type == "cuda" and not config.disable_custom_all_reduce:
-            p.small_all_reduce = create_symm_all_reduce(p.tp_group, p.cpu_group, self.dtype, self.device)
         self.vocab_size: int = hf.vocab_size
         self.hidden_size: int = hf.hidden_size
         # Pipeline stages pass activations on and send the logits back; one stage calls the model directly.

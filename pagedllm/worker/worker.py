@@ -23,7 +23,7 @@ def run_worker(config: EngineConfig, rank: int, host: str, port: int) -> None:
     else:
         share_cpu_threads(config.world_size)
     store = connect_store(host, port, config.world_size)
-    state = init_distributed(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, device)
+    state = init_distributed(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, device, config.symm_all_reduce_dtype)
     try:
         runner = ModelRunner(config, state)
         try:
