@@ -4,19 +4,21 @@
 # Stage names: identity (float32 greedy on tiny Llama/Qwen3: TP=2 graphs and eager, PP=2, TP=2 x PP=2 if 4
 # GPUs, all equal to one GPU), allreduce (NCCL time per step, benchmarks/allreduce_bench.py), and
 # WORKLOAD-SHAPE-LAYOUT: W1|L1 with 8b|70b|405b and tpN, ppN or tpNppM (e.g. W1-70b-tp2pp2), and W2-dpK.
-# With $OUT set, JSON results land there.
+# JSON results land in /tmp/pagedllm-multi; with $OUT set, one archive of them too (the device tool
+# returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
-out=${OUT:-/tmp/pagedllm-gpu}
+out=/tmp/pagedllm-multi
 mkdir -p "$out"
+[ -n "${OUT:-}" ] && trap 'tar -czf "$OUT/gpu_multi-$(date +%H%M%S).tar.gz" -C "$out" .' EXIT
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 bench() { python -m pagedllm.entrypoints.cli bench "$@" ${BENCH_ARGS:-}; }  # e.g. BENCH_ARGS=--disable-custom-all-reduce
 identity() {
   for arch in ${IDENTITY_ARCHS:-llama qwen3}; do
     python -c "from tests.reference.models import make_tiny_model as m; m('$arch', '/tmp/tiny-$arch')" || return
-    t=$out/identity-$arch; runs=()
+    t=/tmp/identity-$arch; runs=()  # token lists stay here; the comparison goes to $out
     python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $t-tp1.json || return
     layouts=("2 1" "2 1 eager" "1 2")  # "TP PP [eager]"; IDENTITY_LAYOUTS="2 1,2 1 eager" picks others
     [ "$gpus" -ge 4 ] && layouts+=("2 2")
@@ -26,7 +28,7 @@ identity() {
       name=$t-tp$1pp$2${3:+-$3}.json
       python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $name --tp $1 --pp $2 ${3:+--enforce-eager} && runs+=($name)
     done
-    python benchmarks/gpu_tp_identity.py --compare $t-tp1.json "${runs[@]}"
+    python benchmarks/gpu_tp_identity.py --compare $t-tp1.json "${runs[@]}" | tee -a $out/identity.txt
   done
 }
 for stage in "$@"; do

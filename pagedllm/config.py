@@ -121,6 +121,12 @@ class EngineConfig:
         return _DTYPES[self.dtype]
 
     @property
+    def steps_in_flight(self) -> int:
+        """Launched steps whose tokens an async engine leaves unprocessed between calls: one (the next step
+        overlaps its processing), or one per pipeline stage so that every stage has a micro-batch to run."""
+        return max(1, self.pipeline_parallel_size)
+
+    @property
     def symm_all_reduce_dtype(self) -> torch.dtype | None:
         """The dtype of the one-shot small all-reduces (None: NCCL for all)."""
         return None if self.disable_custom_all_reduce else self.torch_dtype

@@ -77,9 +77,10 @@ def reference_tokens(path: str, load_format: str = "auto") -> list[list[int]]:
         ("llama", 1, 2, {}),
         ("qwen2", 1, 2, {}),  # tied embeddings: the last stage holds its own copy for the LM head
         ("qwen2", 2, 1, {"load_format": "dummy"}),  # random weights: the same model whatever the layout
-        ("qwen3", 2, 2, {"async_scheduling": True}),  # tokens in flight reach the first stage's other rank
+        ("llama", 2, 1, {"async_scheduling": True}),  # tokens in flight reach the other TP rank
+        ("qwen3", 2, 2, {"async_scheduling": True}),  # two micro-batches in flight, of other requests each
     ],
-    ids=["llama-tp2", "qwen2-tp2", "qwen3-tp2", "llama-pp2", "qwen2-pp2", "qwen2-tp2-dummy", "qwen3-tp2pp2-async"],
+    ids=["llama-tp2", "qwen2-tp2", "qwen3-tp2", "llama-pp2", "qwen2-pp2", "qwen2-tp2-dummy", "llama-tp2-async", "qwen3-tp2pp2-async"],
 )
 def test_greedy_matches_one_process(parallel_llm: GetLLM, tiny_models: dict[str, str], arch: str, tp: int, pp: int, extra: dict) -> None:
     path = tiny_models[arch]
@@ -87,6 +88,28 @@ def test_greedy_matches_one_process(parallel_llm: GetLLM, tiny_models: dict[str,
     llm = parallel_llm(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **extra)
     assert [o.outputs[0].token_ids for o in generate(llm, *workload())] == expected
     assert llm.llm_engine.scheduler.num_preemptions > 0  # the 40-block pool cannot hold the whole batch
+
+
+def test_pipeline_keeps_one_micro_batch_per_stage_in_flight(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:
+    """PP=2 with async scheduling: up to two steps in flight, never sharing a request."""
+    llm = parallel_llm(tiny_models["qwen3"], tensor_parallel_size=2, pipeline_parallel_size=2, async_scheduling=True)
+    engine = llm.llm_engine
+    launch = engine.runner.execute
+    depths = []
+
+    def checked(sched: Any, kv_cache: Any, prev: Any = None) -> Any:
+        assert prev is None  # no token in flight is read: the step's requests have none
+        in_flight = {id(r) for handle in engine._inflight for r in handle.requests}
+        assert not in_flight & {id(r) for r, _ in sched.scheduled}
+        depths.append(len(engine._inflight))
+        return launch(sched, kv_cache, prev)
+
+    engine.runner.execute = checked  # type: ignore[method-assign]
+    try:
+        generate(llm, *workload(seed=5))
+    finally:
+        del engine.runner.execute
+    assert max(depths) == 2
 
 
 def test_sampling_and_logprobs_match_one_process(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:

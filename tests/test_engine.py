@@ -181,12 +181,12 @@ def test_async_scheduling_keeps_one_step_in_flight(tiny_models: dict[str, str]) 
     llm = LLM(tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=8 << 20, max_model_len=256, async_scheduling=True)
     engine = llm.llm_engine
     engine.add_request("a", ids(5), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, output_kind=RequestOutputKind.DELTA))
-    assert engine.step() == [] and engine._inflight is not None  # launched, nothing processed yet
+    assert engine.step() == [] and len(engine._inflight) == 1  # launched, nothing processed yet
     deltas = []
     while engine.has_unfinished_requests():
         deltas += [o.outputs[0].token_ids for o in engine.step()]
         assert "a" not in engine.requests or engine.requests["a"].num_pending <= 1
     final = llm.generate(ids(5), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert deltas == [[t] for t in final.token_ids]
-    assert engine._inflight is None  # nothing left running once every request is done
+    assert not engine._inflight  # nothing left running once every request is done
     assert_clean(engine)

@@ -9,7 +9,8 @@ recomputed (prompt + what it generated so far) when there is room again.
 
 With async scheduling a request's `num_tokens` counts the token its in-flight step will sample, so
 it is scheduled as a decode before that token is known; a request whose in-flight token is its last
-is left out.
+is left out. With `disjoint_steps` (pipeline parallelism, several micro-batches in flight) a request
+with a token in flight is left out altogether, so each step holds other requests.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool) -> None:
+    def __init__(
+        self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool,
+        disjoint_steps: bool = False,
+    ) -> None:
         self.kv_cache = kv_cache
+        self.disjoint_steps = disjoint_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -61,8 +66,8 @@ class Scheduler:
         while i < len(running) and budget > 0:
             request = running[i]
             pending = request.num_pending
-            if pending and len(request.output_token_ids) + pending >= request.max_tokens:
-                i += 1  # its token in flight is its last: it finishes when that step is processed
+            if pending and (self.disjoint_steps or len(request.output_token_ids) + pending >= request.max_tokens):
+                i += 1  # in another micro-batch, or its token in flight is its last (it finishes when that step is processed)
                 continue
             computed = request.num_computed_tokens
             num_new = min(len(request.all_token_ids) + pending - computed, budget)

@@ -14,7 +14,11 @@ Outputs therefore come one `step` call later than in synchronous mode, with the 
 Batches that hold a request with penalties (which read the output history) run synchronously.
 
 Tensor/pipeline parallelism: the engine starts ranks 1..N-1 (`executor/`) and hosts the driver
-rank's runner itself, so scheduling, async scheduling and sampling work as with one process.
+rank's runner itself, so scheduling, async scheduling and sampling work as with one process. Under
+pipeline parallelism with async scheduling, up to `pipeline_parallel_size` steps (micro-batches) stay
+in flight, so that every stage has one to run: each step schedules only requests with no token in
+flight (no request is in two micro-batches), and a step's tokens are processed once that many later
+steps have been launched.
 `shutdown()` stops those ranks; a rank that dies fails the next step, and `on_failure` callbacks
 hear of it at once.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -111,12 +116,13 @@ class LLMEngine:
             self.runner.num_blocks / self.kv_cache.blocks_for(config.max_model_len), time.perf_counter() - start,
         )
         assert config.max_num_batched_tokens is not None
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+                                   disjoint_steps=config.pipeline_parallel_size > 1)
         self.groups: dict[str, _Group] = {}
         self.requests: dict[str, Request] = {}  # every unfinished sample, by its own id
         self._aborted: list[_Group] = []
         self.prompt_tokens = self.generation_tokens = 0
-        self._inflight: StepHandle | None = None  # the launched step whose tokens are not yet processed
+        self._inflight: deque[StepHandle] = deque()  # launched steps whose tokens are not yet processed, oldest first
         self._num_penalized = 0  # unfinished requests with penalties: while any, steps run synchronously
 
     @classmethod
@@ -220,17 +226,18 @@ class LLMEngine:
         touched: dict[str, _Group] = {g.request_id: g for g in self._aborted}
         self._aborted = []
         overlap = bool(self.config.async_scheduling) and not self._num_penalized
-        if self._inflight is not None and not overlap:
-            self._process(self._take_inflight(), touched)
+        depth = self.config.steps_in_flight if overlap else 0  # launched steps left unprocessed when step() returns
+        inflight = self._inflight
+        while len(inflight) > depth:
+            self._process(inflight.popleft(), touched)
         sched = self.scheduler.schedule()
-        handle = self._launch(sched) if sched.scheduled else None
-        if self._inflight is not None:
-            self._process(self._take_inflight(), touched)  # step N's tokens, while N+1 runs
-        if handle is not None:
-            if overlap and self.requests:
-                self._inflight = handle
-            else:
-                self._process(handle, touched)
+        if sched.scheduled:
+            inflight.append(self._launch(sched))
+        elif inflight:  # all that can run is in flight
+            self._process(inflight.popleft(), touched)
+        # The oldest step's tokens, while the newer ones run (at once if nothing is left to wait for).
+        while len(inflight) > depth or (inflight and not self.requests):
+            self._process(inflight.popleft(), touched)
         outputs = []
         for group in touched.values():
             if group.num_unfinished and group.output_kind is RequestOutputKind.FINAL_ONLY:
@@ -240,17 +247,13 @@ class LLMEngine:
                 del self.groups[group.request_id]
         return outputs
 
-    def _take_inflight(self) -> StepHandle:
-        handle, self._inflight = self._inflight, None
-        assert handle is not None
-        return handle
-
     def _launch(self, sched: SchedulerOutput) -> StepHandle:
         """Runs the step (asynchronously on CUDA) and books its tokens as computed at once, so that
         the next schedule sees them; a token it samples counts as pending until processed."""
         if self.workers is not None:
             self.workers.check_alive()
-        handle = self.runner.execute(sched, self.kv_cache, self._inflight)
+        prev = self._inflight[-1] if self._inflight and not self.scheduler.disjoint_steps else None  # tokens in flight come from it
+        handle = self.runner.execute(sched, self.kv_cache, prev)
         for request, num_new in sched.scheduled:
             computed = request.num_computed_tokens
             if computed < len(request.prompt_token_ids):

@@ -12,17 +12,17 @@ from pagedllm.core.scheduler import SchedulerOutput
 
 class Staging:
     """A step's int arrays go to the device in one copy: packed into one host buffer (pinned on
-    CUDA), an int64 section then an int32 one, copied, then sliced on the device. Two host buffers
-    used in turn, so the CPU fills one while the device may still be copying the other (async
-    scheduling); on CPU the host buffer is the device buffer."""
+    CUDA), an int64 section then an int32 one, copied, then sliced on the device. One host buffer
+    per step that can be in flight at once, used in turn, so the CPU fills one while the device may
+    still be copying the others (async scheduling); on CPU the host buffer is the device buffer."""
 
-    def __init__(self, device: torch.device, nbytes: int) -> None:
-        self.device, self.pinned = device, device.type == "cuda"
+    def __init__(self, device: torch.device, nbytes: int, num_buffers: int = 2) -> None:
+        self.device, self.pinned, self.num_buffers = device, device.type == "cuda", num_buffers
         self._allocate(nbytes)
 
     def _allocate(self, nbytes: int) -> None:
         self.nbytes = nbytes
-        self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(2)]
+        self.host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(self.num_buffers)]
         self.host_np = [h.numpy() for h in self.host]
         self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if self.pinned else None
         # Device views by layout: steady decoding repeats a few layouts, and slicing costs a dispatch each.

@@ -63,15 +63,21 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         self.num_blocks = self._allocate_kv_cache()
         self.capture_cuda_graphs()
-        # Persistent host buffers, two of each, used by alternate steps (see Staging).
+        # Persistent host buffers, one of each per step that can be in flight at once, used in turn (see Staging).
         assert config.max_num_batched_tokens is not None
         tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
-        self._staging = Staging(self.device, 8 * (3 * tokens + 3 * seqs) + 4 * (2 * seqs + 1 + seqs * 16) + 64)
+        self._num_turns = config.steps_in_flight + 1
+        self._staging = Staging(self.device, 8 * (3 * tokens + 3 * seqs) + 4 * (2 * seqs + 1 + seqs * 16) + 64, self._num_turns)
         self._turn = 0
         self._sampling_cache: tuple[list[Request], SamplingBatch] | None = None
+        self._sample_stream: torch.cuda.Stream | None = None
         if self.device.type == "cuda":
-            self._host_ids = [torch.empty(seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-            self._events = [torch.cuda.Event() for _ in range(2)]
+            self._host_ids = [torch.empty(seqs, dtype=torch.int64, pin_memory=True) for _ in range(self._num_turns)]
+            self._events = [torch.cuda.Event() for _ in range(self._num_turns)]
+            if self.parallel.pp_size > 1:
+                # The driver waits for the last stage's logits on a stream of its own, so that its first stage
+                # can run the next micro-batch meanwhile.
+                self._sample_stream = torch.cuda.Stream(self.device)
 
     # ---- KV cache -----------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -179,13 +185,26 @@ class ModelRunner:
         spans = self._prompt_logprob_spans(sched, batch)
         if self.distributed:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans], 0 if prev is None else len(prev.requests)))
-        turn, self._turn = self._turn, self._turn ^ 1
+        turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
         hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
+        # The sampled rows, selected on this stream: the index lives in the staging buffer the next step refills.
+        rows = hidden if logits_index is None or not batch.sample_rows else hidden.index_select(0, logits_index)
+        if self._sample_stream is None:
+            return self._sample(sched, batch, spans, hidden, rows, turn)
+        self._sample_stream.wait_stream(torch.cuda.current_stream(self.device))
+        rows.record_stream(self._sample_stream)
+        with torch.cuda.stream(self._sample_stream):
+            return self._sample(sched, batch, spans, hidden, rows, turn)
+
+    def _sample(
+        self, sched: SchedulerOutput, batch: FlatBatch, spans: list[tuple[Request, range, int, int]],
+        hidden: torch.Tensor, rows: torch.Tensor, turn: int,
+    ) -> StepHandle:
+        """Logits of the rows that sample, the sampling itself and the copies to the host (all launched)."""
         prompt_logprobs = self._prompt_logprobs(spans, hidden)
         requests = [sched.scheduled[r][0] for r in batch.sample_rows]
         logprobs = None
         if requests:
-            rows = hidden if logits_index is None else hidden.index_select(0, logits_index)
             logits = self.compute_logits(rows)
             if all(r.plain_greedy for r in requests):
                 # argmax of the raw logits (bf16 -> f32 is exact, so no upcast is needed)
@@ -206,7 +225,7 @@ class ModelRunner:
                 host_ids = self._host_ids[turn] = torch.empty(len(requests), dtype=torch.int64, pin_memory=True)
             host_ids = host_ids[: len(requests)]
             host_ids.copy_(token_ids, non_blocking=True)
-            event.record()
+            event.record()  # on the current stream: the sampling one under pipeline parallelism
         else:
             host_ids = token_ids
         return StepHandle(requests, token_ids, host_ids, event, logprobs, prompt_logprobs)
@@ -220,7 +239,7 @@ class ModelRunner:
             batch: FlatBatch = plan.batch
             prev_ids = torch.empty(plan.num_prev_sampled, dtype=torch.int64, device=self.device) if batch.fill_dst.size else None
             hidden, logits_index = self._forward(batch, prev_ids, turn)
-            turn ^= 1
+            turn = (turn + 1) % self._num_turns
             for lo, hi in plan.prompt_rows:
                 self.compute_logits(hidden[lo:hi])
             if batch.sample_rows:
