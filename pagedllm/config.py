@@ -98,14 +98,13 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.distributed_executor_backend not in (None, "mp", "ray"):
             raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got {self.distributed_executor_backend!r}.")
-        hf, tp = self.hf_config, self.tensor_parallel_size
+        from pagedllm.layers.linear import tp_layout_error
+
+        hf = self.hf_config
         heads = hf.num_attention_heads
-        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
-        if heads % tp or (kv_heads % tp and tp % kv_heads) or hf.intermediate_size % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide the model's {heads} attention heads and intermediate size "
-                f"{hf.intermediate_size}, and divide or be a multiple of its {kv_heads} KV heads."
-            )
+        error = tp_layout_error(self.tensor_parallel_size, heads, getattr(hf, "num_key_value_heads", None) or heads, hf.intermediate_size)
+        if error:
+            raise ValueError(error)
         if self.pipeline_parallel_size > hf.num_hidden_layers:
             raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} exceeds the model's {hf.num_hidden_layers} layers.")
         if self.device.startswith("cuda") and self.world_size > torch.cuda.device_count():

@@ -128,6 +128,38 @@ def test_sampling_and_logprobs_match_one_process(parallel_llm: GetLLM, tiny_mode
             assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
 
 
+def test_heads_split_in_whole_kv_groups() -> None:
+    """KV heads that do not divide evenly go to the first ranks one more each, with the q heads that attend
+    to them (SmolLM2: 9 heads, 3 KV heads, TP=2 -> 6 + 3 q heads, 2 + 1 KV heads); fewer KV heads than
+    ranks are replicated."""
+    from pagedllm.distributed.parallel_state import ParallelState, building
+    from pagedllm.layers.linear import Shard, qkv_shards
+
+    def shards(tp: int, heads: int, kv_heads: int) -> list[tuple[Shard, Shard]]:
+        out = []
+        for rank in range(tp):
+            with building(ParallelState(rank=rank, tp_size=tp)):
+                q, k, v = qkv_shards(1, heads, kv_heads)
+            assert k == v
+            out.append(((q.start, q.size), (k.start, k.size)))
+        return out
+
+    assert shards(2, 9, 3) == [((0, 6), (0, 2)), ((6, 3), (2, 1))]
+    assert shards(3, 9, 3) == [((0, 3), (0, 1)), ((3, 3), (1, 1)), ((6, 3), (2, 1))]
+    assert shards(4, 8, 2) == [((0, 2), (0, 1)), ((2, 2), (0, 1)), ((4, 2), (1, 1)), ((6, 2), (1, 1))]
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        shards(3, 4, 2)
+
+
+def test_smollm2_uneven_heads_match_one_process(parallel_llm: GetLLM, smollm2: str) -> None:
+    """SmolLM2's 9 heads / 3 KV heads over TP=2 (uneven: 6 + 3), float32 greedy: the single-process tokens."""
+    prompts = [{"prompt_token_ids": ids} for ids in ([1, 504, 3458, 282, 4082, 314], [1, 28, 17, 2366, 30, 5099, 9043, 11], [1] + list(range(300, 380)))]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    single = [o.outputs[0].token_ids for o in generate(LLM(smollm2, **ENGINE_ARGS), prompts, [params] * 3)]
+    llm = parallel_llm(smollm2, tensor_parallel_size=2)
+    assert [o.outputs[0].token_ids for o in generate(llm, prompts, [params] * 3)] == single
+
+
 def test_invalid_layouts_are_rejected(tiny_models: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):
         LLM(tiny_models["llama"], tensor_parallel_size=3, **ENGINE_ARGS)

@@ -56,27 +56,44 @@ class Shard:
     size: int
 
 
-def even_shard(rows: int, state: ParallelState) -> Shard:
-    if rows % state.tp_size:
-        raise ValueError(f"{rows} features do not split evenly over tensor_parallel_size={state.tp_size}.")
-    size = rows // state.tp_size
-    return Shard(rows, state.tp_rank * size, size)
+def split_rows(rows: int, state: ParallelState, unit: int = 1) -> Shard:
+    """This rank's rows, in whole units (a head's rows, say): an even split where the units divide
+    evenly, else the first ranks take one unit more."""
+    tp, rank = state.tp_size, state.tp_rank
+    units = rows // unit
+    if rows % unit or units < tp:
+        raise ValueError(f"{units} units of {unit} features cannot be split over tensor_parallel_size={tp}.")
+    base, extra = divmod(units, tp)
+    return Shard(rows, (rank * base + min(rank, extra)) * unit, (base + (rank < extra)) * unit)
+
+
+def tp_layout_error(tp: int, num_heads: int, num_kv_heads: int, intermediate_size: int | None = None) -> str | None:
+    """Why attention heads and MLP rows cannot be split over `tp` ranks (None: they can)."""
+    if num_kv_heads < tp and (num_heads % tp or tp % num_kv_heads):
+        return (f"tensor_parallel_size={tp} exceeds the model's {num_kv_heads} KV heads, so it must divide its {num_heads} "
+                "attention heads and be a multiple of the KV heads.")
+    if intermediate_size is not None and intermediate_size < tp:
+        return f"tensor_parallel_size={tp} exceeds the model's intermediate size {intermediate_size}."
+    return None
 
 
 def qkv_shards(head_dim: int, num_heads: int, num_kv_heads: int) -> list[Shard]:
-    """This rank's q heads, and its k/v heads: split like the q heads, or, with fewer KV heads than
-    ranks, the one KV head its q heads attend to (replicated over tp_size // num_kv_heads ranks)."""
+    """This rank's q heads, and its k/v heads. With at least as many KV heads as ranks, each rank takes
+    whole KV heads (as evenly as they go: SmolLM2's 3 over 2 ranks are 2 + 1) with the q heads that
+    attend to them; with fewer, the q heads split evenly and each rank keeps the one KV head its q heads
+    attend to (replicated over tp_size // num_kv_heads ranks)."""
     state = get_parallel_state()
     tp, rank = state.tp_size, state.tp_rank
-    if num_heads % tp or (num_kv_heads % tp and tp % num_kv_heads):
-        raise ValueError(
-            f"tensor_parallel_size={tp} must divide the {num_heads} attention heads, and divide or be a multiple of "
-            f"the {num_kv_heads} KV heads."
-        )
-    q = even_shard(num_heads * head_dim, state)
-    kv_heads = max(1, num_kv_heads // tp)
-    kv_start = (rank * kv_heads if num_kv_heads >= tp else rank // (tp // num_kv_heads)) * head_dim
-    kv = Shard(num_kv_heads * head_dim, kv_start, kv_heads * head_dim)
+    if num_kv_heads >= tp:
+        kv = split_rows(num_kv_heads * head_dim, state, head_dim)
+        group = num_heads // num_kv_heads
+        q = Shard(num_heads * head_dim, kv.start * group, kv.size * group)
+        return [q, kv, kv]
+    error = tp_layout_error(tp, num_heads, num_kv_heads)
+    if error:
+        raise ValueError(error)
+    q = split_rows(num_heads * head_dim, state, head_dim)
+    kv = Shard(num_kv_heads * head_dim, rank // (tp // num_kv_heads) * head_dim, head_dim)
     return [q, kv, kv]
 
 
@@ -103,9 +120,10 @@ class RowParallelLinear(Linear):
     """Input features split over the TP group; the partial outputs are summed by one all-reduce.
     The bias is added on TP rank 0 only, so the sum holds it once."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, shard: Shard | None = None) -> None:
+        """`shard`: this rank's input columns, where the layer before split its outputs unevenly."""
         state = get_parallel_state()
-        shard = even_shard(in_features, state)
+        shard = shard or split_rows(in_features, state)
         super().__init__(shard.size, out_features, bias)
         self.shard, self.tp, self.tp_size, self.tp_rank = shard, state, state.tp_size, state.tp_rank
 

@@ -19,7 +19,7 @@ from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, even_shard, qkv_shards
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, qkv_shards, split_rows
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.pipeline import MissingLayer, stage_layers
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         shards = qkv_shards(self.head_dim, num_heads, num_kv_heads)
         self.num_heads, self.num_kv_heads = shards[0].size // self.head_dim, shards[1].size // self.head_dim  # this rank's
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, shards, bias=qkv_bias)
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias, shard=shards[0])  # its q heads' columns
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, rotary)
@@ -46,7 +46,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
-        shard = even_shard(config.intermediate_size, get_parallel_state())
+        shard = split_rows(config.intermediate_size, get_parallel_state())
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [shard, shard], bias=False)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = SiluAndMul()
