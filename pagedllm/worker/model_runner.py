@@ -206,11 +206,11 @@ class ModelRunner:
         logprobs = None
         if requests:
             logits = self.compute_logits(rows)
+            # The raw logits, in the model's dtype: the sampler upcasts only where it must.
             if all(r.plain_greedy for r in requests):
-                # argmax of the raw logits (bf16 -> f32 is exact, so no upcast is needed)
                 result = self.sampler(logits, SamplingBatch(len(requests), self.vocab_size, all_greedy=True))
             else:
-                result = self.sampler(logits.float(), self._sampling_batch(requests))
+                result = self.sampler(logits, self._sampling_batch(requests))
             token_ids = result.token_ids
             if result.logprobs is not None:
                 ids, values, ranks = result.logprob_token_ids, result.logprobs, result.sampled_ranks

@@ -2,6 +2,9 @@
 
 Order follows vLLM v1: logprobs from the raw logits, then logit_bias -> min_tokens -> penalties ->
 greedy argmax, or temperature -> min_p -> top_k -> top_p -> a draw (exponential race on CUDA, inverse CDF on CPU).
+On CUDA a batch that only needs temperatures (no min_p, top_k or top_p in any row) skips all of that:
+one Triton pass over the logits draws each row by the Gumbel-max trick, greedy rows included
+(pagedllm/kernels/sampling.py).
 Everything per row is expressed as batched tensor ops built once per step in `SamplingBatch.build`;
 the only Python loop in the hot path is one draw per seeded row, so that a seeded request's noise
 depends on its own generator alone and never on the batch around it.
@@ -51,6 +54,9 @@ class SamplingBatch:
     top_k: torch.Tensor | None = None  # [B] int64, 0 = no limit
     max_top_k: int = 0
     top_p: torch.Tensor | None = None  # [B, 1] float32
+    # The Gumbel-max kernel's per-row inputs (CUDA): 1 / temperature and the noise scale (1 random, 0 greedy).
+    inv_temperature: torch.Tensor | None = None  # [B] float32
+    noise_scale: torch.Tensor | None = None  # [B] float32
     # Seeded random rows: row index -> the request's own generator.
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     # Sparse (row, token) lists, so nothing of size [B, V] is built for them.
@@ -162,6 +168,9 @@ class SamplingBatch:
         if any(p.top_p < 1.0 for p in random):
             self.top_p = to_device([[1.0 if g else p.top_p] for p, g in zip(params, greedy)], torch.float32, device)
         self.generators = {i: gen for i, (gen, g) in enumerate(zip(generators, greedy)) if gen is not None and not g}
+        if self.min_p is None and self.top_k is None and self.top_p is None:
+            self.inv_temperature = to_device([1.0 if g else 1.0 / p.temperature for p, g in zip(params, greedy)], torch.float32, device)
+            self.noise_scale = to_device([0.0 if g else 1.0 for g in greedy], torch.float32, device)
 
 
 @dataclass
@@ -188,6 +197,10 @@ def compute_topk_logprobs(
 
 
 class Sampler:
+    def __init__(self, use_kernel: bool | None = None) -> None:
+        """use_kernel: draw temperature-only batches with the Triton Gumbel-max kernel; None = on CUDA."""
+        self.use_kernel = use_kernel
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # A padded LM head may emit columns past the tokenizer's vocabulary; they are never sampled.
         logits = logits[:, : batch.vocab_size]
@@ -201,6 +214,10 @@ class Sampler:
         return SamplerOutput(token_ids, ids, logprobs, ranks)
 
     def _sample(self, raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        edits = batch.bias_index is not None or batch.stop_index is not None or batch.penalty_rows is not None
+        use_kernel = (raw.is_cuda if self.use_kernel is None else self.use_kernel) and batch.inv_temperature is not None
+        if use_kernel and not edits:
+            return _gumbel_draw(raw, batch)  # reads the raw logits once, in their own dtype
         # A float32 copy: the raw logits stay intact for logprobs and for the caller.
         logits = raw.to(dtype=torch.float32, copy=True)
         if batch.bias_index is not None:
@@ -209,9 +226,11 @@ class Sampler:
             logits[batch.stop_index] = _NEG_INF
         if batch.penalty_rows is not None:
             _apply_penalties(logits, batch)
-        greedy_ids = logits.argmax(dim=-1) if batch.greedy_mask is not None or not batch.any_random else None
         if not batch.any_random:
-            return greedy_ids
+            return logits.argmax(dim=-1)
+        if use_kernel:
+            return _gumbel_draw(logits, batch)
+        greedy_ids = logits.argmax(dim=-1) if batch.greedy_mask is not None else None
         sampled = _sample_random(logits, batch)
         return sampled if greedy_ids is None else torch.where(batch.greedy_mask, greedy_ids, sampled)
 
@@ -241,6 +260,21 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not probs.is_cuda:
         return _inverse_cdf_draw(probs, batch.generators)
     return probs.div_(_exponential_noise(probs, batch.generators)).argmax(dim=-1)
+
+
+def _gumbel_draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Every row in one kernel pass; each row's Philox seed is fresh per step (from torch's default
+    generator), a seeded row's from its own generator."""
+    from pagedllm.kernels.sampling import gumbel_max_sample
+
+    assert batch.inv_temperature is not None and batch.noise_scale is not None
+    base = int(torch.randint(1 << 62, (1,)))
+    seeds = torch.arange(base, base + batch.num_rows, dtype=torch.int64, device=logits.device)
+    if batch.generators:
+        rows = list(batch.generators)
+        drawn = [torch.randint(1 << 62, (1,), generator=g, device=g.device) for g in batch.generators.values()]
+        seeds[to_device(rows, torch.int64, logits.device)] = torch.cat(drawn).to(logits.device)
+    return gumbel_max_sample(logits, batch.inv_temperature, batch.noise_scale, seeds)
 
 
 def _top_k_threshold(sorted_desc: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
