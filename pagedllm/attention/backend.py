@@ -30,8 +30,12 @@ class AttentionMetadata:
     # Host copies, for backends that loop over requests on the CPU.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
-    # False inside CUDA graphs: the split-KV path's launch shape follows max_seq_len.
-    allow_split_kv: bool = True
+
+
+# Decode batch sizes that CUDA graphs are captured at (worker/cuda_graph.py): a decode batch pads to the
+# next one. A backend that picks its kernels by batch size decides on these sizes, so that a batch takes
+# the same path in a graph as it does eagerly.
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, *range(16, 256, 8), *range(256, 513, 16)]
 
 
 class AttentionBackend(Protocol):

@@ -1,12 +1,14 @@
 """Attention through the Triton kernels in pagedllm.kernels (the CUDA backend).
 
 forward picks one of two paths:
-- unified varlen kernel: any batch (decodes and prefill chunks together), one launch;
-- split-KV decode (flash-decoding): only when every request is a decode, the context is long
-  (max_seq_len >= 1024) and there are too few (request, KV head) programs to fill the GPU
-  (num_decodes * num_kv_heads < 2 * num_SMs). There the unified kernel would leave SMs idle while
-  a few programs each walk thousands of keys; splitting the keys into partitions (sized for ~2
-  waves, >= 256 keys each) spreads them over the SMs at the cost of one small merge kernel.
+- unified varlen kernel: any batch; a mixed one in two launches, decodes in one-token tiles and
+  prompt chunks in large ones;
+- split-KV decode (flash-decoding): decode-only batches too small to fill the GPU with one program
+  per (request, KV head): up to the largest graph batch size whose programs fit in two waves
+  (32 requests for 8 KV heads on 132 SMs). There the unified kernel would leave SMs idle while each
+  program walks its whole context; splitting every sequence's keys into up to SPLIT_KV_PARTS pieces
+  spreads them over the SMs at the cost of one small merge kernel. The choice depends on the batch
+  size alone (on the sizes CUDA graphs pad to), so graph replays and eager steps run the same kernels.
 """
 
 from __future__ import annotations
@@ -15,27 +17,19 @@ import functools
 
 import torch
 
-from pagedllm.attention.backend import AttentionMetadata
-from pagedllm.kernels.paged_attention import split_kv_decode, split_kv_partition, unified_attention
-
-SPLIT_KV_MIN_SEQ_LEN = 1024
+from pagedllm.attention.backend import GRAPH_BATCH_SIZES, AttentionMetadata
+from pagedllm.kernels import sm_count
+from pagedllm.kernels.paged_attention import split_kv_decode, unified_attention
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # H100 SXM; only matters for CPU (interpreter) runs
+def split_kv_max_batch(num_kv_heads: int, num_sms: int) -> int:
+    """Largest graph batch size whose (request, KV head) programs fit in two waves over the SMs."""
+    return max((s for s in GRAPH_BATCH_SIZES if s * num_kv_heads <= 2 * num_sms), default=0)
 
 
 def use_split_kv(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:
-    return (
-        meta.allow_split_kv
-        and meta.num_reqs > 0
-        and meta.num_decodes == meta.num_reqs
-        and meta.max_seq_len >= SPLIT_KV_MIN_SEQ_LEN
-        and meta.num_decodes * num_kv_heads < 2 * num_sms
-    )
+    return 0 < meta.num_reqs == meta.num_decodes and meta.num_reqs <= split_kv_max_batch(num_kv_heads, num_sms)
 
 
 class TritonAttentionBackend:
@@ -48,11 +42,18 @@ class TritonAttentionBackend:
         if query.shape[0] == 0:
             return out
         num_kv_heads = kv_cache.shape[3]
-        num_sms = _num_sms(query.device)
-        if use_split_kv(meta, num_kv_heads, num_sms):
+        if use_split_kv(meta, num_kv_heads, sm_count(query.device)):
             n = meta.num_decodes  # rows past n (padding) are left unwritten
-            partition = split_kv_partition(meta.max_seq_len, n * num_kv_heads, num_sms)
-            split_kv_decode(query[:n], kv_cache, out[:n], meta.seq_lens, meta.block_tables, meta.max_seq_len, scale, partition)
+            split_kv_decode(query[:n], kv_cache, out[:n], meta.seq_lens, meta.block_tables, scale)
+            return out
+        nd = meta.num_decodes
+        if 0 < nd < meta.num_reqs and meta.max_query_len > 1:
+            # A mixed batch: its decodes (first) in one-token tiles, its prompt chunks in large ones, as
+            # one launch would give every request the large tiles, and decodes would waste most rows.
+            unified_attention(query[:nd], kv_cache, out[:nd], meta.query_start_loc[: nd + 1], meta.seq_lens[:nd],
+                              meta.block_tables[:nd], 1, scale)
+            unified_attention(query[nd:], kv_cache, out[nd:], meta.query_start_loc[nd:] - nd, meta.seq_lens[nd:],
+                              meta.block_tables[nd:], meta.max_query_len, scale)
             return out
         return unified_attention(
             query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale

@@ -13,9 +13,12 @@ query_start_loc (log2(num_reqs) scalar loads) and exits at once if its tile lies
 request's end. The grid (num_tokens // BLOCK_Q + num_reqs, num_kv_heads) then depends only on
 host integers: no host-side map to build and copy each step, and no device->host sync.
 
-Split-KV decode: for decode-only batches with few programs' worth of (request, KV head) pairs and
-long contexts, each sequence's keys are cut into partitions handled by separate programs, which
-write an unnormalised partial (max, sum, acc); a second kernel merges the partitions.
+Split-KV decode: for decode-only batches with few programs' worth of (request, KV head) pairs,
+each sequence's keys are cut into up to `num_parts` partitions handled by separate programs, which
+write an unnormalised partial (max, sum, acc); a second kernel merges the partitions. The launch
+shape depends only on the batch size and num_parts: each sequence sizes its partitions from its
+own length on the device, so the path runs inside CUDA graphs, and a sequence's result never
+depends on the others in the batch.
 
 Every kernel has a float64 torch reference (`*_ref`) beside it.
 """
@@ -155,17 +158,20 @@ def _head_dim_pad(head_dim: int) -> int:
 def unified_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
-    block_m: int | None = None, tile_n: int | None = None,
+    block_m: int | None = None, tile_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out."""
+    """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out.
+    block_m, tile_n, num_warps and num_stages override the tile choice (benchmarks/attention_bench.py)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and qpk * num_kv_heads == num_heads
     num_reqs = seq_lens.shape[0]
     if block_m is None:
-        # Decode-only: one token per tile. Otherwise bigger tiles amortise the K/V reads over more queries.
-        block_m = 16 if max_query_len * qpk <= 16 else 64
+        # Decode-only: one token per tile. Otherwise bigger tiles amortise the K/V reads over more queries:
+        # 128 rows in 16-bit types (1.67x the speed of 64 for 16 prompts of 512 tokens on an H200,
+        # benchmarks/attention_bench.py); float32 stays at 64.
+        block_m = 16 if max_query_len * qpk <= 16 else (64 if q.dtype == torch.float32 else 128)
     block_m = max(block_m, triton.next_power_of_2(qpk))
     block_q = 1 if max_query_len == 1 else block_m // qpk
     if tile_n is None:
@@ -180,24 +186,34 @@ def unified_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
-        num_warps=4 if block_m <= 16 else 8,
+        num_warps=num_warps or (4 if block_m <= 16 else 8), **({"num_stages": num_stages} if num_stages else {}),
     )
     return out
 
 
-@triton.jit(do_not_specialize=["num_parts", "partition", "stride_bt"])
+SPLIT_KV_PARTS = 16  # partitions per sequence at most (1 x 8 KV heads x 16 = ~one wave on 132 SMs)
+_MIN_PARTITION = 64  # keys: shorter partitions would cost more in partials and merging than they save
+
+
+@triton.jit
+def _partition_len(seq_len, num_parts, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr):
+    """Keys per partition for one sequence: its length over num_parts, in whole tiles, >= MIN_PARTITION."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_parts), TILE_N) * TILE_N, MIN_PARTITION)
+
+
+@triton.jit(do_not_specialize=["num_parts", "stride_bt"])
 def _split_kv_decode_kernel(
     q_ptr, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
-    qk_scale,
-    num_parts, partition,  # follow max_seq_len
+    qk_scale, num_parts,
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     req = tl.program_id(0)  # decodes come first, so request r's query is token r
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens + req)
+    partition = _partition_len(seq_len, num_parts, TILE_N, MIN_PARTITION)
     kv_start = part * partition
     if kv_start >= seq_len:
         return  # the merge kernel ignores partitions past the sequence's end
@@ -221,14 +237,15 @@ def _split_kv_decode_kernel(
     tl.store(part_acc + ml_off[:, None] * HEAD_D_PAD + d[None, :], acc, mask=io_mask)
 
 
-@triton.jit(do_not_specialize=["num_parts", "partition"])
+@triton.jit(do_not_specialize=["num_parts"])
 def _split_kv_merge_kernel(
-    part_m, part_l, part_acc, seq_lens, out_ptr, stride_ot, stride_oh, num_parts, partition,
-    NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr,
+    part_m, part_l, part_acc, seq_lens, out_ptr, stride_ot, stride_oh, num_parts,
+    NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
-    n_valid = tl.cdiv(tl.load(seq_lens + req), partition)  # later partitions were never written
+    seq_len = tl.load(seq_lens + req)
+    n_valid = tl.cdiv(seq_len, _partition_len(seq_len, num_parts, TILE_N, MIN_PARTITION))  # later ones were never written
     base = (req * NUM_HEADS + head) * num_parts
     # One partition at a time keeps registers at O(head_dim) however many partitions there are.
     m_max = tl.full([], float("-inf"), dtype=tl.float32)
@@ -241,30 +258,23 @@ def _split_kv_merge_kernel(
         w = tl.exp2(tl.load(part_m + base + i) - m_max)
         l_sum += w * tl.load(part_l + base + i)
         acc += w * tl.load(part_acc + (base + i) * HEAD_D_PAD + d)
-    out = acc / l_sum
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)  # an empty sequence (a CUDA graph's padding row) gets zeros
     tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_D)
-
-
-def split_kv_partition(max_seq_len: int, num_programs: int, num_sms: int, tile_n: int = 64) -> int:
-    """Partition length: enough partitions to give ~2 waves of programs over the SMs, but no
-    partition shorter than 256 keys (merge traffic would then dominate). A multiple of tile_n."""
-    want = max(1, -(-2 * num_sms // max(num_programs, 1)))
-    parts = max(1, min(want, max_seq_len // 256))
-    size = -(-max_seq_len // parts)
-    return -(-size // tile_n) * tile_n
 
 
 def split_kv_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor,
-    block_tables: torch.Tensor, max_seq_len: int, scale: float, partition: int, tile_n: int = 32,
+    block_tables: torch.Tensor, scale: float, num_parts: int = SPLIT_KV_PARTS, tile_n: int | None = None,
 ) -> torch.Tensor:
-    """Decode-only attention (token r belongs to request r) with each sequence split into
-    `partition`-key pieces; writes and returns out [num_decodes, H, D]."""
+    """Decode-only attention (token r belongs to request r) with each sequence split into up to
+    `num_parts` pieces of whole tiles; writes and returns out [num_decodes, H, D]."""
     num_decodes, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = num_heads // num_kv_heads
-    assert q.stride(-1) == 1 and out.stride(-1) == 1 and partition % tile_n == 0
-    num_parts = -(-max_seq_len // partition)
+    assert q.stride(-1) == 1 and out.stride(-1) == 1
+    if tile_n is None:
+        tile_n = 32 if q.dtype == torch.float32 else 64  # as the unified kernel: fp32 at 64 spills on sm_90
+    assert _MIN_PARTITION % tile_n == 0
     d_pad = _head_dim_pad(head_dim)
     part_m = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
@@ -272,15 +282,16 @@ def split_kv_decode(
     prec, upcast = _dot_precision(q.dtype)
     _split_kv_decode_kernel[(num_decodes, num_kv_heads, num_parts)](
         q, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
-        scale * 1.4426950408889634, num_parts, partition,
+        scale * 1.4426950408889634, num_parts,
         q.stride(0), q.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         NUM_HEADS=num_heads, QPK=qpk, HEAD_D=head_dim,
         HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=max(16, triton.next_power_of_2(qpk)),
-        TILE_N=tile_n, PREC=prec, UPCAST=upcast, num_warps=8 if q.dtype == torch.float32 else 4,  # fp32 spills at 4
+        TILE_N=tile_n, MIN_PARTITION=_MIN_PARTITION, PREC=prec, UPCAST=upcast,
+        num_warps=8 if q.dtype == torch.float32 else 4,  # fp32 spills at 4
     )
     _split_kv_merge_kernel[(num_decodes, num_heads)](
-        part_m, part_l, part_acc, seq_lens, out, out.stride(0), out.stride(1), num_parts, partition,
-        NUM_HEADS=num_heads, HEAD_D=head_dim, HEAD_D_PAD=d_pad, num_warps=1,
+        part_m, part_l, part_acc, seq_lens, out, out.stride(0), out.stride(1), num_parts,
+        NUM_HEADS=num_heads, HEAD_D=head_dim, HEAD_D_PAD=d_pad, TILE_N=tile_n, MIN_PARTITION=_MIN_PARTITION, num_warps=1,
     )
     return out
 

@@ -14,12 +14,12 @@ seed alone, never on the batch around it (seeded requests draw their seed from t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
+
+from pagedllm.kernels import sm_count
 
 _BLOCK = 1024  # columns per iteration: four quarters, one per Philox output
 _MIN_U = 1e-20  # u = 0 would give g = -inf, and 0 * -inf = NaN in a greedy row
@@ -66,18 +66,13 @@ def _gumbel_max_kernel(
     tl.store(best_idx_ptr + row * num_slices + part, idx)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def gumbel_max_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, noise: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """logits [B, V] (any float dtype, unit column stride); inv_temperature and noise [B] float32 (noise
     1 for a random row, 0 for a greedy one); seeds [B] int64, each row's Philox seed. Returns ids [B] int64."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1
     # Enough programs for ~2 waves over the SMs, in slices of whole blocks.
-    num_slices = max(1, min(triton.cdiv(vocab, _BLOCK), triton.cdiv(2 * _num_sms(logits.device), max(rows, 1))))
+    num_slices = max(1, min(triton.cdiv(vocab, _BLOCK), triton.cdiv(2 * sm_count(logits.device), max(rows, 1))))
     slice_len = triton.cdiv(triton.cdiv(vocab, num_slices), _BLOCK) * _BLOCK
     num_slices = triton.cdiv(vocab, slice_len)
     best_val = torch.empty(rows, num_slices, dtype=torch.float32, device=logits.device)

@@ -19,18 +19,17 @@ import bisect
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.backend import GRAPH_BATCH_SIZES, AttentionBackend, AttentionMetadata
 from pagedllm.layers.attention import forward_context
 
 
-MAX_CAPTURE_SIZE = 512  # larger decode batches are compute-bound enough to run eagerly
+MAX_CAPTURE_SIZE = GRAPH_BATCH_SIZES[-1]  # 512: larger decode batches are compute-bound enough to run eagerly
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 256, every 16 up to 512, and the largest batch (capped)."""
     top = min(max_num_seqs, MAX_CAPTURE_SIZE)
-    sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, min(top, 256), 8)) + list(range(256, top, 16))
-    return sizes + [top]
+    return [s for s in GRAPH_BATCH_SIZES if s < top] + [top]
 
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -64,7 +63,7 @@ class CudaGraphRunner:
             num_reqs=bs, num_decodes=bs, num_decode_tokens=bs, max_query_len=1, max_seq_len=1,
             query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-            query_start_loc_cpu=[], seq_lens_cpu=[], allow_split_kv=False,
+            query_start_loc_cpu=[], seq_lens_cpu=[],
         )
 
     def _forward(self, bs: int) -> Output:

@@ -8,11 +8,11 @@ pytest.importorskip("triton")
 
 from pagedllm.attention.backend import AttentionMetadata  # noqa: E402
 from pagedllm.attention.torch_backend import write_kv  # noqa: E402
-from pagedllm.attention.triton_backend import TritonAttentionBackend, use_split_kv  # noqa: E402
+from pagedllm.attention.triton_backend import TritonAttentionBackend, split_kv_max_batch, use_split_kv  # noqa: E402
+from pagedllm.kernels import sm_count  # noqa: E402
 from pagedllm.kernels.paged_attention import (  # noqa: E402
     paged_attention_ref,
     split_kv_decode,
-    split_kv_partition,
     unified_attention,
 )
 
@@ -133,28 +133,42 @@ SPLIT_CASES = [(8, 8, BF16), (32, 8, F32), (28, 4, BF16)] if ON_CUDA else [(4, 1
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,dtype", SPLIT_CASES)
 def test_split_kv_decode(device, assert_close, num_heads, num_kv_heads, dtype):
-    # Lengths leave some partitions empty for the short sequences and one partly filled.
-    lens = (0, 300, 4000, 9000) if ON_CUDA else (0, 100, 170)
+    """Lengths give one partition, several, and all of them (one partly filled); an empty sequence
+    (a CUDA graph's padding row) gets zeros."""
+    lens, num_parts = ((0, 40, 300, 4000, 9000), 16) if ON_CUDA else ((0, 40, 100, 300), 3)
     b = make_batch([(1, n) for n in lens], num_heads, num_kv_heads, 64, 16, dtype, device, seed=2)
     m = b.meta
-    out = torch.empty_like(b.q)
-    partition = 1024 if ON_CUDA else 64
-    split_kv_decode(b.q, b.kv_cache, out, m.seq_lens, m.block_tables, m.max_seq_len, 0.125, partition)
+    out = torch.full_like(b.q, float("nan"))
+    split_kv_decode(b.q, b.kv_cache, out, m.seq_lens, m.block_tables, 0.125, num_parts=num_parts)
     assert_close(out, reference(b, 0.125))
+    padded = m.seq_lens.clone()
+    padded[0] = 0
+    split_kv_decode(b.q[:1], b.kv_cache, out[:1], padded, m.block_tables, 0.125, num_parts=num_parts)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_split_kv_rows_ignore_the_batch():
+    """A sequence's partitions follow its own length: alone or beside longer ones, the same result."""
+    b = make_batch([(1, 150), (1, 700)], 4, 2, 64, 16, F32, torch.device("cuda" if ON_CUDA else "cpu"), seed=7)
+    m = b.meta
+    both = split_kv_decode(b.q, b.kv_cache, torch.empty_like(b.q), m.seq_lens, m.block_tables, 0.125, num_parts=4)
+    alone = split_kv_decode(b.q[:1], b.kv_cache, torch.empty_like(b.q[:1]), m.seq_lens[:1], m.block_tables[:1], 0.125, num_parts=4)
+    assert torch.equal(both[:1], alone)
 
 
 def test_split_kv_heuristic():
-    def meta(num_decodes: int, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
+    def meta(num_decodes: int, num_reqs: int) -> AttentionMetadata:
         t = torch.zeros(1)
-        return AttentionMetadata(num_reqs, num_decodes, num_decodes, 1, max_seq_len, t, t, t, t, [], [])
+        return AttentionMetadata(num_reqs, num_decodes, num_decodes, 1, 100, t, t, t, t, [], [])
 
-    assert use_split_kv(meta(4, 4, 4096), num_kv_heads=8, num_sms=132)
-    assert not use_split_kv(meta(4, 5, 4096), 8, 132)  # a prefill in the batch
-    assert not use_split_kv(meta(4, 4, 512), 8, 132)  # short contexts
-    assert not use_split_kv(meta(64, 64, 4096), 8, 132)  # enough programs already
-    size = split_kv_partition(32768, num_programs=8, num_sms=132)
-    assert size % 64 == 0 and 256 <= size and -(-32768 // size) <= 2 * 132 // 8 + 1
-    assert split_kv_partition(1024, 300, 132) == 1024  # one partition when the grid is already full
+    assert split_kv_max_batch(8, 132) == 32 and split_kv_max_batch(3, 132) == 88 and split_kv_max_batch(1, 132) == 256
+    assert use_split_kv(meta(1, 1), num_kv_heads=8, num_sms=132)
+    assert use_split_kv(meta(32, 32), 8, 132)
+    assert not use_split_kv(meta(4, 5), 8, 132)  # a prefill in the batch
+    assert not use_split_kv(meta(33, 33), 8, 132)  # enough programs already
+    # Decided on graph sizes: 85 decodes (3 KV heads) pad to a graph of 88 and split in both.
+    assert use_split_kv(meta(85, 85), 3, 132) and use_split_kv(meta(88, 88), 3, 132)
+    assert not use_split_kv(meta(89, 89), 3, 132)
 
 
 def test_backend_attends_after_the_write(device, assert_close):
@@ -169,8 +183,8 @@ def test_backend_attends_after_the_write(device, assert_close):
     assert_close(backend.forward(b.q, cache, b.meta, 0.125), reference(b, 0.125))
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="split-KV selection needs contexts >= 1024; too slow to interpret")
 def test_backend_split_kv_path(device, assert_close):
-    b = make_batch([(1, 3000), (1, 1200), (1, 17)], 32, 8, 128, 16, BF16, device, seed=4)
-    assert use_split_kv(b.meta, 8, torch.cuda.get_device_properties(device).multi_processor_count)
+    lens = (3000, 1200, 17) if ON_CUDA else (300, 120, 17)
+    b = make_batch([(1, n) for n in lens], 32, 8, 128, 16, BF16, device, seed=4)
+    assert use_split_kv(b.meta, 8, sm_count(device))
     assert_close(TritonAttentionBackend().forward(b.q, b.kv_cache, b.meta, 0.1), reference(b, 0.1))
