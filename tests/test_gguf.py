@@ -125,8 +125,8 @@ def test_greedy_generation_matches(reference: torch.nn.Module, converted: str) -
         torch.set_num_threads(threads)
     assert out_ours.sequences.tolist() == out_ref.sequences.tolist()
     for step_ours, step_ref in zip(out_ours.logits, out_ref.logits):
-        # float32 logits to 1e-4 (the project's float32 bound): the two loaders dequantize the same
-        # Q4_1 blocks through different float32 operation orders.
+        # float32 logits to 1e-4, the project's float32 bound (with transformers 5.24 the two models'
+        # logits differ by up to 1.3e-5; the tokens stay identical).
         torch.testing.assert_close(step_ours, step_ref, rtol=1e-4, atol=1e-4)
     assert "Paris" in tokenizer.decode(out_ours.sequences[0, input_ids.shape[1]:])
 
