@@ -32,6 +32,16 @@ def use_split_kv(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bo
     return 0 < meta.num_reqs == meta.num_decodes and meta.num_reqs <= split_kv_max_batch(num_kv_heads, num_sms)
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def _realigned(t: torch.Tensor) -> torch.Tensor:
+    """A slice at an offset that is not 16-byte aligned, copied: Triton compiles a kernel variant per
+    pointer alignment, and a new variant would compile in the middle of a run."""
+    return t if _aligned(t) else t.clone()
+
+
 class TritonAttentionBackend:
     name = "triton"
 
@@ -52,8 +62,12 @@ class TritonAttentionBackend:
             # one launch would give every request the large tiles, and decodes would waste most rows.
             unified_attention(query[:nd], kv_cache, out[:nd], meta.query_start_loc[: nd + 1], meta.seq_lens[:nd],
                               meta.block_tables[:nd], 1, scale)
-            unified_attention(query[nd:], kv_cache, out[nd:], meta.query_start_loc[nd:] - nd, meta.seq_lens[nd:],
-                              meta.block_tables[nd:], meta.max_query_len, scale)
+            rest = out[nd:]
+            dst = rest if _aligned(rest) else torch.empty_like(rest)
+            unified_attention(_realigned(query[nd:]), kv_cache, dst, meta.query_start_loc[nd:] - nd, _realigned(meta.seq_lens[nd:]),
+                              _realigned(meta.block_tables[nd:]), meta.max_query_len, scale)
+            if dst is not rest:
+                rest.copy_(dst)
             return out
         return unified_attention(
             query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale
