@@ -2,9 +2,9 @@
 
 Order follows vLLM v1: logprobs from the raw logits, then logit_bias -> min_tokens -> penalties ->
 greedy argmax, or temperature -> min_p -> top_k -> top_p -> a draw (exponential race on CUDA, inverse CDF on CPU).
-On CUDA a batch that only needs temperatures (no min_p, top_k or top_p in any row) skips all of that:
-one Triton pass over the logits draws each row by the Gumbel-max trick, greedy rows included
-(pagedllm/kernels/sampling.py).
+On CUDA a batch that only needs temperatures (no min_p, top_k or top_p in any row) skips the softmax and
+the race: after the logit edits, if any, one Triton pass over the logits draws each row by the Gumbel-max
+trick, greedy rows included (pagedllm/kernels/sampling.py).
 Everything per row is expressed as batched tensor ops built once per step in `SamplingBatch.build`;
 the only Python loop in the hot path is one draw per seeded row, so that a seeded request's noise
 depends on its own generator alone and never on the batch around it.
