@@ -155,13 +155,19 @@ def _head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every dim >= 16
 
 
+def _default_tile_n(dtype: torch.dtype) -> int:
+    """Keys per tile: 64 in 16-bit types, ~10 % more KV-read bandwidth than 32 at decode batches of
+    64-512 (benchmarks/attention_bench.py on an H100); float32 stays at 32, where 64 spills on sm_90."""
+    return 32 if dtype == torch.float32 else 64
+
+
 def unified_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
-    block_m: int | None = None, tile_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    block_m: int | None = None, tile_n: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out.
-    block_m, tile_n, num_warps and num_stages override the tile choice (benchmarks/attention_bench.py)."""
+    block_m and tile_n override the tile choice (benchmarks/attention_bench.py)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = num_heads // num_kv_heads
@@ -174,10 +180,7 @@ def unified_attention(
         block_m = 16 if max_query_len * qpk <= 16 else (64 if q.dtype == torch.float32 else 128)
     block_m = max(block_m, triton.next_power_of_2(qpk))
     block_q = 1 if max_query_len == 1 else block_m // qpk
-    if tile_n is None:
-        # 64 keys per tile in 16-bit types: ~10 % more KV-read bandwidth than 32 at decode batches of
-        # 64-512 (benchmarks/attention_bench.py on an H100); float32 stays at 32, where 64 spills on sm_90.
-        tile_n = 32 if q.dtype == torch.float32 else 64
+    tile_n = tile_n or _default_tile_n(q.dtype)
     prec, upcast = _dot_precision(q.dtype)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     _unified_attention_kernel[grid](
@@ -186,7 +189,7 @@ def unified_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
-        num_warps=num_warps or (4 if block_m <= 16 else 8), **({"num_stages": num_stages} if num_stages else {}),
+        num_warps=4 if block_m <= 16 else 8,
     )
     return out
 
@@ -272,8 +275,7 @@ def split_kv_decode(
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and out.stride(-1) == 1
-    if tile_n is None:
-        tile_n = 32 if q.dtype == torch.float32 else 64  # as the unified kernel: fp32 at 64 spills on sm_90
+    tile_n = tile_n or _default_tile_n(q.dtype)
     assert _MIN_PARTITION % tile_n == 0
     d_pad = _head_dim_pad(head_dim)
     part_m = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32, device=q.device)

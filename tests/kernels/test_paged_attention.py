@@ -147,9 +147,9 @@ def test_split_kv_decode(device, assert_close, num_heads, num_kv_heads, dtype):
     assert torch.equal(out[0], torch.zeros_like(out[0]))
 
 
-def test_split_kv_rows_ignore_the_batch():
+def test_split_kv_rows_ignore_the_batch(device):
     """A sequence's partitions follow its own length: alone or beside longer ones, the same result."""
-    b = make_batch([(1, 150), (1, 700)], 4, 2, 64, 16, F32, torch.device("cuda" if ON_CUDA else "cpu"), seed=7)
+    b = make_batch([(1, 150), (1, 700)], 4, 2, 64, 16, F32, device, seed=7)
     m = b.meta
     both = split_kv_decode(b.q, b.kv_cache, torch.empty_like(b.q), m.seq_lens, m.block_tables, 0.125, num_parts=4)
     alone = split_kv_decode(b.q[:1], b.kv_cache, torch.empty_like(b.q[:1]), m.seq_lens[:1], m.block_tables[:1], 0.125, num_parts=4)
