@@ -38,6 +38,7 @@ def main() -> None:
         ("qwen3-0.6b decode 32x300", 32, 300, 1, 16, 8, 128),
         ("llama3-8b decode 4x8000", 4, 8000, 1, 32, 8, 128),
         ("llama3-8b prefill 16x512", 16, 512, 512, 32, 8, 128),
+        ("llama3-8b prefill 32x512", 32, 512, 512, 32, 8, 128),  # a W1 prefill step's attention per layer
     ]
     for name, n, ctx, q_len, h, hkv, d in shapes:
         q, cache, qsl, seq_lens, tables = make_batch(n, ctx, q_len, h, hkv, d)
@@ -45,7 +46,7 @@ def main() -> None:
         kv_bytes = n * ctx * hkv * d * 2 * 2
         # (num_warps 2/4/8 x num_stages 2/3/4 at 64-key tiles gave nothing over the default on an H200.)
         decode = [dict(block_m=16, tile_n=t) for t in (32, 64, 128)]
-        configs = [dict()] + (decode if q_len == 1 else [dict(block_m=m, tile_n=t) for m in (64, 128) for t in (32, 64)])
+        configs = [dict()] + (decode if q_len == 1 else [dict(block_m=m, tile_n=t) for m in (64, 128) for t in (32, 64, 128)])
         for cfg in configs:
             out = torch.empty_like(q)
             try:
@@ -55,8 +56,10 @@ def main() -> None:
                 continue
             err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             ms = triton.testing.do_bench_cudagraph(lambda: unified_attention(q, cache, out, qsl, seq_lens, tables, q_len, d**-0.5, **cfg), return_mode="median")
+            causal_flops = 4 * n * h * d * q_len * (ctx - (q_len - 1) / 2)  # QK^T and PV over the visible keys
             print(json.dumps({"shape": name, "kernel": "unified", "config": cfg, "ms": round(ms, 4),
-                              "kv_GBps": round(kv_bytes / ms / 1e6), "rel_err": round(err, 5)}), flush=True)
+                              "kv_GBps": round(kv_bytes / ms / 1e6), "TFLOPs": round(causal_flops / ms / 1e9, 1),
+                              "rel_err": round(err, 5)}), flush=True)
         if q_len == 1:
             out = torch.empty_like(q)
             split_kv_decode(q, cache, out, seq_lens, tables, d**-0.5)

@@ -64,32 +64,46 @@ def _find_request(query_start_loc, num_reqs, tile_idx, BLOCK_Q: tl.constexpr):
     return lo
 
 
+FULL_TILES = tl.constexpr(0)
+KEY_RANGE = tl.constexpr(1)
+CAUSAL = tl.constexpr(2)
+
+
 @triton.jit
 def _attend_tiles(
     q, acc, m_i, l_i, k_cache, bt_row, kvh, q_pos, kv_start, kv_end, qk_scale,
     stride_kv, stride_kb, stride_ko, stride_kh,
     HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, CAUSAL: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
 ):
     """Online-softmax accumulation over keys [kv_start, kv_end); qk_scale = scale * log2(e).
+    MASK: FULL_TILES (whole tiles every row sees: no masks to compute), KEY_RANGE (keys past kv_end
+    hidden) or CAUSAL (also keys after the row's position q_pos).
     V sits stride_kv elements after K, so one pointer tensor (the costly part, in registers) serves both."""
     d = tl.arange(0, HEAD_D_PAD)
     d_ok = d < HEAD_D
     n = tl.arange(0, TILE_N)
     for start in range(kv_start, kv_end, TILE_N):
         k_idx = start + n
-        k_ok = k_idx < kv_end
-        blk = tl.load(bt_row + k_idx // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k_ptrs = k_cache + (blk * stride_kb + (k_idx % BLOCK_SIZE) * stride_ko + kvh * stride_kh)[:, None] + d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(k_ptrs + stride_kv, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # scaled in fp32: pre-scaling bf16 q would round
-        if CAUSAL:
-            visible = (k_idx[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        if MASK == FULL_TILES:
+            blk = tl.load(bt_row + k_idx // BLOCK_SIZE).to(tl.int64)
+            kv_mask = d_ok[None, :]
         else:
-            visible = k_ok[None, :] & (q_pos[:, None] >= 0)
-        s = tl.where(visible, s, float("-inf"))
+            k_ok = k_idx < kv_end
+            blk = tl.load(bt_row + k_idx // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+        k_ptrs = k_cache + (blk * stride_kb + (k_idx % BLOCK_SIZE) * stride_ko + kvh * stride_kh)[:, None] + d[None, :]
+        if MASK == FULL_TILES and HEAD_D == HEAD_D_PAD:
+            k = tl.load(k_ptrs)
+            v = tl.load(k_ptrs + stride_kv)
+        else:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(k_ptrs + stride_kv, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # scaled in fp32: pre-scaling bf16 q would round
+        if MASK == CAUSAL:
+            s = tl.where((k_idx[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+        elif MASK == KEY_RANGE:
+            s = tl.where(k_ok[None, :] & (q_pos[:, None] >= 0), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
         p = tl.exp2(s - m_safe[:, None])
@@ -136,9 +150,21 @@ def _unified_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Keys up to the tile's last query position; padded rows see them all, harmlessly (never stored).
     kv_end = tl.minimum(ctx_len + q_off + BLOCK_Q, seq_len)
+    kv_full = 0
+    bt_row = block_tables + req * stride_bt
+    q_pos = ctx_len + row_q
+    if BLOCK_Q > 1:
+        # Prompt tiles: every row sees the keys up to the first row's position, so those whole tiles
+        # go without masks (-10 % time for 32 prompts of 512 tokens on an H200). Decode tiles keep one
+        # loop: a second pipelined loop costs them more than the masks (+3 % at 256 x 600).
+        kv_full = tl.minimum((ctx_len + q_off + 1) // TILE_N * TILE_N, kv_end)
+        acc, m_i, l_i = _attend_tiles(
+            q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, 0, kv_full, qk_scale, stride_kv, stride_kb, stride_ko,
+            stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES,
+        )
     acc, m_i, l_i = _attend_tiles(
-        q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, ctx_len + row_q, 0, kv_end, qk_scale,
-        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, True,
+        q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, kv_full, kv_end, qk_scale,
+        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, CAUSAL,
     )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_tok[:, None] * stride_ot + row_h[:, None] * stride_oh + d[None, :],
@@ -232,7 +258,7 @@ def _split_kv_decode_kernel(
     kv_end = tl.minimum(kv_start + partition, seq_len)
     acc, m_i, l_i = _attend_tiles(
         q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, rows, kv_start, kv_end, qk_scale,
-        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, False,
+        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
     )
     ml_off = (req * NUM_HEADS + row_h) * num_parts + part
     tl.store(part_m + ml_off, m_i, mask=row_ok)

@@ -1,0 +1,86 @@
+"""Builds every Triton kernel for sm_90 (H100 / H200) on a machine without a GPU.
+
+The CPU interpreter runs the kernels but skips the compiler's rules (a global that is not a
+`tl.constexpr(...)`, a dot whose dims are under 16, a type mismatch in a loop), so a kernel can
+pass every CPU test and still fail to build on the GPU. tests/test_kernel_build.py runs this in a
+process without TRITON_INTERPRET:
+
+    python -m tests.kernels.sm90_build
+"""
+
+from __future__ import annotations
+
+import time
+
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+
+from pagedllm.kernels import activation, norm, paged_attention, rope_kv_write, sampling
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, types: dict[str, str], constexprs: dict, num_warps: int) -> None:
+    """Compile `fn` to a cubin; parameters not named in `types` or `constexprs` are int32 scalars."""
+    signature = {name: types.get(name, "i32") for name in fn.arg_names}
+    signature.update({name: "constexpr" for name in constexprs})
+    compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options={"num_warps": num_warps})
+
+
+def attention_builds() -> list[tuple[str, callable]]:
+    pa = paged_attention
+    builds = []
+    for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+        io = {"q_ptr": f"*{dt}", "kv_cache": f"*{dt}", "out_ptr": f"*{dt}", "block_tables": "*i32", "seq_lens": "*i32",
+              "query_start_loc": "*i32", "qk_scale": "fp32"}
+        tile_n = 64 if dt == "bf16" else 32
+        # decode tiles, prompt tiles, a padded head dim; float32 (the GPU oracle runs) only its prompt tiles
+        shapes = ((16, 1, 128), (128, 32, 128), (64, 16, 80)) if dt == "bf16" else ((64, 16, 128),)
+        for block_m, block_q, head_d in shapes:
+            consts = dict(QPK=4, HEAD_D=head_d, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_q,
+                          TILE_N=tile_n, PREC=prec, UPCAST=False)
+            builds.append((f"unified {dt} block_m {block_m} head_dim {head_d}",
+                           lambda io=io, c=consts, w=4 if block_m <= 16 else 8: build(pa._unified_attention_kernel, io, c, w)))
+        split_io = {**io, "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}
+        consts = dict(NUM_HEADS=32, QPK=4, HEAD_D=128, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=16, TILE_N=tile_n,
+                      MIN_PARTITION=pa._MIN_PARTITION, PREC=prec, UPCAST=False)
+        builds.append((f"split-KV {dt}", lambda io=split_io, c=consts: build(pa._split_kv_decode_kernel, io, c, 4)))
+        consts = dict(NUM_HEADS=32, HEAD_D=128, HEAD_D_PAD=128, TILE_N=tile_n, MIN_PARTITION=pa._MIN_PARTITION)
+        if dt == "bf16":  # the merge reads float32 partials whatever the model's dtype
+            builds.append((f"split-KV merge {dt}", lambda io=split_io, c=consts: build(pa._split_kv_merge_kernel, io, c, 1)))
+    return builds
+
+
+def other_builds() -> list[tuple[str, callable]]:
+    builds = []
+    for dt in ("bf16",):  # these kernels' code does not depend on the dtype
+        types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "noise_ptr": "*fp32", "seed_ptr": "*i64",
+                 "best_val_ptr": "*fp32", "best_idx_ptr": "*i32"}
+        consts = dict(BLOCK=sampling._BLOCK, MIN_U=sampling._MIN_U, NO_INDEX=sampling._NO_INDEX)
+        builds.append((f"gumbel-max {dt}", lambda t=types, c=consts: build(sampling._gumbel_max_kernel, t, c, 4)))
+        types = {"x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "res_out_ptr": f"*{dt}",
+                 "eps": "fp32"}
+        for has_res in (False, True):
+            builds.append((f"rms_norm {dt} residual={has_res}",
+                           lambda t=types, r=has_res: build(norm._rms_norm_kernel, t, dict(HAS_RES=r, BLOCK=4096), 8)))
+        builds.append((f"silu_and_mul {dt}", lambda d=dt: build(
+            activation._silu_and_mul_kernel, {"x_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(BLOCK=1024), 4)))
+        types = {"qkv_ptr": f"*{dt}", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "q_w_ptr": f"*{dt}", "k_w_ptr": f"*{dt}",
+                 "k_cache": f"*{dt}", "v_cache": f"*{dt}", "slot_ptr": "*i64", "eps": "fp32"}
+        for has_norm in (False, True):
+            consts = dict(HAS_NORM=has_norm, HEAD_D=128, HALF=64, HALF_PAD=64, REST=0, REST_PAD=1, D_PAD=128,
+                          BLOCK_SIZE=16, BLOCK_HQ=32, BLOCK_HK=8)
+            builds.append((f"rope_kv_write {dt} qk_norm={has_norm}",
+                           lambda t=types, c=consts: build(rope_kv_write._rope_kv_write_kernel, t, c, 4)))
+    return builds
+
+
+def main() -> None:
+    for name, run in attention_builds() + other_builds():
+        start = time.perf_counter()
+        run()
+        print(f"built {name} for sm_90 in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
