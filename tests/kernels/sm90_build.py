@@ -55,9 +55,11 @@ def other_builds() -> list[tuple[str, callable]]:
     builds = []
     for dt in ("bf16",):  # these kernels' code does not depend on the dtype
         types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "noise_ptr": "*fp32", "seed_ptr": "*i64",
-                 "best_val_ptr": "*fp32", "best_idx_ptr": "*i32"}
-        consts = dict(BLOCK=sampling._BLOCK, MIN_U=sampling._MIN_U, NO_INDEX=sampling._NO_INDEX)
-        builds.append((f"gumbel-max {dt}", lambda t=types, c=consts: build(sampling._gumbel_max_kernel, t, c, 4)))
+                 "thresh_ptr": "*fp32", "best_val_ptr": "*fp32", "best_idx_ptr": "*i32"}
+        for has_thresh in (False, True):
+            consts = dict(HAS_THRESH=has_thresh, BLOCK=sampling._BLOCK, MIN_U=sampling._MIN_U, NO_INDEX=sampling._NO_INDEX)
+            builds.append((f"gumbel-max {dt} thresholds={has_thresh}",
+                           lambda t=types, c=consts: build(sampling._gumbel_max_kernel, t, c, 4)))
         types = {"x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "res_out_ptr": f"*{dt}",
                  "eps": "fp32"}
         for has_res in (False, True):
@@ -72,6 +74,11 @@ def other_builds() -> list[tuple[str, callable]]:
                           BLOCK_SIZE=16, BLOCK_HQ=32, BLOCK_HK=8)
             builds.append((f"rope_kv_write {dt} qk_norm={has_norm}",
                            lambda t=types, c=consts: build(rope_kv_write._rope_kv_write_kernel, t, c, 4)))
+    for dt, shift in (("bf16", 16), ("fp32", 0)):  # raw bf16 logits, or the float32 copy after logit edits
+        types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
+                 "min_p_ptr": "*fp32", "thresh_ptr": "*fp32"}
+        consts = dict(SHIFT=shift, BLOCK=sampling._FILTER_BLOCK, POINTS=sampling._POINTS)
+        builds.append((f"filter thresholds {dt}", lambda t=types, c=consts: build(sampling._filter_threshold_kernel, t, c, 8)))
     return builds
 
 
