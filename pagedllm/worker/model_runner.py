@@ -116,11 +116,13 @@ class ModelRunner:
         hidden = self._dummy_forward(query_lens, query_lens)
         logits = self.compute_logits(hidden[:reqs])
         if logits is not None:
-            filtered, plain = SamplingParams(temperature=1.0, top_p=0.9, top_k=50), SamplingParams(temperature=0.7)
+            filtered, plain = (
+                SamplingBatch.build([params] * reqs, [None] * reqs, [[0]] * reqs, [[0]] * reqs, self.vocab_size, self.device)
+                for params in (SamplingParams(temperature=1.0, top_p=0.9, top_k=50), SamplingParams(temperature=0.7))
+            )
             # The filters' peak memory on a float32 copy (as after logit edits), then the raw logits: every
             # sampling kernel variant compiles now, not mid-run.
-            for params, step_logits in ((filtered, logits.float()), (filtered, logits), (plain, logits)):
-                batch = SamplingBatch.build([params] * reqs, [None] * reqs, [[0]] * reqs, [[0]] * reqs, self.vocab_size, self.device)
+            for batch, step_logits in ((filtered, logits.float()), (filtered, logits), (plain, logits)):
                 self.sampler(step_logits, batch)
         torch.cuda.synchronize()
         self.activation_peak = torch.cuda.max_memory_allocated(self.device) - before
