@@ -122,7 +122,8 @@ class ModelRunner:
             )
             # The filters' peak memory on a float32 copy (as after logit edits), then the raw logits: every
             # sampling kernel variant compiles now, not mid-run.
-            for batch, step_logits in ((filtered, logits.float()), (filtered, logits), (plain, logits)):
+            greedy = SamplingBatch(reqs, self.vocab_size, all_greedy=True)
+            for batch, step_logits in ((filtered, logits.float()), (filtered, logits), (plain, logits), (greedy, logits), (greedy, logits.float())):
                 self.sampler(step_logits, batch)
         torch.cuda.synchronize()
         self.activation_peak = torch.cuda.max_memory_allocated(self.device) - before

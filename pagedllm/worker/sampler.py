@@ -216,13 +216,20 @@ class Sampler:
         # A padded LM head may emit columns past the tokenizer's vocabulary; they are never sampled.
         logits = logits[:, : batch.vocab_size]
         if batch.all_greedy:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = self._argmax(logits)
         else:
             token_ids = self._sample(logits, batch)
         if batch.max_num_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
         ids, logprobs, ranks = compute_topk_logprobs(logits, token_ids, batch.max_num_logprobs)
         return SamplerOutput(token_ids, ids, logprobs, ranks)
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.is_cuda if self.use_kernel is None else self.use_kernel:
+            from pagedllm.kernels.sampling import greedy_argmax
+
+            return greedy_argmax(logits)
+        return logits.argmax(dim=-1)
 
     def _sample(self, raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         edits = batch.bias_index is not None or batch.stop_index is not None or batch.penalty_rows is not None
@@ -231,7 +238,7 @@ class Sampler:
             return _kernel_draw(raw, batch)  # reads the raw logits in their own dtype
         logits = _edited(raw, batch)
         if not batch.any_random:
-            return logits.argmax(dim=-1)
+            return self._argmax(logits)
         # The filters' search runs one program per row, and on float32 rows it takes ~12 passes: for a lone
         # row the torch sort is faster (0.38 vs 0.64 ms at 1 x 151,936 on an H200; the kernel 2.1x faster at 256 rows).
         if use_kernel and (batch.kernel_filters is None or batch.num_rows >= _MIN_ROWS_FOR_FLOAT32_FILTERS):

@@ -56,9 +56,9 @@ def other_builds() -> list[tuple[str, callable]]:
     for dt in ("bf16",):  # these kernels' code does not depend on the dtype
         types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "noise_ptr": "*fp32", "seed_ptr": "*i64",
                  "thresh_ptr": "*fp32", "best_val_ptr": "*fp32", "best_idx_ptr": "*i32"}
-        for has_thresh in (False, True):
-            consts = dict(HAS_THRESH=has_thresh, BLOCK=sampling._BLOCK, MIN_U=sampling._MIN_U, NO_INDEX=sampling._NO_INDEX)
-            builds.append((f"gumbel-max {dt} thresholds={has_thresh}",
+        for has_thresh, greedy in ((False, False), (True, False), (False, True)):
+            consts = dict(HAS_THRESH=has_thresh, GREEDY=greedy, BLOCK=sampling._BLOCK, MIN_U=sampling._MIN_U, NO_INDEX=sampling._NO_INDEX)
+            builds.append((f"gumbel-max {dt} thresholds={has_thresh} greedy={greedy}",
                            lambda t=types, c=consts: build(sampling._gumbel_max_kernel, t, c, 4)))
         types = {"x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "res_out_ptr": f"*{dt}",
                  "eps": "fp32"}

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagedllm.kernels.sampling import filter_thresholds, gumbel_max_sample  # noqa: E402
+from pagedllm.kernels.sampling import filter_thresholds, greedy_argmax, gumbel_max_sample  # noqa: E402
 from pagedllm.sampling_params import SamplingParams  # noqa: E402
 from pagedllm.worker import sampler as sampler_mod  # noqa: E402
 from pagedllm.worker.sampler import Sampler, SamplingBatch  # noqa: E402
@@ -34,6 +34,24 @@ def test_greedy_rows_are_argmax(device, dtype, rows, vocab):
     ids = gumbel_max_sample(logits, _full(rows, device, 0.37), _full(rows, device, 0.0), _seeds(rows, device, 1))
     assert ids.tolist() == logits.argmax(dim=-1).tolist()
     assert ids[0].item() == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, vocab", [(1, 5000), (3, 2100)])
+def test_greedy_argmax_is_torch_argmax(device, dtype, rows, vocab):
+    """The all-greedy kernel: torch.argmax of each row, ties to the lowest index (in one slice and across
+    slices), -inf entries and a row of -inf only (index 0, as torch) included."""
+    wide = torch.randn(rows, vocab + 5, generator=torch.Generator().manual_seed(rows)).to(device, dtype)
+    logits = wide[:, :vocab]
+    top = logits[0].max() + 1
+    logits[0, 9] = logits[0, 11] = logits[0, vocab - 1] = top
+    logits[-1, 20 : vocab // 2] = float("-inf")
+    if rows > 2:
+        logits[1] = float("-inf")
+    ids = greedy_argmax(logits)
+    assert ids.dtype == torch.int64
+    assert ids.tolist() == logits.argmax(dim=-1).tolist()
+    assert ids[0].item() == 9
 
 
 def test_seeded_draws_repeat_and_follow_softmax(device):
