@@ -7,7 +7,8 @@ made (together ~10 passes over B x V float32 values in the torch path): each pro
 of a row once, in its own dtype, draws Philox noise in registers (four uniforms per Philox call),
 and keeps its best (score, index); a small torch reduction then picks each row's winner over the
 slices. A row with noise scale 0 is a greedy row: the plain argmax of its logits (ties to the lowest
-index, as torch.argmax). Logits under a row's threshold are left out of its draw.
+index, as torch.argmax); an all-greedy batch takes a variant that draws no noise (greedy_argmax).
+Logits under a row's threshold are left out of its draw.
 
 Each row has its own Philox seed and the counter is the column, so a row's noise depends on its
 seed alone, never on the batch around it (seeded requests draw their seed from their own generator).
@@ -111,8 +112,8 @@ def gumbel_max_sample(
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) (ties to the lowest index) for logits [B, V] with unit column stride: a small
-    batch's row spread over many programs, where torch's reduction gives a row one block (36 vs ~6 us at
-    1 x 128,256 on an H200)."""
+    batch's row spread over many programs, where torch's reduction gives a row one block (36 us at
+    1 x 128,256 on an H200; L1 on the Llama-3-8B shape gains ~40 us per token)."""
     return _draw(logits, None, None)
 
 
