@@ -224,8 +224,11 @@ class Sampler:
         ids, logprobs, ranks = compute_topk_logprobs(logits, token_ids, batch.max_num_logprobs)
         return SamplerOutput(token_ids, ids, logprobs, ranks)
 
+    def _kernels_for(self, logits: torch.Tensor) -> bool:
+        return logits.is_cuda if self.use_kernel is None else self.use_kernel
+
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        if logits.is_cuda if self.use_kernel is None else self.use_kernel:
+        if self._kernels_for(logits):
             from pagedllm.kernels.sampling import greedy_argmax
 
             return greedy_argmax(logits)
@@ -233,7 +236,7 @@ class Sampler:
 
     def _sample(self, raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         edits = batch.bias_index is not None or batch.stop_index is not None or batch.penalty_rows is not None
-        use_kernel = (raw.is_cuda if self.use_kernel is None else self.use_kernel) and batch.any_random
+        use_kernel = self._kernels_for(raw) and batch.any_random
         if use_kernel and not edits:
             return _kernel_draw(raw, batch)  # reads the raw logits in their own dtype
         logits = _edited(raw, batch)
