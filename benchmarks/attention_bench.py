@@ -13,7 +13,8 @@ import json
 import torch
 import triton.testing
 
-from pagedllm.kernels.paged_attention import paged_attention_ref, split_kv_decode, unified_attention
+from pagedllm.kernels import sm_count
+from pagedllm.kernels.paged_attention import paged_attention_ref, shared_prefix_decode, split_kv_decode, unified_attention
 
 
 def make_batch(num_reqs: int, ctx: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int = 16):
@@ -27,7 +28,36 @@ def make_batch(num_reqs: int, ctx: int, q_len: int, heads: int, kv_heads: int, h
     return q, cache, qsl, seq_lens, tables
 
 
+def shared_prefix_rows() -> None:
+    """Decode batches whose requests share one prefix (P1's decode steps): the unified kernel, which reads
+    the prefix once per (request, KV head), against the shared-prefix kernels, which read it once per KV head."""
+    shapes = [  # (name, num_reqs, prefix, own context, heads, kv_heads)
+        ("llama3-8b P1 decode 512 x (1024 shared + 96)", 512, 1024, 96, 32, 8),
+        ("llama3-8b 256 x (1024 shared + 64)", 256, 1024, 64, 32, 8),
+        ("llama3-8b 64 x (256 shared + 64)", 64, 256, 64, 32, 8),
+        ("llama3-8b 64 x (1024 shared + 300)", 64, 1024, 300, 32, 8),
+        ("qwen3-0.6b 256 x (1024 shared + 64)", 256, 1024, 64, 16, 8),
+        ("qwen3-0.6b 128 x (256 shared + 400)", 128, 256, 400, 16, 8),
+    ]
+    for name, n, prefix, own, h, hkv in shapes:
+        q, cache, qsl, seq_lens, tables = make_batch(n, prefix + own, 1, h, hkv, 128)
+        tables[1:, : prefix // 16] = tables[0, : prefix // 16]
+        common = torch.tensor([prefix], dtype=torch.int32, device="cuda")
+        ref = paged_attention_ref(q, cache, qsl.tolist(), seq_lens.tolist(), tables, 128**-0.5).to(q.dtype)
+        runs = {
+            "unified": lambda out: unified_attention(q, cache, out, qsl, seq_lens, tables, 1, 128**-0.5),
+            "shared_prefix": lambda out: shared_prefix_decode(q, cache, out, qsl, seq_lens, tables, common, 128**-0.5, sm_count(q.device)),
+        }
+        for kernel, fn in runs.items():
+            out = torch.empty_like(q)
+            fn(out)
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ms = triton.testing.do_bench_cudagraph(lambda: fn(out), return_mode="median")
+            print(json.dumps({"shape": name, "kernel": kernel, "ms": round(ms, 4), "rel_err": round(err, 5)}), flush=True)
+
+
 def main() -> None:
+    shared_prefix_rows()
     shapes = [  # (name, num_reqs, ctx, q_len, heads, kv_heads, head_dim)
         ("qwen3-0.6b decode 256x1000", 256, 1000, 1, 16, 8, 128),
         ("qwen3-0.6b decode 64x600", 64, 600, 1, 16, 8, 128),

@@ -41,9 +41,9 @@ def main() -> None:
     del hf
     torch.cuda.empty_cache()
 
-    def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True, caching: bool = True) -> list[list[int]]:
+    def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True, caching: bool = True, max_num_seqs: int = 64) -> list[list[int]]:
         llm = LLM(path, dtype=dtype, skip_tokenizer_init=True, enforce_eager=enforce_eager, gpu_memory_utilization=0.5,
-                  max_num_seqs=64, max_model_len=1024, async_scheduling=async_scheduling, enable_prefix_caching=caching)
+                  max_num_seqs=max_num_seqs, max_model_len=1024, async_scheduling=async_scheduling, enable_prefix_caching=caching)
         params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -69,11 +69,13 @@ def main() -> None:
     print(json.dumps({"check": "float32 seeded sampling async == sync", "identical": f"{sum(a == b for a, b in zip(*seeded))}/{len(prompts)}"}))
     bf_graphs, bf_eager = run("bfloat16", False), run("bfloat16", True)
     print(json.dumps({"check": "bfloat16 graphs == eager", "identical": f"{sum(g == e for g, e in zip(bf_graphs, bf_eager))}/{len(prompts)}"}))
-    # Prefix caching: one 200-token system prompt before every prompt; all but the first request hit its blocks.
-    system = [rng.randrange(3, vocab) for _ in range(200)]
-    prompts[:] = [system + p[:64] for p in prompts]
+    # Prefix caching: one 300-token system prompt before 192 prompts; all but the first request hit its blocks,
+    # and decode batches run past the split-KV sizes, so with caching on they take the shared-prefix kernels.
+    system = [rng.randrange(3, vocab) for _ in range(300)]
+    prompts[:] = [system + p[:64] for p in prompts * 6]
+    max_tokens[:] = max_tokens * 6
     for dtype in ("float32", "bfloat16"):
-        cached, plain = run(dtype, False, caching=True), run(dtype, False, caching=False)
+        cached, plain = run(dtype, False, caching=True, max_num_seqs=256), run(dtype, False, caching=False, max_num_seqs=256)
         print(json.dumps({"check": f"{dtype} prefix caching on == off (shared prefix)", "identical": f"{sum(a == b for a, b in zip(cached, plain))}/{len(prompts)}"}))
 
 

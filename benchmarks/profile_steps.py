@@ -5,6 +5,9 @@ takes: W1's first steps).
 
     python benchmarks/profile_steps.py --model qwen3-0.6b --num-reqs 256 --ctx 600 --steps 20
     python benchmarks/profile_steps.py --model llama3-8b --phase prefill --num-reqs 512 --ctx 512 --steps 5
+    python benchmarks/profile_steps.py --model llama3-8b --num-reqs 500 --ctx 64 --shared-prefix 1024 --temperature 0
+
+`--shared-prefix N` puts one N-token prefix before every prompt (P1's decode steps).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--shared-prefix", type=int, default=0)
     parser.add_argument("--phase", choices=["decode", "prefill"], default="decode")
     args = parser.parse_args()
 
@@ -36,7 +40,9 @@ def main() -> None:
     max_tokens = 1 if args.phase == "prefill" else args.steps * 3 + 10
     params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens, ignore_eos=True)
     for i in range(args.num_reqs):
-        engine.add_request(str(i), {"prompt_token_ids": [(i * 7 + j) % 30000 + 10 for j in range(args.ctx)]}, params)
+        prefix = [(j * 13) % 30000 + 10 for j in range(args.shared_prefix)]
+        prompt = prefix + [(i * 7 + j) % 30000 + 10 for j in range(args.ctx)]
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
     if args.phase == "decode":
         while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
                                               for r in engine.scheduler.running):
@@ -55,7 +61,7 @@ def main() -> None:
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / args.steps
-    print(f"{args.model} {args.phase}, {args.num_reqs} requests x ~{args.ctx} context: {wall * 1e3:.2f} ms per step wall, "
+    print(f"{args.model} {args.phase}, {args.num_reqs} requests x ~{args.ctx} context (+{args.shared_prefix} shared): {wall * 1e3:.2f} ms per step wall, "
           f"{gpu_us / 1e3:.2f} ms of GPU kernels per step ({100 * gpu_us / 1e3 / (wall * 1e3):.0f}% busy)")
     print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
 

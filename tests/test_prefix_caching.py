@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -194,3 +196,42 @@ def test_block_pool_evicts_least_recently_freed_and_drops_their_hashes() -> None
     assert kv.find_cached_blocks(make_request("a2", list(range(17)))) == [0, 1, 2]
     kv.reset_prefix_cache()
     assert not kv.pool.cached and kv.find_cached_blocks(make_request("a3", list(range(17)))) == []
+
+
+def test_decode_batches_find_their_common_prefix(tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host finds the whole blocks that every request of a decode batch shares (what the CUDA
+    backend attends once for all of them); outputs stay those of caching off."""
+    import pagedllm.worker.model_runner as model_runner
+    from pagedllm.worker.input_batch import build_batch
+
+    found: list[int] = []
+
+    def recording(*args: object) -> object:
+        batch = build_batch(*args)  # type: ignore[arg-type]
+        found.append(batch.common_prefix_len if batch.num_decodes == len(batch.seq_lens) else -1)
+        return batch
+
+    monkeypatch.setattr(model_runner, "build_batch", recording)
+    rng = random.Random(4)
+    system = [rng.randrange(3, VOCAB) for _ in range(100)]  # 6 whole blocks of 16, and 4 tokens
+    prompts = [system + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(6)]
+    cached, plain = make_llm(tiny_models["llama"], True), make_llm(tiny_models["llama"], False)
+    cached.llm_engine.runner.backend.shared_prefix_min = (4, 32)  # the torch backend ignores the prefix
+    got = tokens(run(cached, prompts, [8] * 6))
+    decodes = [n for n in found if n >= 0]
+    assert decodes and set(decodes) == {96}
+    assert got == tokens(run(plain, prompts, [8] * 6))
+    found.clear()
+    run(cached, [[rng.randrange(3, VOCAB) for _ in range(50)] for _ in range(6)], [8] * 6)  # nothing shared
+    assert found and set(found) <= {0, -1}
+
+
+def test_common_prefix_stops_at_the_first_difference_and_the_shortest_context() -> None:
+    from pagedllm.worker.input_batch import common_prefix_len
+
+    tables = np.array([[5, 6, 7, 8, 0], [5, 6, 7, 9, 1], [5, 6, 7, 8, 2]])
+    assert common_prefix_len(tables, np.array([80, 80, 80]), 16) == 48  # column 3 differs
+    assert common_prefix_len(tables, np.array([80, 33, 80]), 16) == 32  # the second's last token is in block 2
+    assert common_prefix_len(tables, np.array([80, 32, 80]), 16) == 16
+    assert common_prefix_len(tables[:, [4]], np.array([80, 80, 80]), 16) == 0
+    assert common_prefix_len(tables[[0, 2]], np.array([80, 80]), 16) == 64

@@ -30,6 +30,10 @@ class AttentionMetadata:
     # Host copies, for backends that loop over requests on the CPU.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Decode-only batches: int32 [1] on the device, the length of the prefix (whole blocks, shorter than
+    # every context) that all requests share, block for block, at the start of their block tables (one
+    # system prompt, the samples or beams of one prompt). A backend may attend it once for all of them.
+    common_prefix: torch.Tensor | None = None
 
 
 # Decode batch sizes that CUDA graphs are captured at (worker/cuda_graph.py): a decode batch pads to the
@@ -40,6 +44,9 @@ GRAPH_BATCH_SIZES = [1, 2, 4, 8, *range(16, 256, 8), *range(256, 513, 16)]
 
 class AttentionBackend(Protocol):
     name: str
+    # (requests, tokens): the smallest decode batch and shared prefix that the backend attends as one
+    # (AttentionMetadata.common_prefix); None: it never does, and the prefix is not looked for.
+    shared_prefix_min: tuple[int, int] | None
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float

@@ -9,6 +9,9 @@ forward picks one of two paths:
   program walks its whole context; splitting every sequence's keys into up to SPLIT_KV_PARTS pieces
   spreads them over the SMs at the cost of one small merge kernel. The choice depends on the batch
   size alone (on the sizes CUDA graphs pad to), so graph replays and eager steps run the same kernels.
+- shared-prefix decode (cascade attention): larger decode-only batches whose requests all start with
+  the same cached blocks (the metadata's common_prefix) attend that prefix once for all of them, then
+  each request's own keys; otherwise every (request, KV head) program would read the prefix again.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import torch
 
 from pagedllm.attention.backend import GRAPH_BATCH_SIZES, AttentionMetadata
 from pagedllm.kernels import sm_count
-from pagedllm.kernels.paged_attention import split_kv_decode, unified_attention
+from pagedllm.kernels.paged_attention import shared_prefix_decode, split_kv_decode, unified_attention
+
+# Decode batches from this many requests, sharing at least this many tokens, take the shared-prefix path.
+SHARED_PREFIX_MIN_REQS = 64
+SHARED_PREFIX_MIN_TOKENS = 256
 
 
 @functools.cache
@@ -44,6 +51,7 @@ def _realigned(t: torch.Tensor) -> torch.Tensor:
 
 class TritonAttentionBackend:
     name = "triton"
+    shared_prefix_min = (SHARED_PREFIX_MIN_REQS, SHARED_PREFIX_MIN_TOKENS)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if query.stride(-1) != 1:
@@ -56,6 +64,9 @@ class TritonAttentionBackend:
             n = meta.num_decodes  # rows past n (padding) are left unwritten
             split_kv_decode(query[:n], kv_cache, out[:n], meta.seq_lens, meta.block_tables, scale)
             return out
+        if meta.common_prefix is not None and meta.num_decodes == meta.num_reqs:
+            return shared_prefix_decode(query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                        meta.common_prefix, scale, sm_count(query.device))
         nd = meta.num_decodes
         if 0 < nd < meta.num_reqs and meta.max_query_len > 1:
             # A mixed batch: its decodes (first) in one-token tiles, its prompt chunks in large ones, as

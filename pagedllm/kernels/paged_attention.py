@@ -20,6 +20,13 @@ shape depends only on the batch size and num_parts: each sequence sizes its part
 own length on the device, so the path runs inside CUDA graphs, and a sequence's result never
 depends on the others in the batch.
 
+Shared-prefix decode (cascade attention): when every request of a decode-only batch starts with the
+same cached blocks (one system prompt, n samples of one prompt, beams), the prefix's keys are read once
+per KV head for all requests together: a first kernel attends every (request, query head) row to the
+prefix in large tiles, as a prompt would, and writes unnormalised partials (split over the prefix to
+fill the SMs); the decode kernel then starts each row's online softmax from those partials and walks
+only the request's own keys. The prefix length is read on the device, so graphs replay it at any length.
+
 Every kernel has a float64 torch reference (`*_ref`) beside it.
 """
 
@@ -116,15 +123,18 @@ def _attend_tiles(
 
 # Runtime ints that change from step to step are not specialised on (Triton would otherwise compile
 # a variant per value class: == 1, divisible by 16, other), so no step waits for a compile.
-@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt", "prefix_splits"])
 def _unified_attention_kernel(
     q_ptr, kv_cache, out_ptr, block_tables, seq_lens, query_start_loc,
+    common_prefix, part_m, part_l, part_acc, prefix_splits,
     num_reqs, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, AFTER_PREFIX: tl.constexpr,
 ):
+    """AFTER_PREFIX (decode-only batches): the first common_prefix[0] keys were attended by the
+    shared-prefix kernel, whose prefix_splits partials per row seed the softmax."""
     tile_idx = tl.program_id(0)
     kvh = tl.program_id(1)
     req = _find_request(query_start_loc, num_reqs, tile_idx, BLOCK_Q)
@@ -153,6 +163,10 @@ def _unified_attention_kernel(
     kv_full = 0
     bt_row = block_tables + req * stride_bt
     q_pos = ctx_len + row_q
+    if AFTER_PREFIX:
+        kv_full = tl.load(common_prefix)
+        acc, m_i, l_i = _merge_partials(
+            part_m, part_l, part_acc, q_tok * (QPK * tl.num_programs(1)) + row_h, row_ok, prefix_splits, BLOCK_M, HEAD_D_PAD)
     if BLOCK_Q > 1:
         # Prompt tiles: every row sees the keys up to the first row's position, so those whole tiles
         # go without masks (-10 % time for 32 prompts of 512 tokens on an H200). Decode tiles keep one
@@ -191,9 +205,11 @@ def unified_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
     block_m: int | None = None, tile_n: int | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out.
-    block_m and tile_n override the tile choice (benchmarks/attention_bench.py)."""
+    block_m and tile_n override the tile choice (benchmarks/attention_bench.py). prefix: (common
+    prefix length, partial max, sum, acc) from the shared-prefix kernel (decode-only batches)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = num_heads // num_kv_heads
@@ -209,15 +225,116 @@ def unified_attention(
     tile_n = tile_n or _default_tile_n(q.dtype)
     prec, upcast = _dot_precision(q.dtype)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
+    assert prefix is None or max_query_len == 1
     _unified_attention_kernel[grid](
         q, kv_cache, out, block_tables, seq_lens, query_start_loc,
+        *(prefix or (seq_lens,) * 4), 0 if prefix is None else prefix[1].shape[-1],
         num_reqs, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
+        AFTER_PREFIX=prefix is not None,
         num_warps=4 if block_m <= 16 else 8,
     )
     return out
+
+
+@triton.jit
+def _merge_partials(
+    part_m, part_l, part_acc, row_idx, row_ok, num_splits, BLOCK_M: tl.constexpr, HEAD_D_PAD: tl.constexpr,
+):
+    """(acc, max, sum) of rows row_idx combined over their num_splits partials (laid out [row, split])."""
+    d = tl.arange(0, HEAD_D_PAD)
+    acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(num_splits):
+        off = row_idx * num_splits + s
+        m_s = tl.load(part_m + off, mask=row_ok, other=float("-inf"))
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key in any split so far
+        alpha, beta = tl.exp2(m_i - m_safe), tl.exp2(m_s - m_safe)
+        l_i = l_i * alpha + beta * tl.load(part_l + off, mask=row_ok, other=0.0)
+        acc = acc * alpha[:, None] + beta[:, None] * tl.load(part_acc + off[:, None] * HEAD_D_PAD + d[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _shared_prefix_kernel(
+    q_ptr, kv_cache, block_tables, common_prefix, part_m, part_l, part_acc,
+    num_tokens, qk_scale,
+    stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh,
+    QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Rows (token t, query head kvh * QPK + j) of every decode, BLOCK_M per program, against one split
+    of the prefix keys [0, common_prefix[0]) in request 0's blocks (every request has the same ones)."""
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    prefix_len = tl.load(common_prefix)
+    part = tl.cdiv(tl.cdiv(prefix_len, num_splits), TILE_N) * TILE_N
+    kv_start = tl.minimum(split * part, prefix_len)
+    kv_end = tl.minimum(kv_start + part, prefix_len)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // QPK
+    head = kvh * QPK + rows % QPK
+    row_ok = tok < num_tokens
+    d = tl.arange(0, HEAD_D_PAD)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & (d < HEAD_D)[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
+    acc, m_i, l_i = _attend_tiles(
+        q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_start, kv_full, qk_scale,
+        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES,
+    )
+    acc, m_i, l_i = _attend_tiles(
+        q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_full, kv_end, qk_scale,
+        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
+    )
+    off = (tok * (QPK * tl.num_programs(1)) + head) * num_splits + split
+    tl.store(part_m + off, m_i, mask=row_ok)
+    tl.store(part_l + off, l_i, mask=row_ok)
+    tl.store(part_acc + off[:, None] * HEAD_D_PAD + d[None, :], acc, mask=row_ok[:, None])
+
+
+MAX_PREFIX_SPLITS = 8
+
+
+def shared_prefix_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_tables: torch.Tensor, common_prefix: torch.Tensor, scale: float, num_sms: int, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode-only attention (token r belongs to request r) whose requests all hold the same first
+    common_prefix[0] keys (whole blocks, shorter than every context) at the start of their block
+    tables: the prefix once for all rows, then each request's own keys. Writes and returns out."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    qpk = num_heads // num_kv_heads
+    assert q.stride(-1) == 1 and out.stride(-1) == 1
+    tile_n = _default_tile_n(q.dtype)
+    block_m = 64 if q.dtype == torch.float32 else 128
+    row_tiles = triton.cdiv(num_tokens * qpk, block_m)
+    if num_splits is None:  # enough programs for one wave over the SMs
+        num_splits = max(1, min(MAX_PREFIX_SPLITS, triton.cdiv(num_sms, row_tiles * num_kv_heads)))
+    d_pad = _head_dim_pad(head_dim)
+    part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(num_tokens, num_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
+    prec, upcast = _dot_precision(q.dtype)
+    _shared_prefix_kernel[(row_tiles, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, common_prefix, part_m, part_l, part_acc,
+        num_tokens, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), *_cache_strides(kv_cache),
+        QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n,
+        PREC=prec, UPCAST=upcast, num_warps=8,
+    )
+    return unified_attention(q, kv_cache, out, query_start_loc, seq_lens, block_tables, 1, scale,
+                             prefix=(common_prefix, part_m, part_l, part_acc))
 
 
 SPLIT_KV_PARTS = 16  # partitions per sequence at most (1 x 8 KV heads x 16 = ~one wave on 132 SMs)

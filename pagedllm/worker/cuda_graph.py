@@ -4,7 +4,9 @@ The decode forward is captured once per batch size of a ladder (1, 2, 4, 8, 16, 
 max_num_seqs or 512) over persistent input buffers. A step with n decodes copies its inputs into the
 buffers, pads to the next captured size (padding rows write no K/V: slot -1, context length 0),
 replays, and reads the first n rows of the captured output. Launch overhead, which dominates
-small decode batches, disappears.
+small decode batches, disappears. Sizes at which the attention backend attends a prefix that all
+requests share once for all (AttentionMetadata.common_prefix) get a second graph that does, replayed
+for batches that have one; its length sits in a persistent buffer too.
 
 Under tensor parallelism every rank captures the same sizes in the same order, so the all-reduces
 inside the graphs pair up at replay as they did eagerly. Under pipeline parallelism a graph holds one
@@ -51,19 +53,23 @@ class CudaGraphRunner:
         self.seq_lens = torch.zeros(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=i32, device=device)
+        self.common_prefix = torch.zeros(1, dtype=i32, device=device)
+        shared_min = backend.shared_prefix_min
+        self.shared_sizes = [] if shared_min is None else [s for s in self.sizes if s >= shared_min[0]]
         self.intermediate = None
         if intermediate is not None:
             hidden_size, dtype = intermediate
             self.intermediate = (torch.zeros(n, hidden_size, dtype=dtype, device=device), torch.zeros(n, hidden_size, dtype=dtype, device=device))
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, Output] = {}
+        # Keyed by (batch size, with a shared prefix).
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], Output] = {}
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, shared: bool) -> AttentionMetadata:
         return AttentionMetadata(
             num_reqs=bs, num_decodes=bs, num_decode_tokens=bs, max_query_len=1, max_seq_len=1,
             query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-            query_start_loc_cpu=[], seq_lens_cpu=[],
+            query_start_loc_cpu=[], seq_lens_cpu=[], common_prefix=self.common_prefix if shared else None,
         )
 
     def _forward(self, bs: int) -> Output:
@@ -73,16 +79,16 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            meta = self._meta(bs)
-            with forward_context(self.backend, meta):
-                self._forward(bs)  # warm-up: compile kernels (and pair up collectives) outside capture
+        keys = [(bs, False) for bs in self.sizes] + [(bs, True) for bs in self.shared_sizes]
+        for key in sorted(keys, reverse=True):  # largest first, so smaller graphs reuse its memory pool
+            with forward_context(self.backend, self._meta(*key)):
+                self._forward(key[0])  # warm-up: compile kernels (and pair up collectives) outside capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[bs] = self._forward(bs)
+                    self.outputs[key] = self._forward(key[0])
             pool = graph.pool()
-            self.graphs[bs] = graph
+            self.graphs[key] = graph
         torch.cuda.synchronize()
 
     def release(self) -> None:
@@ -100,9 +106,10 @@ class CudaGraphRunner:
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
         seq_lens: torch.Tensor, block_tables: torch.Tensor, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+        common_prefix: torch.Tensor | None = None,
     ) -> Output:
-        """Inputs are device tensors of the n decodes; returns hidden states [n, hidden] (a stage before
-        the last: its (hidden, residual) pair)."""
+        """Inputs are device tensors of the n decodes (common_prefix: see AttentionMetadata); returns hidden
+        states [n, hidden] (a stage before the last: its (hidden, residual) pair)."""
         n = input_ids.shape[0]
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(input_ids)
@@ -116,6 +123,10 @@ class CudaGraphRunner:
             assert self.intermediate is not None
             for buffer, value in zip(self.intermediate, intermediate):
                 buffer[:n].copy_(value)
-        self.graphs[bs].replay()
-        out = self.outputs[bs]
+        key = (bs, common_prefix is not None and (bs, True) in self.graphs)
+        if key[1]:
+            assert common_prefix is not None
+            self.common_prefix.copy_(common_prefix)
+        self.graphs[key].replay()
+        out = self.outputs[key]
         return out[:n] if isinstance(out, torch.Tensor) else (out[0][:n], out[1][:n])

@@ -83,6 +83,7 @@ class FlatBatch:
     max_seq_len: int
     sample_rows: list[int]  # rows whose last token is sampled this step
     any_prompt_logprobs: bool
+    common_prefix_len: int = 0  # decode-only batches: tokens of the leading blocks every row shares
 
 
 @dataclass
@@ -98,7 +99,16 @@ class StepPlan:
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
-def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> FlatBatch:
+def common_prefix_len(tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:
+    """Tokens in the leading block-table columns that every row holds alike, short of each row's last
+    token (a row's own blocks start there at the latest: decodes never write into a shared block)."""
+    limit = (int(seq_lens.min()) - 1) // block_size
+    same = (tables[1:, :limit] == tables[0, :limit]).all(axis=0)
+    return (limit if same.all() else int(same.argmin())) * block_size
+
+
+def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_min: tuple[int, int] | None = None) -> FlatBatch:
+    """shared_prefix_min: (requests, tokens) from which a decode-only batch's common prefix is looked for."""
     scheduled = sched.scheduled
     n = len(scheduled)
     starts_l = [r.num_computed_tokens for r, _ in scheduled]
@@ -162,9 +172,13 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager) -> FlatBatch:
         logits_index = _EMPTY
     else:
         logits_index = query_start_loc[1:][sample_rows] - 1
+    shared = 0
+    if shared_prefix_min is not None and query_lens is None and n >= shared_prefix_min[0]:
+        shared = common_prefix_len(table_array, seq_lens, block_size)
+        shared = shared if shared >= shared_prefix_min[1] else 0
     return FlatBatch(
         input_ids, positions, slot_mapping,
         np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
         logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
-        1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs,
+        1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs, shared,
     )

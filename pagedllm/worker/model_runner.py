@@ -17,6 +17,7 @@ only, from logits gathered to it (and sent from the last stage under pipeline pa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,7 @@ from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprob
 from pagedllm.worker.step_output import PromptLogprobs, StepHandle
 
 _CPU_KV_CACHE_BYTES = 4 << 30
+_NO_INT32 = np.empty(0, dtype=np.int32)
 
 
 class ModelRunner:
@@ -136,8 +138,9 @@ class ModelRunner:
         weights = torch.cuda.memory_allocated(self.device)
         return max(0, int(total * self.config.gpu_memory_utilization) - weights - self.activation_peak - non_torch)
 
-    def _dummy_forward(self, query_lens: list[int], seq_lens: list[int]) -> torch.Tensor:
-        """A forward over requests whose contexts all read block 0 and whose tokens write nothing (slot -1)."""
+    def _dummy_forward(self, query_lens: list[int], seq_lens: list[int], common_prefix: int = 0) -> torch.Tensor:
+        """A forward over requests whose contexts all read block 0 and whose tokens write nothing (slot -1);
+        common_prefix: the prefix they share, for a decode-only batch."""
         reqs, tokens = len(query_lens), sum(query_lens)
         qsl = [0]
         for q in query_lens:
@@ -150,6 +153,7 @@ class ModelRunner:
             block_tables=torch.zeros(reqs, -(-max(seq_lens) // self.block_size), dtype=torch.int32, device=self.device),
             slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
             query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+            common_prefix=torch.tensor([common_prefix], dtype=torch.int32, device=self.device) if common_prefix else None,
         )
         ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
         with forward_context(self.backend, meta):
@@ -157,10 +161,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
-        """One long-context decode, run eagerly: the split-KV attention kernels compile now rather than in
-        the first step that needs them (a second or so of a benchmark's timed run otherwise)."""
+        """One long-context decode, run eagerly, and a batch sharing a prefix: the split-KV and shared-prefix
+        attention kernels compile now rather than in the first step that needs them (a second or so of a
+        benchmark's timed run otherwise)."""
         assert self.config.max_model_len is not None
         self._dummy_forward([1], [min(self.config.max_model_len, 4096)])
+        shared_min = self.backend.shared_prefix_min
+        if shared_min is not None and shared_min[1] < self.config.max_model_len:
+            reqs, tokens = shared_min
+            self._dummy_forward([1] * reqs, [tokens + 1] * reqs, common_prefix=tokens)
 
     def capture_cuda_graphs(self) -> None:
         """On CUDA: compiles the kernels, then captures the decode graphs. Every rank runs this at start-up,
@@ -188,7 +197,7 @@ class ModelRunner:
         """Launches one step and returns at once on CUDA (nothing here waits for the device); the
         handle's `result()` waits. A request with a token still in flight reads it from `prev`, the
         step that samples it, on the device."""
-        batch = build_batch(sched, kv_cache)
+        batch = build_batch(sched, kv_cache, self.backend.shared_prefix_min)
         spans = self._prompt_logprob_spans(sched, batch)
         if self.distributed:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans], 0 if prev is None else len(prev.requests)))
@@ -255,9 +264,10 @@ class ModelRunner:
     def _forward(self, batch: FlatBatch, prev_ids: torch.Tensor | None, turn: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stages the batch, fills in tokens in flight from `prev_ids` (the previous step's sampled ids),
         runs the model; returns the hidden states and the flat indices of the rows to sample."""
-        input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables = self._staging.pack(
+        shared = np.array([batch.common_prefix_len], dtype=np.int32) if batch.common_prefix_len else _NO_INT32
+        input_ids, positions, slot_mapping, fill_dst, fill_src, logits_index, query_start_loc, seq_lens, tables, common_prefix = self._staging.pack(
             [batch.input_ids, batch.positions, batch.slot_mapping, batch.fill_dst, batch.fill_src, batch.logits_index],
-            [batch.query_start_loc, batch.seq_lens, batch.block_tables], turn,
+            [batch.query_start_loc, batch.seq_lens, batch.block_tables, shared], turn,
         )
         assert input_ids is not None and positions is not None and slot_mapping is not None
         assert query_start_loc is not None and seq_lens is not None and tables is not None
@@ -268,15 +278,15 @@ class ModelRunner:
             input_ids.index_copy_(0, fill_dst, prev_ids.index_select(0, fill_src))
         num_reqs = len(batch.seq_lens)
         if self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
-            if self.parallel.pp_size == 1:
-                return self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables), logits_index
-            out = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables, self._recv_intermediate(num_reqs))
+            inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(num_reqs)
+            out = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables, inter, common_prefix)
             return self._pass_on(out), logits_index
         meta = AttentionMetadata(
             num_reqs=num_reqs, num_decodes=batch.num_decodes, num_decode_tokens=batch.num_decodes,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
             query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
+            common_prefix=common_prefix,
         )
         with forward_context(self.backend, meta):
             return self.run_model(input_ids, positions), logits_index

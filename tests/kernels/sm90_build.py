@@ -32,16 +32,23 @@ def attention_builds() -> list[tuple[str, callable]]:
     builds = []
     for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
         io = {"q_ptr": f"*{dt}", "kv_cache": f"*{dt}", "out_ptr": f"*{dt}", "block_tables": "*i32", "seq_lens": "*i32",
-              "query_start_loc": "*i32", "qk_scale": "fp32"}
+              "query_start_loc": "*i32", "qk_scale": "fp32", "common_prefix": "*i32",
+              "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}
         tile_n = 64 if dt == "bf16" else 32
         # decode tiles, prompt tiles, a padded head dim; float32 (the GPU oracle runs) only its prompt tiles
-        shapes = ((16, 1, 128), (128, 32, 128), (64, 16, 80)) if dt == "bf16" else ((64, 16, 128),)
-        for block_m, block_q, head_d in shapes:
+        # and decode tiles after the shared-prefix kernel (the float32 oracle runs them too)
+        shapes = ((16, 1, 128, False), (128, 32, 128, False), (64, 16, 80, False), (16, 1, 128, True))
+        if dt == "fp32":
+            shapes = ((64, 16, 128, False), (16, 1, 128, True))
+        for block_m, block_q, head_d, after_prefix in shapes:
             consts = dict(QPK=4, HEAD_D=head_d, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_q,
-                          TILE_N=tile_n, PREC=prec, UPCAST=False)
-            builds.append((f"unified {dt} block_m {block_m} head_dim {head_d}",
+                          TILE_N=tile_n, PREC=prec, UPCAST=False, AFTER_PREFIX=after_prefix)
+            builds.append((f"unified {dt} block_m {block_m} head_dim {head_d}" + (" after a shared prefix" if after_prefix else ""),
                            lambda io=io, c=consts, w=4 if block_m <= 16 else 8: build(pa._unified_attention_kernel, io, c, w)))
-        split_io = {**io, "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}
+        consts = dict(QPK=4, HEAD_D=128, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=128 if dt == "bf16" else 64,
+                      TILE_N=tile_n, PREC=prec, UPCAST=False)
+        builds.append((f"shared prefix {dt}", lambda io=io, c=consts: build(pa._shared_prefix_kernel, io, c, 8)))
+        split_io = io
         consts = dict(NUM_HEADS=32, QPK=4, HEAD_D=128, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=16, TILE_N=tile_n,
                       MIN_PARTITION=pa._MIN_PARTITION, PREC=prec, UPCAST=False)
         builds.append((f"split-KV {dt}", lambda io=split_io, c=consts: build(pa._split_kv_decode_kernel, io, c, 4)))

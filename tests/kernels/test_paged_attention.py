@@ -12,6 +12,7 @@ from pagedllm.attention.triton_backend import TritonAttentionBackend, split_kv_m
 from pagedllm.kernels import sm_count  # noqa: E402
 from pagedllm.kernels.paged_attention import (  # noqa: E402
     paged_attention_ref,
+    shared_prefix_decode,
     split_kv_decode,
     unified_attention,
 )
@@ -154,6 +155,52 @@ def test_split_kv_rows_ignore_the_batch(device):
     both = split_kv_decode(b.q, b.kv_cache, torch.empty_like(b.q), m.seq_lens, m.block_tables, 0.125, num_parts=4)
     alone = split_kv_decode(b.q[:1], b.kv_cache, torch.empty_like(b.q[:1]), m.seq_lens[:1], m.block_tables[:1], 0.125, num_parts=4)
     assert torch.equal(both[:1], alone)
+
+
+def share_prefix(b: Batch, num_blocks: int) -> torch.Tensor:
+    """Points every request's first num_blocks at request 0's (as prefix caching would); returns the
+    prefix length in tokens as the int32 [1] device tensor the kernels read."""
+    block_size = b.kv_cache.shape[2]
+    assert num_blocks * block_size < min(b.meta.seq_lens_cpu)
+    b.meta.block_tables[1:, :num_blocks] = b.meta.block_tables[0, :num_blocks]
+    return torch.tensor([num_blocks * block_size], dtype=torch.int32, device=b.q.device)
+
+
+if ON_CUDA:
+    SHARED_CASES = [(32, 8, 128, 16, BF16), (16, 8, 128, 16, BF16), (28, 4, 64, 32, F32), (8, 8, 64, 16, F32)]
+else:
+    SHARED_CASES = [(4, 1, 64, 16, F32), (8, 2, 64, 16, BF16), (7, 1, 32, 32, F32)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,dtype", SHARED_CASES)
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_shared_prefix_decode(device, assert_close, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits):
+    """A prefix of whole blocks that is no multiple of the key tile; splits that leave some empty
+    (None: as many as fill the SMs); own contexts from one token past the prefix to many blocks."""
+    lens = [1100, 700, 1300, 1025, 2000] * 14 if ON_CUDA else [100, 70, 200, 37, 150]
+    b = make_batch([(1, n) for n in lens], num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=8)
+    prefix = share_prefix(b, min(lens) // block_size)
+    m = b.meta
+    out = torch.full_like(b.q, float("nan"))
+    shared_prefix_decode(b.q, b.kv_cache, out, m.query_start_loc, m.seq_lens, m.block_tables, prefix, 0.125,
+                         sm_count(device), num_splits=num_splits)
+    assert_close(out, reference(b, 0.125))
+
+
+def test_backend_shared_prefix_path(device, assert_close, monkeypatch):
+    """Decode-only metadata with a common prefix takes the shared-prefix kernels; graph padding rows
+    (context 0) are computed harmlessly."""
+    if not ON_CUDA:  # few SMs, so that a small batch is past the split-KV sizes
+        monkeypatch.setattr("pagedllm.attention.triton_backend.sm_count", lambda device: 4)
+    lens = [900, 400, 1500] * 30 if ON_CUDA else [90, 40, 150] * 3
+    b = make_batch([(1, n) for n in lens], 32, 8, 128, 16, BF16, device, seed=9)
+    b.meta.common_prefix = share_prefix(b, min(lens) // 16)
+    assert not use_split_kv(b.meta, 8, 132 if ON_CUDA else 4)
+    out = TritonAttentionBackend().forward(b.q, b.kv_cache, b.meta, 0.1)
+    assert_close(out, reference(b, 0.1))
+    b.meta.seq_lens[-1] = 0
+    padded = TritonAttentionBackend().forward(b.q, b.kv_cache, b.meta, 0.1)
+    assert torch.equal(padded[:-1], out[:-1]) and not padded[-1].isnan().any()
 
 
 def test_split_kv_heuristic():
