@@ -2,6 +2,12 @@
 bit-for-bit the same sums as `F.linear` (the oracle tests hold), about 1.5x faster at decode
 batch sizes, where re-packing the weight on every call is a large share of the work.
 
+On CUDA the row-parallel layers (o_proj, down_proj) keep their weight column-major, so cuBLAS runs
+them as NN products: at 1-4 rows its TN kernel for Qwen3-0.6B's o_proj takes 8-12.6 us where the NN
+one takes 5.7, and at 1-512 rows NN is at most 0.7 % slower on these layers of Qwen3-0.6B and
+Llama-3-8B (one H200, benchmarks/RESULTS.md, session 7). The column-parallel layers stay row-major:
+there NN loses up to 1.5x at some row counts (Llama-3-8B's gate_up at 128 rows).
+
 Tensor parallelism is Megatron's: a column-parallel layer (fused QKV, gate/up) keeps each rank's
 rows of every checkpoint tensor fused into it, so its output needs no communication; the
 row-parallel layer after it (o_proj, down_proj) multiplies the matching input columns and sums
@@ -126,6 +132,11 @@ class RowParallelLinear(Linear):
         shard = shard or split_rows(in_features, state)
         super().__init__(shard.size, out_features, bias)
         self.shard, self.tp, self.tp_size, self.tp_rank = shard, state, state.tp_size, state.tp_rank
+
+    def pack(self) -> None:
+        if self.weight.is_cuda:
+            self.weight.data = self.weight.data.t().contiguous().t()  # column-major: see the module's docstring
+        super().pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
