@@ -305,6 +305,12 @@ def _shared_prefix_kernel(
 MAX_PREFIX_SPLITS = 8
 
 
+def _partials(rows: int, heads: int, parts: int, d_pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 (max, sum, acc) of each (row, head) over `parts` key ranges, as the merging kernels read them."""
+    part_m = torch.empty(rows, heads, parts, dtype=torch.float32, device=device)
+    return part_m, torch.empty_like(part_m), torch.empty(rows, heads, parts, d_pad, dtype=torch.float32, device=device)
+
+
 def shared_prefix_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, common_prefix: torch.Tensor, scale: float, num_sms: int, num_splits: int | None = None,
@@ -322,9 +328,7 @@ def shared_prefix_decode(
     if num_splits is None:  # enough programs for one wave over the SMs
         num_splits = max(1, min(MAX_PREFIX_SPLITS, triton.cdiv(num_sms, row_tiles * num_kv_heads)))
     d_pad = _head_dim_pad(head_dim)
-    part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(num_tokens, num_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
+    part_m, part_l, part_acc = _partials(num_tokens, num_heads, num_splits, d_pad, q.device)
     prec, upcast = _dot_precision(q.dtype)
     _shared_prefix_kernel[(row_tiles, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, common_prefix, part_m, part_l, part_acc,
@@ -421,9 +425,7 @@ def split_kv_decode(
     tile_n = tile_n or _default_tile_n(q.dtype)
     assert _MIN_PARTITION % tile_n == 0
     d_pad = _head_dim_pad(head_dim)
-    part_m = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(num_decodes, num_heads, num_parts, d_pad, dtype=torch.float32, device=q.device)
+    part_m, part_l, part_acc = _partials(num_decodes, num_heads, num_parts, d_pad, q.device)
     prec, upcast = _dot_precision(q.dtype)
     _split_kv_decode_kernel[(num_decodes, num_kv_heads, num_parts)](
         q, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
