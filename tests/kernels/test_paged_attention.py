@@ -169,13 +169,13 @@ def share_prefix(b: Batch, num_blocks: int) -> torch.Tensor:
 if ON_CUDA:
     SHARED_CASES = [(32, 8, 128, 16, BF16), (16, 8, 128, 16, BF16), (28, 4, 64, 32, F32), (8, 8, 64, 16, F32)]
 else:
-    SHARED_CASES = [(4, 1, 64, 16, F32), (8, 2, 64, 16, BF16), (7, 1, 32, 32, F32)]
+    SHARED_CASES = [(4, 1, 64, 16, F32), (8, 2, 64, 16, BF16), (7, 1, 32, 32, F32), (4, 2, 48, 16, F32)]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,dtype", SHARED_CASES)
 @pytest.mark.parametrize("num_splits", [1, 3, None])
 def test_shared_prefix_decode(device, assert_close, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits):
-    """A prefix of whole blocks that is no multiple of the key tile; splits that leave some empty
+    """A prefix of whole blocks that is no multiple of the key tile; a padded head dim (48); splits that leave some empty
     (None: as many as fill the SMs); own contexts from one token past the prefix to many blocks."""
     lens = [1100, 700, 1300, 1025, 2000] * 14 if ON_CUDA else [100, 70, 200, 37, 150]
     b = make_batch([(1, n) for n in lens], num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=8)
