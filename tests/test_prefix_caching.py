@@ -235,3 +235,8 @@ def test_common_prefix_stops_at_the_first_difference_and_the_shortest_context() 
     assert common_prefix_len(tables, np.array([80, 32, 80]), 16) == 16
     assert common_prefix_len(tables[:, [4]], np.array([80, 80, 80]), 16) == 0
     assert common_prefix_len(tables[[0, 2]], np.array([80, 80]), 16) == 64
+    # min_tokens: fewer shared tokens count as none, whether column need - 1 differs or a later one
+    assert common_prefix_len(tables, np.array([80, 80, 80]), 16, min_tokens=48) == 48
+    assert common_prefix_len(tables, np.array([80, 80, 80]), 16, min_tokens=49) == 0
+    assert common_prefix_len(tables[[0, 2]], np.array([80, 80]), 16, min_tokens=40) == 64
+    assert common_prefix_len(tables[[0, 2]], np.array([80, 40]), 16, min_tokens=40) == 0  # past the shortest context

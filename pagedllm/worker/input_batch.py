@@ -99,12 +99,17 @@ class StepPlan:
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
-def common_prefix_len(tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:
+def common_prefix_len(tables: np.ndarray, seq_lens: np.ndarray, block_size: int, min_tokens: int = 0) -> int:
     """Tokens in the leading block-table columns that every row holds alike, short of each row's last
-    token (a row's own blocks start there at the latest: decodes never write into a shared block)."""
+    token (a row's own blocks start there at the latest: decodes never write into a shared block);
+    0 if fewer than min_tokens."""
     limit = (int(seq_lens.min()) - 1) // block_size
+    need = -(-min_tokens // block_size)
+    if need > limit or (need and not (tables[1:, need - 1] == tables[0, need - 1]).all()):
+        return 0  # the shared columns are leading ones: a difference at column need - 1 leaves too few
     same = (tables[1:, :limit] == tables[0, :limit]).all(axis=0)
-    return (limit if same.all() else int(same.argmin())) * block_size
+    shared = (limit if same.all() else int(same.argmin())) * block_size
+    return shared if shared >= min_tokens else 0
 
 
 def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_min: tuple[int, int] | None = None) -> FlatBatch:
@@ -174,8 +179,7 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
         logits_index = query_start_loc[1:][sample_rows] - 1
     shared = 0
     if shared_prefix_min is not None and query_lens is None and n >= shared_prefix_min[0]:
-        shared = common_prefix_len(table_array, seq_lens, block_size)
-        shared = shared if shared >= shared_prefix_min[1] else 0
+        shared = common_prefix_len(table_array, seq_lens, block_size, shared_prefix_min[1])
     return FlatBatch(
         input_ids, positions, slot_mapping,
         np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
