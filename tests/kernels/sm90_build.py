@@ -48,13 +48,12 @@ def attention_builds() -> list[tuple[str, callable]]:
         consts = dict(QPK=4, HEAD_D=128, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=128 if dt == "bf16" else 64,
                       TILE_N=tile_n, PREC=prec, UPCAST=False)
         builds.append((f"shared prefix {dt}", lambda io=io, c=consts: build(pa._shared_prefix_kernel, io, c, 8)))
-        split_io = io
         consts = dict(NUM_HEADS=32, QPK=4, HEAD_D=128, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=16, TILE_N=tile_n,
                       MIN_PARTITION=pa._MIN_PARTITION, PREC=prec, UPCAST=False)
-        builds.append((f"split-KV {dt}", lambda io=split_io, c=consts: build(pa._split_kv_decode_kernel, io, c, 4)))
+        builds.append((f"split-KV {dt}", lambda io=io, c=consts: build(pa._split_kv_decode_kernel, io, c, 4)))
         consts = dict(NUM_HEADS=32, HEAD_D=128, HEAD_D_PAD=128, TILE_N=tile_n, MIN_PARTITION=pa._MIN_PARTITION)
         if dt == "bf16":  # the merge reads float32 partials whatever the model's dtype
-            builds.append((f"split-KV merge {dt}", lambda io=split_io, c=consts: build(pa._split_kv_merge_kernel, io, c, 1)))
+            builds.append((f"split-KV merge {dt}", lambda io=io, c=consts: build(pa._split_kv_merge_kernel, io, c, 1)))
     return builds
 
 

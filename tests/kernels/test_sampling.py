@@ -216,9 +216,7 @@ def test_draws_follow_the_kept_distribution(device):
 def test_sampler_kernel_path_filters_after_logit_edits(device, monkeypatch):
     """Sampler(use_kernel=True) with min_p/top_k/top_p and logit_bias, min_tokens, penalties: the draws stay
     in the torch path's kept sets of the edited logits; a greedy row stays the argmax of its edited logits."""
-    import pagedllm.worker.sampler as sampler_module
-
-    monkeypatch.setattr(sampler_module, "_MIN_ROWS_FOR_FLOAT32_FILTERS", 1)  # these 5 rows take the kernels too
+    monkeypatch.setattr(sampler_mod, "_MIN_ROWS_FOR_FLOAT32_FILTERS", 1)  # these 5 rows take the kernels too
     vocab = 300
     logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(4)) * 2
     best = logits.argmax(-1).tolist()
@@ -245,12 +243,10 @@ def test_sampler_kernel_path_filters_after_logit_edits(device, monkeypatch):
 
 def test_sampler_small_edited_filtered_batches_take_the_torch_path(monkeypatch):
     """Below _MIN_ROWS_FOR_FLOAT32_FILTERS rows, filters on edited (float32) logits are sorted in torch."""
-    import pagedllm.worker.sampler as sampler_module
-
     def no_kernel(*args):
         raise AssertionError("kernel path taken")
 
-    monkeypatch.setattr(sampler_module, "_kernel_draw", no_kernel)
+    monkeypatch.setattr(sampler_mod, "_kernel_draw", no_kernel)
     params = [SamplingParams(top_p=0.9, repetition_penalty=1.2)] * 2
     batch = SamplingBatch.build(params, [None] * 2, [[1]] * 2, [[2]] * 2, 50, torch.device("cpu"))
     assert Sampler(use_kernel=True)(torch.randn(2, 50), batch).token_ids.shape == (2,)
