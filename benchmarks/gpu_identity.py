@@ -1,5 +1,6 @@
 """GPU correctness: greedy outputs of a real model in float32 on CUDA equal transformers' on CUDA,
-CUDA-graph outputs equal eager outputs (bf16 too), async scheduling (the CUDA default) equals
+CUDA-graph outputs equal eager outputs (bf16 too; with a small token budget, mixed steps run as
+piecewise graphs), async scheduling (the CUDA default) equals
 synchronous steps, and prefix caching on equals off on prompts that share a prefix. Prints one JSON line per check.
 
     python benchmarks/gpu_identity.py [MODEL_DIR]     (default: the converted SmolLM2-135M-Instruct)
@@ -41,9 +42,11 @@ def main() -> None:
     del hf
     torch.cuda.empty_cache()
 
-    def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True, caching: bool = True, max_num_seqs: int = 64) -> list[list[int]]:
+    def run(dtype: str, enforce_eager: bool, async_scheduling: bool = True, caching: bool = True, max_num_seqs: int = 64,
+            max_num_batched_tokens: int | None = None) -> list[list[int]]:
         llm = LLM(path, dtype=dtype, skip_tokenizer_init=True, enforce_eager=enforce_eager, gpu_memory_utilization=0.5,
-                  max_num_seqs=max_num_seqs, max_model_len=1024, async_scheduling=async_scheduling, enable_prefix_caching=caching)
+                  max_num_seqs=max_num_seqs, max_model_len=1024, async_scheduling=async_scheduling, enable_prefix_caching=caching,
+                  max_num_batched_tokens=max_num_batched_tokens)
         params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -53,7 +56,7 @@ def main() -> None:
         del llm
         torch.cuda.empty_cache()
         hits = engine.get_stats().prefix_cache_hits
-        print(json.dumps({"run": f"{dtype} eager={enforce_eager} async={async_scheduling} caching={caching}", "seconds": round(elapsed, 3),
+        print(json.dumps({"run": f"{dtype} eager={enforce_eager} async={async_scheduling} caching={caching} budget={max_num_batched_tokens}", "seconds": round(elapsed, 3),
                           "prefix_cache_hits": hits}), flush=True)
         return [o.outputs[0].token_ids for o in outs]
 
@@ -69,6 +72,11 @@ def main() -> None:
     print(json.dumps({"check": "float32 seeded sampling async == sync", "identical": f"{sum(a == b for a, b in zip(*seeded))}/{len(prompts)}"}))
     bf_graphs, bf_eager = run("bfloat16", False), run("bfloat16", True)
     print(json.dumps({"check": "bfloat16 graphs == eager", "identical": f"{sum(g == e for g, e in zip(bf_graphs, bf_eager))}/{len(prompts)}"}))
+    # A 256-token budget: prompts arrive in chunks beside running decodes, steps of <= 256 tokens (piecewise graphs).
+    chunked = run("float32", False, max_num_batched_tokens=256)
+    print(json.dumps({"check": "float32 piecewise graphs (256-token steps) == transformers", "identical": f"{sum(a == b for a, b in zip(chunked, expected))}/{len(prompts)}"}))
+    bf_chunked, bf_chunked_eager = run("bfloat16", False, max_num_batched_tokens=256), run("bfloat16", True, max_num_batched_tokens=256)
+    print(json.dumps({"check": "bfloat16 piecewise graphs == eager (256-token steps)", "identical": f"{sum(a == b for a, b in zip(bf_chunked, bf_chunked_eager))}/{len(prompts)}"}))
     # Prefix caching: one 300-token system prompt before 192 prompts; all but the first request hit its blocks,
     # and decode batches run past the split-KV sizes, so with caching on they take the shared-prefix kernels.
     system = [rng.randrange(3, vocab) for _ in range(300)]

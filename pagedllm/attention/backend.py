@@ -42,17 +42,43 @@ class AttentionMetadata:
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, *range(16, 256, 8), *range(256, 513, 16)]
 
 
+def dummy_metadata(
+    query_lens: list[int], seq_lens: list[int], block_size: int, device: torch.device, common_prefix: int = 0,
+) -> AttentionMetadata:
+    """A batch whose contexts all read block 0 and whose tokens write nothing (slot -1), for forwards that
+    profile memory, compile kernels or warm up a capture. common_prefix: the prefix a decode-only batch shares."""
+    reqs, tokens = len(query_lens), sum(query_lens)
+    qsl = [0]
+    for q in query_lens:
+        qsl.append(qsl[-1] + q)
+    num_decodes = reqs if max(query_lens) == 1 else 0
+    return AttentionMetadata(
+        num_reqs=reqs, num_decodes=num_decodes, num_decode_tokens=num_decodes, max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.zeros(reqs, -(-max(seq_lens) // block_size), dtype=torch.int32, device=device),
+        slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+        common_prefix=torch.tensor([common_prefix], dtype=torch.int32, device=device) if common_prefix else None,
+    )
+
+
 class AttentionBackend(Protocol):
     name: str
     # (requests, tokens): the smallest decode batch and shared prefix that the backend attends as one
     # (AttentionMetadata.common_prefix); None: it never does, and the prefix is not looked for.
     shared_prefix_min: tuple[int, int] | None
 
+    def takes_shared_prefix(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> bool:
+        """Whether a decode-only batch of num_reqs (a CUDA-graph size) with a common prefix attends it once."""
+
     def forward(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over each request's
-        cached context (this step's keys included); returns [num_tokens, num_heads, head_dim]."""
+        cached context (this step's keys included); returns [num_tokens, num_heads, head_dim],
+        in `out` when given."""
 
 
 def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:

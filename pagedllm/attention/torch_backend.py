@@ -28,8 +28,13 @@ class TorchAttentionBackend:
     name = "torch"
     shared_prefix_min = None
 
-    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        out = torch.empty_like(query)
+    def takes_shared_prefix(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> bool:
+        return False
+
+    def forward(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = torch.empty_like(query) if out is None else out
         n = meta.num_decodes
         if n:
             out[:n] = self._decode(query[:n], kv_cache, meta, scale)

@@ -53,10 +53,18 @@ class TritonAttentionBackend:
     name = "triton"
     shared_prefix_min = (SHARED_PREFIX_MIN_REQS, SHARED_PREFIX_MIN_TOKENS)
 
-    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def takes_shared_prefix(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> bool:
+        """Whether forward attends a decode-only batch's common prefix once at this size: from the minimum
+        batch, and past the split-KV sizes (split-KV comes first, prefix or not)."""
+        return num_reqs >= self.shared_prefix_min[0] and num_reqs > split_kv_max_batch(num_kv_heads, sm_count(device))
+
+    def forward(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if query.stride(-1) != 1:
             query = query.contiguous()
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if out is None:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if query.shape[0] == 0:
             return out
         num_kv_heads = kv_cache.shape[3]

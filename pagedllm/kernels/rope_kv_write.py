@@ -4,7 +4,8 @@ KV cache. Unfused that is four or five launches per layer; at decode batch sizes
 microseconds of mostly idle GPU.
 
 qkv is the projection's output [T, (H + 2 Hkv) * D]. q is rotated in place there (attention reads
-it as a view); k and v go only to the cache, at slot s (block s // block_size, offset
+it as a view), or into a given q_out [T, H, D] (a piecewise CUDA graph's persistent buffer); k and v
+go only to the cache, at slot s (block s // block_size, offset
 s % block_size; slot -1 writes nothing). Rotary is NeoX / HF rotate-half over the first rot_dim
 dims of each head (cos_sin_cache [max_pos, rot_dim]: cos then sin); dims past rot_dim pass through.
 Numerics follow the unfused path: the norm rounds to the input dtype before and after its weight,
@@ -44,8 +45,8 @@ def _norm_rope(ptr, num_heads, cos, sin, w_ptr, eps, HAS_NORM: tl.constexpr, HEA
 
 @triton.jit
 def _rope_kv_write_kernel(
-    qkv_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, k_cache, v_cache, slot_ptr,
-    stride_t, stride_cs, stride_cb, stride_co, eps, num_heads, num_kv_heads,
+    qkv_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, k_cache, v_cache, slot_ptr,
+    stride_t, stride_qo, stride_cs, stride_cb, stride_co, eps, num_heads, num_kv_heads,
     HAS_NORM: tl.constexpr, HEAD_D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     REST: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
@@ -62,9 +63,10 @@ def _rope_kv_write_kernel(
     h = tl.arange(0, BLOCK_HQ)[:, None]
     o1, o2, o3 = _norm_rope(q_ptr, num_heads, cos, sin, q_w_ptr, eps, HAS_NORM, HEAD_D, HALF, HALF_PAD, REST, REST_PAD, BLOCK_HQ)
     mj, mr = (h < num_heads) & (j < HALF), (h < num_heads) & (r < REST)
-    tl.store(q_ptr + h * HEAD_D + j, o1.to(dtype), mask=mj)
-    tl.store(q_ptr + h * HEAD_D + HALF + j, o2.to(dtype), mask=mj)
-    tl.store(q_ptr + h * HEAD_D + 2 * HALF + r, o3.to(dtype), mask=mr)
+    qo_ptr = q_out_ptr + t * stride_qo
+    tl.store(qo_ptr + h * HEAD_D + j, o1.to(dtype), mask=mj)
+    tl.store(qo_ptr + h * HEAD_D + HALF + j, o2.to(dtype), mask=mj)
+    tl.store(qo_ptr + h * HEAD_D + 2 * HALF + r, o3.to(dtype), mask=mr)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -88,10 +90,14 @@ def rope_kv_write(
     qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """qkv [T, (H + 2 Hkv) * D] -> q [T, H, D] (a view of qkv, normed and rotated in place); k and v
-    (normed and rotated k) are written to kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping."""
+    """qkv [T, (H + 2 Hkv) * D] -> q [T, H, D] (normed and rotated: in place, a view of qkv, or into q_out);
+    k and v (normed and rotated k) are written to kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping."""
     num_tokens = qkv.shape[0]
+    if q_out is None:
+        q_out = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    assert q_out.shape == (num_tokens, num_heads, head_dim) and q_out.stride(1) == head_dim and q_out.stride(2) == 1
     rot_dim = cos_sin_cache.shape[-1]
     assert qkv.stride(-1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
     assert rot_dim <= head_dim and rot_dim % 2 == 0 and cos_sin_cache.stride(-1) == 1
@@ -102,15 +108,15 @@ def rope_kv_write(
     if num_tokens:
         half, rest = rot_dim // 2, head_dim - rot_dim
         _rope_kv_write_kernel[(num_tokens,)](
-            qkv, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
+            qkv, q_out, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
             k_cache, v_cache, slot_mapping,
-            qkv.stride(0), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), eps, num_heads, num_kv_heads,
+            qkv.stride(0), q_out.stride(0), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), eps, num_heads, num_kv_heads,
             HAS_NORM=has_norm, HEAD_D=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
             REST=rest, REST_PAD=triton.next_power_of_2(max(rest, 1)), D_PAD=triton.next_power_of_2(head_dim),
             BLOCK_SIZE=k_cache.shape[1], BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             num_warps=4,
         )
-    return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    return q_out
 
 
 def rope_kv_write_ref(

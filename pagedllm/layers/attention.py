@@ -1,7 +1,8 @@
 """The attention layer models use; the backend and this step's metadata come from the forward context.
 
 The model runner sets the context around each forward, so model code never sees block tables,
-slot mappings or which backend runs (torch on CPU, Triton on CUDA). The layer takes the fused QKV
+slot mappings or which backend runs (torch on CPU, Triton on CUDA). While piecewise CUDA graphs
+capture, the context also holds the point where each attention call cuts the forward. The layer takes the fused QKV
 projection's output and does everything up to attention itself: the optional per-head q/k norms,
 rotary embedding and the K/V write into the paged cache; on CUDA these are one fused kernel.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
@@ -21,19 +22,29 @@ from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 
 
+class AttentionCut(Protocol):
+    """Where a piecewise CUDA graph's capture cuts the forward (worker/piecewise_graph.py): the attention
+    reads q from, and writes into, persistent buffers, between two captured pieces."""
+
+    def query_buffer(self, num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+
 @dataclass
 class ForwardContext:
     backend: AttentionBackend
     meta: AttentionMetadata
+    cut: AttentionCut | None = None
 
 
 _context: ForwardContext | None = None
 
 
 @contextmanager
-def forward_context(backend: AttentionBackend, meta: AttentionMetadata) -> Iterator[None]:
+def forward_context(backend: AttentionBackend, meta: AttentionMetadata, cut: AttentionCut | None = None) -> Iterator[None]:
     global _context
-    previous, _context = _context, ForwardContext(backend, meta)
+    previous, _context = _context, ForwardContext(backend, meta, cut)
     try:
         yield
     finally:
@@ -51,13 +62,15 @@ class Attention(nn.Module):
                 k_norm: RMSNorm | None = None) -> torch.Tensor:
         """qkv [T, (H + 2 Hkv) * D] -> [T, H * D]; q_norm/k_norm: per-head RMSNorms (Qwen3)."""
         assert _context is not None, "Attention ran outside the model runner's forward_context."
-        backend, meta = _context.backend, _context.meta
+        backend, meta, cut = _context.backend, _context.meta, _context.cut
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         if qkv.is_cuda:
             from pagedllm.kernels.rope_kv_write import rope_kv_write
 
+            q_out = None if cut is None else cut.query_buffer(qkv.shape[0], heads, dim, qkv.dtype)
             q = rope_kv_write(qkv, positions, self.rotary.cos_sin_cache, heads, kv_heads, dim, self.kv_cache, meta.slot_mapping,
-                              q_norm.weight if q_norm else None, k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0)
+                              q_norm.weight if q_norm else None, k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0,
+                              q_out=q_out)
         else:
             q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
             q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
@@ -65,4 +78,6 @@ class Attention(nn.Module):
                 q, k = q_norm(q), k_norm(k)
             q, k = self.rotary(positions, q, k)
             write_kv(k, v, self.kv_cache, meta.slot_mapping)
+        if cut is not None:
+            return cut.attend(q, self.kv_cache, self.scale).flatten(1)
         return backend.forward(q, self.kv_cache, meta, self.scale).flatten(1)

@@ -5,8 +5,8 @@ max_num_seqs or 512) over persistent input buffers. A step with n decodes copies
 buffers, pads to the next captured size (padding rows write no K/V: slot -1, context length 0),
 replays, and reads the first n rows of the captured output. Launch overhead, which dominates
 small decode batches, disappears. Sizes at which the attention backend attends a prefix that all
-requests share once for all (AttentionMetadata.common_prefix) get a second graph that does, replayed
-for batches that have one; its length sits in a persistent buffer too.
+requests share once for all (AttentionMetadata.common_prefix; the backend names them) get a second
+graph that does, replayed for batches that have one; its length sits in a persistent buffer too.
 
 Under tensor parallelism every rank captures the same sizes in the same order, so the all-reduces
 inside the graphs pair up at replay as they did eagerly. Under pipeline parallelism a graph holds one
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import GRAPH_BATCH_SIZES, AttentionBackend, AttentionMetadata
-from pagedllm.layers.attention import forward_context
+from pagedllm.layers.attention import Attention, forward_context
 
 
 MAX_CAPTURE_SIZE = GRAPH_BATCH_SIZES[-1]  # 512: larger decode batches are compute-bound enough to run eagerly
@@ -54,12 +54,14 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=i32, device=device)
         self.common_prefix = torch.zeros(1, dtype=i32, device=device)
-        shared_min = backend.shared_prefix_min
-        self.shared_sizes = [] if shared_min is None else [s for s in self.sizes if s >= shared_min[0]]
+        kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
+        self.shared_sizes = [s for s in self.sizes if backend.takes_shared_prefix(s, kv_heads, device)]
         self.intermediate = None
         if intermediate is not None:
             hidden_size, dtype = intermediate
             self.intermediate = (torch.zeros(n, hidden_size, dtype=dtype, device=device), torch.zeros(n, hidden_size, dtype=dtype, device=device))
+        # One memory pool and capture stream, shared with the piecewise graphs (worker/piecewise_graph.py).
+        self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
         # Keyed by (batch size, with a shared prefix).
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, bool], Output] = {}
@@ -78,16 +80,14 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        pool = None
         keys = [(bs, False) for bs in self.sizes] + [(bs, True) for bs in self.shared_sizes]
         for key in sorted(keys, reverse=True):  # largest first, so smaller graphs reuse its memory pool
             with forward_context(self.backend, self._meta(*key)):
                 self._forward(key[0])  # warm-up: compile kernels (and pair up collectives) outside capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                     self.outputs[key] = self._forward(key[0])
-            pool = graph.pool()
             self.graphs[key] = graph
         torch.cuda.synchronize()
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionMetadata, get_attention_backend
+from pagedllm.attention.backend import AttentionMetadata, dummy_metadata, get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import SchedulerOutput
@@ -32,6 +32,7 @@ from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.models.loader import load_model
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import CudaGraphRunner
+from pagedllm.worker.piecewise_graph import PiecewiseGraphRunner
 from pagedllm.worker.input_batch import FlatBatch, StepPlan, build_batch, Staging
 from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprobs, to_device
 from pagedllm.worker.step_output import PromptLogprobs, StepHandle
@@ -63,6 +64,7 @@ class ModelRunner:
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
         self.graph_runner: CudaGraphRunner | None = None
+        self.piecewise: PiecewiseGraphRunner | None = None
         self.num_blocks = self._allocate_kv_cache()
         self.capture_cuda_graphs()
         # Persistent host buffers, one of each per step that can be in flight at once, used in turn (see Staging).
@@ -139,23 +141,9 @@ class ModelRunner:
         return max(0, int(total * self.config.gpu_memory_utilization) - weights - self.activation_peak - non_torch)
 
     def _dummy_forward(self, query_lens: list[int], seq_lens: list[int], common_prefix: int = 0) -> torch.Tensor:
-        """A forward over requests whose contexts all read block 0 and whose tokens write nothing (slot -1);
-        common_prefix: the prefix they share, for a decode-only batch."""
-        reqs, tokens = len(query_lens), sum(query_lens)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        num_decodes = reqs if max(query_lens) == 1 else 0
-        meta = AttentionMetadata(
-            num_reqs=reqs, num_decodes=num_decodes, num_decode_tokens=num_decodes, max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(reqs, -(-max(seq_lens) // self.block_size), dtype=torch.int32, device=self.device),
-            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
-            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
-            common_prefix=torch.tensor([common_prefix], dtype=torch.int32, device=self.device) if common_prefix else None,
-        )
-        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        """A forward over a dummy batch (attention.backend.dummy_metadata)."""
+        meta = dummy_metadata(query_lens, seq_lens, self.block_size, self.device, common_prefix)
+        ids = torch.zeros(sum(query_lens), dtype=torch.int64, device=self.device)
         with forward_context(self.backend, meta):
             return self.run_model(ids, ids)
 
@@ -172,24 +160,27 @@ class ModelRunner:
             self._dummy_forward([1] * reqs, [tokens + 1] * reqs, common_prefix=tokens)
 
     def capture_cuda_graphs(self) -> None:
-        """On CUDA: compiles the kernels, then captures the decode graphs. Every rank runs this at start-up,
+        """On CUDA: compiles the kernels, then captures the decode graphs and the piecewise ones. Every rank runs this at start-up,
         in the same order, so the collectives of the warm-up forwards and of the captures pair up."""
         if self.device.type != "cuda":
             return
         self._compile_kernels()
         if self.config.enforce_eager:
             return
-        p = self.parallel
+        inter = None if self.parallel.is_first_stage else (self.hidden_size, self.dtype)
         self.graph_runner = CudaGraphRunner(
-            self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device,
-            intermediate=None if p.is_first_stage else (self.hidden_size, self.dtype),
+            self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device, intermediate=inter,
         )
         self.graph_runner.capture()
+        assert self.config.max_num_batched_tokens is not None
+        self.piecewise = PiecewiseGraphRunner(self.model, self.backend, self.config.max_num_batched_tokens, self.block_size, self.device, inter)
+        self.piecewise.capture(self.graph_runner.pool, self.graph_runner.stream)
 
     def release_cuda_graphs(self) -> None:
-        if self.graph_runner is not None:
-            self.graph_runner.release()
-            self.graph_runner = None
+        for runner in (self.graph_runner, self.piecewise):
+            if runner is not None:
+                runner.release()
+        self.graph_runner = self.piecewise = None
 
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -288,6 +279,9 @@ class ModelRunner:
             query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
             common_prefix=common_prefix,
         )
+        if self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
+            inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(input_ids.shape[0])
+            return self._pass_on(self.piecewise.run(input_ids, positions, slot_mapping, meta, inter)), logits_index
         with forward_context(self.backend, meta):
             return self.run_model(input_ids, positions), logits_index
 

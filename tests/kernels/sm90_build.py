@@ -73,7 +73,7 @@ def other_builds() -> list[tuple[str, callable]]:
                            lambda t=types, r=has_res: build(norm._rms_norm_kernel, t, dict(HAS_RES=r, BLOCK=4096), 8)))
         builds.append((f"silu_and_mul {dt}", lambda d=dt: build(
             activation._silu_and_mul_kernel, {"x_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(BLOCK=1024), 4)))
-        types = {"qkv_ptr": f"*{dt}", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "q_w_ptr": f"*{dt}", "k_w_ptr": f"*{dt}",
+        types = {"qkv_ptr": f"*{dt}", "q_out_ptr": f"*{dt}", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "q_w_ptr": f"*{dt}", "k_w_ptr": f"*{dt}",
                  "k_cache": f"*{dt}", "v_cache": f"*{dt}", "slot_ptr": "*i64", "eps": "fp32"}
         for has_norm in (False, True):
             consts = dict(HAS_NORM=has_norm, HEAD_D=128, HALF=64, HALF_PAD=64, REST=0, REST_PAD=1, D_PAD=128,

@@ -79,3 +79,26 @@ def test_rope_kv_write(device, assert_close, dtype, heads, qk_norm, partial, blo
     assert_close(q, ref_q, interp_bound=3e-2)
     assert_close(cache, ref_cache, interp_bound=3e-2)
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "norm+rope"])
+def test_rope_kv_write_to_q_out(device, assert_close, qk_norm):
+    """With q_out (a piecewise graph's persistent buffer) q lands there, equal to the in-place result,
+    and qkv keeps its projection output."""
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 64 if ON_CUDA else 32, 16
+    dtype = torch.float32
+    freqs = torch.arange(64)[:, None].float() / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
+    qkv = _rand(TOKENS, (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=dtype)
+    positions = torch.arange(TOKENS, device=device)
+    slots = torch.arange(TOKENS, device=device)
+    weights = [_rand(head_dim, device=device, dtype=dtype, seed=s) if qk_norm else None for s in (5, 6)]
+    in_place_cache = torch.zeros(2, 4, block_size, num_kv_heads, head_dim, device=device, dtype=dtype)
+    cache = in_place_cache.clone()
+    expected = rope_kv_write(qkv.clone(), positions, cos_sin, num_heads, num_kv_heads, head_dim, in_place_cache, slots, *weights)
+    before = qkv.clone()
+    buffer = torch.full((TOKENS + 3, num_heads, head_dim), float("nan"), device=device, dtype=dtype)
+    q = rope_kv_write(qkv, positions, cos_sin, num_heads, num_kv_heads, head_dim, cache, slots, *weights, q_out=buffer[:TOKENS])
+    assert q.data_ptr() == buffer.data_ptr()
+    assert torch.equal(q, expected) and torch.equal(cache, in_place_cache) and torch.equal(qkv, before)
+    assert buffer[TOKENS:].isnan().all()

@@ -218,6 +218,16 @@ def test_split_kv_heuristic():
     assert not use_split_kv(meta(89, 89), 3, 132)
 
 
+def test_shared_prefix_sizes(monkeypatch):
+    """The graph sizes that get a shared-prefix graph: from 64 requests, and past the split-KV sizes (for
+    few KV heads those would capture the same kernels twice)."""
+    monkeypatch.setattr("pagedllm.attention.triton_backend.sm_count", lambda device: 132)
+    backend, cpu = TritonAttentionBackend(), torch.device("cpu")
+    assert [s for s in (32, 56, 64, 128, 136) if backend.takes_shared_prefix(s, 8, cpu)] == [64, 128, 136]
+    assert [s for s in (64, 128, 136, 256, 272) if backend.takes_shared_prefix(s, 2, cpu)] == [136, 256, 272]
+    assert not backend.takes_shared_prefix(256, 1, cpu) and backend.takes_shared_prefix(272, 1, cpu)
+
+
 def test_backend_attends_after_the_write(device, assert_close):
     """The path the model takes: this step's K/V written into the cache, then attention (mixed batch)."""
     b = make_batch(REQS, 8, 2, 64, 16, BF16, device, seed=3)

@@ -1,0 +1,155 @@
+"""Piecewise CUDA graphs for the steps that are not decode-only: prefills, prompt chunks, mixed batches.
+
+Run eagerly, such a step is bound by the host at small token counts: on an H200 machine the 8B shape's
+eager forward takes ~25 ms of Python launches for ~6 ms of GPU work at 128 tokens (a Triton launch
+costs ~65 us there). The forward is captured once per padded token count of a ladder up to 512, in
+pieces cut at each attention call (vLLM's piecewise graphs): projections, norms, the MLP, rotary + KV
+write and the collectives depend on the token count alone, while the attention kernels depend on
+the step's requests, so the attention runs eagerly between two pieces, with the step's metadata,
+from a persistent q buffer into a persistent output buffer. Padding tokens (past the step's last
+request) have slot -1: they write no K/V, no attention reads them, and their rows are never read.
+
+The pieces share the decode graphs' memory pool and capture stream. Graphs in one pool must replay in
+the order they were captured, and they do: one step replays one size's pieces in order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, dummy_metadata
+from pagedllm.layers.attention import forward_context
+
+PIECEWISE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+
+Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def piecewise_sizes(max_num_tokens: int) -> list[int]:
+    """The ladder up to max_num_tokens (capped at 512; larger steps have the GPU time to hide their launches)."""
+    top = min(max_num_tokens, PIECEWISE_SIZES[-1])
+    return [s for s in PIECEWISE_SIZES if s < top] + [top]
+
+
+class PiecewiseGraphRunner:
+    def __init__(
+        self, model: nn.Module, backend: AttentionBackend, max_num_tokens: int, block_size: int, device: torch.device,
+        intermediate: tuple[int, torch.dtype] | None = None,
+    ) -> None:
+        """`intermediate`: (hidden size, dtype) of the activations a later pipeline stage receives."""
+        self.model, self.backend, self.block_size, self.device = model, backend, block_size, device
+        self.sizes = piecewise_sizes(max_num_tokens)
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.intermediate = None
+        if intermediate is not None:
+            hidden_size, dtype = intermediate
+            self.intermediate = (torch.zeros(n, hidden_size, dtype=dtype, device=device), torch.zeros(n, hidden_size, dtype=dtype, device=device))
+        # Attention's input and output, shared by every layer and size (allocated at the first, largest, warm-up).
+        self.query: torch.Tensor | None = None
+        self.attn_out: torch.Tensor | None = None
+        self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.calls: dict[int, list[tuple[torch.Tensor, float]]] = {}  # per cut: the layer's (KV cache, scale)
+        self.outputs: dict[int, Output] = {}
+        # While warming up: the dummy batch the attention runs on. While capturing: (pieces so far, cuts, pool).
+        self._warmup_meta: AttentionMetadata | None = None
+        self._capturing: tuple[list[torch.cuda.CUDAGraph], list[tuple[torch.Tensor, float]], tuple[int, int]] | None = None
+
+    # ---- the cut (layers.attention.AttentionCut) ----------------------------------------------
+    def query_buffer(self, num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.query is None:
+            self.query = torch.zeros(self.sizes[-1], num_heads, head_dim, dtype=dtype, device=self.device)
+            self.attn_out = torch.zeros_like(self.query)
+        return self.query[:num_tokens]
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        assert self.attn_out is not None
+        out = self.attn_out[: query.shape[0]]
+        if self._capturing is None:
+            assert self._warmup_meta is not None
+            return self.backend.forward(query, kv_cache, self._warmup_meta, scale, out=out)
+        pieces, calls, pool = self._capturing
+        pieces[-1].capture_end()
+        calls.append((kv_cache, scale))
+        pieces.append(_begin(pool))
+        return out
+
+    # ---- capture and replay --------------------------------------------------------------------
+    def _forward(self, n: int) -> Output:
+        inter = None if self.intermediate is None else (self.intermediate[0][:n], self.intermediate[1][:n])
+        return self.model(self.input_ids[:n], self.positions[:n], inter)
+
+    @torch.inference_mode()
+    def capture(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
+        """Captures every size, largest first, into `pool` on `stream` (the decode graphs' own)."""
+        for n in reversed(self.sizes):
+            # The KV write inside the pieces reads the persistent slot buffer (all -1 here: writes nothing).
+            meta = dataclasses.replace(dummy_metadata([n], [n], self.block_size, self.device), slot_mapping=self.slot_mapping[:n])
+            # Warm-up, eagerly: kernels compile (and collectives pair up) outside the capture.
+            self._warmup_meta = meta
+            with forward_context(self.backend, meta, self):
+                self._forward(n)
+            self._warmup_meta = None
+            torch.cuda.synchronize()
+            pieces: list[torch.cuda.CUDAGraph] = []
+            calls: list[tuple[torch.Tensor, float]] = []
+            with torch.cuda.stream(stream), forward_context(self.backend, meta, self):
+                pieces.append(_begin(pool))
+                self._capturing = (pieces, calls, pool)
+                try:
+                    out = self._forward(n)
+                finally:
+                    self._capturing = None
+                pieces[-1].capture_end()
+            self.pieces[n], self.calls[n], self.outputs[n] = pieces, calls, out
+        torch.cuda.synchronize()
+
+    def release(self) -> None:
+        torch.cuda.synchronize()
+        for pieces in self.pieces.values():
+            for graph in pieces:
+                graph.reset()
+        self.pieces.clear()
+        self.calls.clear()
+        self.outputs.clear()
+
+    def can_run(self, num_tokens: int) -> bool:
+        return 0 < num_tokens <= self.sizes[-1]
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMetadata,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Output:
+        """The step's n tokens (device tensors) and attention metadata; returns hidden states [n, hidden]
+        (a stage before the last: its (hidden, residual) pair)."""
+        n = input_ids.shape[0]
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)
+        if intermediate is not None:
+            assert self.intermediate is not None
+            for buffer, value in zip(self.intermediate, intermediate):
+                buffer[:n].copy_(value)
+        assert self.query is not None and self.attn_out is not None
+        query, out = self.query[:n], self.attn_out[:n]
+        pieces = self.pieces[size]
+        for graph, (kv_cache, scale) in zip(pieces, self.calls[size]):
+            graph.replay()
+            self.backend.forward(query, kv_cache, meta, scale, out=out)
+        pieces[-1].replay()
+        result = self.outputs[size]
+        return result[:n] if isinstance(result, torch.Tensor) else (result[0][:n], result[1][:n])
+
+
+def _begin(pool: tuple[int, int]) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool=pool)
+    return graph
