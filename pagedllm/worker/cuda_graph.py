@@ -37,6 +37,45 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
+class GraphInputs:
+    """The persistent token inputs of captured forwards: ids, positions, cache slots, and under pipeline
+    parallelism the (hidden, residual) pair a later stage receives."""
+
+    def __init__(self, n: int, device: torch.device, intermediate: tuple[int, torch.dtype] | None) -> None:
+        """`intermediate`: (hidden size, dtype) of the activations a later pipeline stage receives."""
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.intermediate = None
+        if intermediate is not None:
+            hidden_size, dtype = intermediate
+            self.intermediate = (torch.zeros(n, hidden_size, dtype=dtype, device=device), torch.zeros(n, hidden_size, dtype=dtype, device=device))
+
+    def first(self, n: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The model's arguments for a forward over the first n rows."""
+        inter = None if self.intermediate is None else (self.intermediate[0][:n], self.intermediate[1][:n])
+        return self.input_ids[:n], self.positions[:n], inter
+
+    def fill(
+        self, padded: int, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """Copies a step's n tokens in; rows n..padded keep stale ids and positions but write no K/V."""
+        n = input_ids.shape[0]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(slot_mapping)
+        self.slot_mapping[n:padded].fill_(-1)
+        if intermediate is not None:
+            assert self.intermediate is not None
+            for buffer, value in zip(self.intermediate, intermediate):
+                buffer[:n].copy_(value)
+
+
+def first_rows(out: Output, n: int) -> Output:
+    return out[:n] if isinstance(out, torch.Tensor) else (out[0][:n], out[1][:n])
+
+
 class CudaGraphRunner:
     def __init__(
         self, model: nn.Module, backend: AttentionBackend, max_num_seqs: int, max_blocks: int, device: torch.device,
@@ -46,20 +85,14 @@ class CudaGraphRunner:
         self.model, self.backend = model, backend
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
-        i32, i64 = torch.int32, torch.int64
-        self.input_ids = torch.zeros(n, dtype=i64, device=device)
-        self.positions = torch.zeros(n, dtype=i64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
+        i32 = torch.int32
+        self.inputs = GraphInputs(n, device, intermediate)
         self.seq_lens = torch.zeros(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=i32, device=device)
         self.common_prefix = torch.zeros(1, dtype=i32, device=device)
         kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
         self.shared_sizes = [s for s in self.sizes if backend.takes_shared_prefix(s, kv_heads, device)]
-        self.intermediate = None
-        if intermediate is not None:
-            hidden_size, dtype = intermediate
-            self.intermediate = (torch.zeros(n, hidden_size, dtype=dtype, device=device), torch.zeros(n, hidden_size, dtype=dtype, device=device))
         # One memory pool and capture stream, shared with the piecewise graphs (worker/piecewise_graph.py).
         self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
         # Keyed by (batch size, with a shared prefix).
@@ -70,13 +103,12 @@ class CudaGraphRunner:
         return AttentionMetadata(
             num_reqs=bs, num_decodes=bs, num_decode_tokens=bs, max_query_len=1, max_seq_len=1,
             query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs], slot_mapping=self.inputs.slot_mapping[:bs],
             query_start_loc_cpu=[], seq_lens_cpu=[], common_prefix=self.common_prefix if shared else None,
         )
 
     def _forward(self, bs: int) -> Output:
-        inter = None if self.intermediate is None else (self.intermediate[0][:bs], self.intermediate[1][:bs])
-        return self.model(self.input_ids[:bs], self.positions[:bs], inter)
+        return self.model(*self.inputs.first(bs))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -112,21 +144,13 @@ class CudaGraphRunner:
         states [n, hidden] (a stage before the last: its (hidden, residual) pair)."""
         n = input_ids.shape[0]
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(slot_mapping)
-        self.slot_mapping[n:bs].fill_(-1)
+        self.inputs.fill(bs, input_ids, positions, slot_mapping, intermediate)
         self.seq_lens[:n].copy_(seq_lens)
         self.seq_lens[n:bs].fill_(0)
         self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
-        if intermediate is not None:
-            assert self.intermediate is not None
-            for buffer, value in zip(self.intermediate, intermediate):
-                buffer[:n].copy_(value)
         key = (bs, common_prefix is not None and (bs, True) in self.graphs)
         if key[1]:
             assert common_prefix is not None
             self.common_prefix.copy_(common_prefix)
         self.graphs[key].replay()
-        out = self.outputs[key]
-        return out[:n] if isinstance(out, torch.Tensor) else (out[0][:n], out[1][:n])
+        return first_rows(self.outputs[key], n)

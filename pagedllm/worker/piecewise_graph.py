@@ -23,11 +23,9 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, dummy_metadata
 from pagedllm.layers.attention import forward_context
+from pagedllm.worker.cuda_graph import GraphInputs, Output, first_rows
 
 PIECEWISE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-
-Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
 
 def piecewise_sizes(max_num_tokens: int) -> list[int]:
     """The ladder up to max_num_tokens (capped at 512; larger steps have the GPU time to hide their launches)."""
@@ -43,14 +41,7 @@ class PiecewiseGraphRunner:
         """`intermediate`: (hidden size, dtype) of the activations a later pipeline stage receives."""
         self.model, self.backend, self.block_size, self.device = model, backend, block_size, device
         self.sizes = piecewise_sizes(max_num_tokens)
-        n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.intermediate = None
-        if intermediate is not None:
-            hidden_size, dtype = intermediate
-            self.intermediate = (torch.zeros(n, hidden_size, dtype=dtype, device=device), torch.zeros(n, hidden_size, dtype=dtype, device=device))
+        self.inputs = GraphInputs(self.sizes[-1], device, intermediate)
         # Attention's input and output, shared by every layer and size (allocated at the first, largest, warm-up).
         self.query: torch.Tensor | None = None
         self.attn_out: torch.Tensor | None = None
@@ -82,15 +73,14 @@ class PiecewiseGraphRunner:
 
     # ---- capture and replay --------------------------------------------------------------------
     def _forward(self, n: int) -> Output:
-        inter = None if self.intermediate is None else (self.intermediate[0][:n], self.intermediate[1][:n])
-        return self.model(self.input_ids[:n], self.positions[:n], inter)
+        return self.model(*self.inputs.first(n))
 
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
         """Captures every size, largest first, into `pool` on `stream` (the decode graphs' own)."""
         for n in reversed(self.sizes):
             # The KV write inside the pieces reads the persistent slot buffer (all -1 here: writes nothing).
-            meta = dataclasses.replace(dummy_metadata([n], [n], self.block_size, self.device), slot_mapping=self.slot_mapping[:n])
+            meta = dataclasses.replace(dummy_metadata([n], [n], self.block_size, self.device), slot_mapping=self.inputs.slot_mapping[:n])
             # Warm-up, eagerly: kernels compile (and collectives pair up) outside the capture.
             self._warmup_meta = meta
             with forward_context(self.backend, meta, self):
@@ -130,14 +120,7 @@ class PiecewiseGraphRunner:
         (a stage before the last: its (hidden, residual) pair)."""
         n = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)
-        if intermediate is not None:
-            assert self.intermediate is not None
-            for buffer, value in zip(self.intermediate, intermediate):
-                buffer[:n].copy_(value)
+        self.inputs.fill(size, input_ids, positions, slot_mapping, intermediate)
         assert self.query is not None and self.attn_out is not None
         query, out = self.query[:n], self.attn_out[:n]
         pieces = self.pieces[size]
@@ -145,8 +128,7 @@ class PiecewiseGraphRunner:
             graph.replay()
             self.backend.forward(query, kv_cache, meta, scale, out=out)
         pieces[-1].replay()
-        result = self.outputs[size]
-        return result[:n] if isinstance(result, torch.Tensor) else (result[0][:n], result[1][:n])
+        return first_rows(self.outputs[size], n)
 
 
 def _begin(pool: tuple[int, int]) -> torch.cuda.CUDAGraph:

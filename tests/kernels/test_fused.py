@@ -87,13 +87,13 @@ def test_rope_kv_write_to_q_out(device, assert_close, qk_norm):
     and qkv keeps its projection output."""
     num_heads, num_kv_heads, head_dim, block_size = 8, 2, 64 if ON_CUDA else 32, 16
     dtype = torch.float32
-    freqs = torch.arange(64)[:, None].float() / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(TOKENS)[:, None].float() / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
     qkv = _rand(TOKENS, (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=dtype)
     positions = torch.arange(TOKENS, device=device)
     slots = torch.arange(TOKENS, device=device)
     weights = [_rand(head_dim, device=device, dtype=dtype, seed=s) if qk_norm else None for s in (5, 6)]
-    in_place_cache = torch.zeros(2, 4, block_size, num_kv_heads, head_dim, device=device, dtype=dtype)
+    in_place_cache = torch.zeros(2, -(-TOKENS // block_size), block_size, num_kv_heads, head_dim, device=device, dtype=dtype)
     cache = in_place_cache.clone()
     expected = rope_kv_write(qkv.clone(), positions, cos_sin, num_heads, num_kv_heads, head_dim, in_place_cache, slots, *weights)
     before = qkv.clone()
