@@ -1,17 +1,61 @@
-"""CUDA graphs (GPU only; skipped on CPU): decode graphs and piecewise graphs give the tokens an eager
-engine gives, float32 greedy, on steps that mix decodes with prompt chunks under a small token budget."""
+"""CUDA graphs: decode graphs and piecewise graphs give the tokens an eager engine gives, float32 greedy,
+on steps that mix decodes with prompt chunks under a small token budget (GPU only); on CPU, the cut that
+piecewise capture puts at each attention call."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.attention.backend import dummy_metadata
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.layers.attention import forward_context
 from tests.conftest import assert_clean
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+class _RecordingCut:
+    """Runs each attention call itself, as a piecewise capture's warm-up does, optionally zeroing it."""
+
+    def __init__(self, backend, meta, zero: bool) -> None:
+        self.backend, self.meta, self.zero, self.calls = backend, meta, zero, []
+
+    def query_buffer(self, num_tokens, num_heads, head_dim, dtype):
+        raise AssertionError("only the CUDA path writes q into a buffer")
+
+    def attend(self, query, kv_cache, scale):
+        self.calls.append(kv_cache)
+        out = self.backend.forward(query, kv_cache, self.meta, scale)
+        return torch.zeros_like(out) if self.zero else out
+
+
+def test_attention_cut_runs_each_layer_in_order(tiny_models):
+    """With a cut in the forward context every attention call goes through it, layer by layer, and the
+    model continues from what it returns."""
+    engine = LLMEngine.from_kwargs(model=tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20)
+    runner = engine.runner
+    # Two prompts in blocks 1 and 2, writing their keys there.
+    bs = runner.block_size
+    meta = dataclasses.replace(
+        dummy_metadata([5, 3], [5, 3], bs, runner.device), block_tables=torch.tensor([[1], [2]], dtype=torch.int32),
+        slot_mapping=torch.tensor([bs + i for i in range(5)] + [2 * bs + i for i in range(3)]),
+    )
+    ids = torch.arange(8, dtype=torch.int64) + 3
+    with torch.inference_mode():
+        with forward_context(runner.backend, meta):
+            plain = runner.model(ids, ids)
+        results = []
+        for zero in (False, True):
+            cut = _RecordingCut(runner.backend, meta, zero)
+            with forward_context(runner.backend, meta, cut):
+                results.append(runner.model(ids, ids))
+            assert cut.calls == [layer.kv_cache for layer in runner.attn_layers]
+    assert torch.equal(results[0], plain) and not torch.allclose(results[1], plain)
 
 
 def _generate(path: str, prompts: list[list[int]], max_tokens: list[int], enforce_eager: bool) -> tuple[list[list[int]], int]:
@@ -35,6 +79,7 @@ def _generate(path: str, prompts: list[list[int]], max_tokens: list[int], enforc
     return [o.outputs[0].token_ids for o in outs], replays[0]
 
 
+@needs_gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_piecewise_graphs_equal_eager(tiny_models, arch):
     rng = random.Random(1)
