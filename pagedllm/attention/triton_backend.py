@@ -53,6 +53,10 @@ class TritonAttentionBackend:
     name = "triton"
     shared_prefix_min = (SHARED_PREFIX_MIN_REQS, SHARED_PREFIX_MIN_TOKENS)
 
+    def __init__(self) -> None:
+        # The last mixed step's metadata and its prompt part: every layer of a step gets the same metadata.
+        self._prompt_part: tuple[AttentionMetadata, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
     def takes_shared_prefix(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> bool:
         """Whether forward attends a decode-only batch's common prefix once at this size: from the minimum
         batch, and past the split-KV sizes (split-KV comes first, prefix or not)."""
@@ -83,11 +87,18 @@ class TritonAttentionBackend:
                               meta.block_tables[:nd], 1, scale)
             rest = out[nd:]
             dst = rest if _aligned(rest) else torch.empty_like(rest)
-            unified_attention(_realigned(query[nd:]), kv_cache, dst, meta.query_start_loc[nd:] - nd, _realigned(meta.seq_lens[nd:]),
-                              _realigned(meta.block_tables[nd:]), meta.max_query_len, scale)
+            unified_attention(_realigned(query[nd:]), kv_cache, dst, *self._prompts_of(meta), meta.max_query_len, scale)
             if dst is not rest:
                 rest.copy_(dst)
             return out
         return unified_attention(
             query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale
         )
+
+    def _prompts_of(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A mixed batch's prompt chunks: query starts from 0, context lengths and block tables (16-byte
+        aligned), made once per step rather than once per layer."""
+        if self._prompt_part is None or self._prompt_part[0] is not meta:
+            nd = meta.num_decodes
+            self._prompt_part = (meta, (meta.query_start_loc[nd:] - nd, _realigned(meta.seq_lens[nd:]), _realigned(meta.block_tables[nd:])))
+        return self._prompt_part[1]

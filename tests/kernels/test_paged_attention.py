@@ -237,7 +237,11 @@ def test_backend_attends_after_the_write(device, assert_close):
     backend = TritonAttentionBackend()
     write_kv(b.new_k, b.new_v, cache, b.meta.slot_mapping)
     assert torch.equal(cache.nan_to_num(7.0), b.kv_cache.nan_to_num(7.0))
-    assert_close(backend.forward(b.q, cache, b.meta, 0.125), reference(b, 0.125))
+    out = backend.forward(b.q, cache, b.meta, 0.125)
+    assert_close(out, reference(b, 0.125))
+    # The next layer of the same step reuses the prompt part made for the first.
+    part = backend._prompts_of(b.meta)
+    assert torch.equal(backend.forward(b.q, cache, b.meta, 0.125), out) and backend._prompts_of(b.meta) is part
 
 
 def test_backend_split_kv_path(device, assert_close):
