@@ -2,9 +2,10 @@
 
 The model runner sets the context around each forward, so model code never sees block tables,
 slot mappings or which backend runs (torch on CPU, Triton on CUDA). While piecewise CUDA graphs
-capture, the context also holds the point where each attention call cuts the forward. The layer takes the fused QKV
-projection's output and does everything up to attention itself: the optional per-head q/k norms,
-rotary embedding and the K/V write into the paged cache; on CUDA these are one fused kernel.
+capture, the context also holds the point where each attention call cuts the forward. The layer
+takes the fused QKV projection's output and does everything up to attention itself: the optional
+per-head q/k norms, rotary embedding and the K/V write into the paged cache; on CUDA these are one
+fused kernel.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionMetadata, dummy_metadata, get_attention_backend
+from pagedllm.attention.backend import GRAPH_BATCH_SIZES, AttentionMetadata, dummy_metadata, get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import SchedulerOutput
@@ -156,12 +156,17 @@ class ModelRunner:
         self._dummy_forward([1], [min(self.config.max_model_len, 4096)])
         shared_min = self.backend.shared_prefix_min
         if shared_min is not None and shared_min[1] < self.config.max_model_len:
-            reqs, tokens = shared_min
-            self._dummy_forward([1] * reqs, [tokens + 1] * reqs, common_prefix=tokens)
+            # The smallest batch that takes the path (with few KV heads, split-KV takes the smaller ones).
+            kv_heads = self.attn_layers[0].num_kv_heads
+            sizes = [s for s in GRAPH_BATCH_SIZES if s <= self.config.max_num_seqs and self.backend.takes_shared_prefix(s, kv_heads, self.device)]
+            if sizes:
+                tokens = shared_min[1]
+                self._dummy_forward([1] * sizes[0], [tokens + 1] * sizes[0], common_prefix=tokens)
 
     def capture_cuda_graphs(self) -> None:
-        """On CUDA: compiles the kernels, then captures the decode graphs and the piecewise ones. Every rank runs this at start-up,
-        in the same order, so the collectives of the warm-up forwards and of the captures pair up."""
+        """On CUDA: compiles the kernels, then captures the decode graphs and the piecewise ones. Every rank
+        runs this at start-up, in the same order, so the collectives of the warm-up forwards and of the
+        captures pair up."""
         if self.device.type != "cuda":
             return
         self._compile_kernels()

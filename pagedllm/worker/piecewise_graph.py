@@ -27,6 +27,7 @@ from pagedllm.worker.cuda_graph import GraphInputs, Output, first_rows
 
 PIECEWISE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 
+
 def piecewise_sizes(max_num_tokens: int) -> list[int]:
     """The ladder up to max_num_tokens (capped at 512; larger steps have the GPU time to hide their launches)."""
     top = min(max_num_tokens, PIECEWISE_SIZES[-1])
