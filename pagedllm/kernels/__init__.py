@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 132 (an H100 SXM) elsewhere, for interpreter runs."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+@functools.cache
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """Launch options for programmatic dependent launch (Hopper and later; PAGEDLLM_PDL=0 turns it off).
+
+    A kernel launched so may be scheduled while the kernel before it drains, instead of after it
+    has finished: at decode sizes most of a small kernel's few microseconds are that start. Every
+    kernel given these options runs `pdl_prologue` first, which waits until the kernel before it
+    has finished and its writes are visible, then lets the next one be scheduled."""
+    on = (
+        device.type == "cuda"
+        and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        and os.environ.get("PAGEDLLM_PDL", "1") != "0"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def pdl_prologue(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # nothing is read or written before the kernel before this one is done
+        tl.extra.cuda.gdc_launch_dependents()

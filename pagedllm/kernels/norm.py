@@ -11,13 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.kernels import pdl_options, pdl_prologue
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -46,6 +49,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res, weight, out, res_out, x2.stride(0), res.stride(0), out.stride(0), res_out.stride(0), n, eps,
             HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+            **pdl_options(x.device),
         )
     return out.view(x.shape), res_out.view(x.shape)
 

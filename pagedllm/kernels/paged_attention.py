@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.kernels import pdl_options, pdl_prologue
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -131,10 +133,11 @@ def _unified_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, AFTER_PREFIX: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, AFTER_PREFIX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """AFTER_PREFIX (decode-only batches): the first common_prefix[0] keys were attended by the
     shared-prefix kernel, whose prefix_splits partials per row seed the softmax."""
+    pdl_prologue(USE_PDL)
     tile_idx = tl.program_id(0)
     kvh = tl.program_id(1)
     req = _find_request(query_start_loc, num_reqs, tile_idx, BLOCK_Q)
@@ -234,7 +237,7 @@ def unified_attention(
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
         AFTER_PREFIX=prefix is not None,
-        num_warps=4 if block_m <= 16 else 8,
+        num_warps=4 if block_m <= 16 else 8, **pdl_options(q.device),
     )
     return out
 
@@ -266,10 +269,11 @@ def _shared_prefix_kernel(
     num_tokens, qk_scale,
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh,
     QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Rows (token t, query head kvh * QPK + j) of every decode, BLOCK_M per program, against one split
     of the prefix keys [0, common_prefix[0]) in request 0's blocks (every request has the same ones)."""
+    pdl_prologue(USE_PDL)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
@@ -335,7 +339,7 @@ def shared_prefix_decode(
         num_tokens, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), *_cache_strides(kv_cache),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n,
-        PREC=prec, UPCAST=upcast, num_warps=8,
+        PREC=prec, UPCAST=upcast, num_warps=8, **pdl_options(q.device),
     )
     return unified_attention(q, kv_cache, out, query_start_loc, seq_lens, block_tables, 1, scale,
                              prefix=(common_prefix, part_m, part_l, part_acc))
@@ -358,7 +362,9 @@ def _split_kv_decode_kernel(
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     req = tl.program_id(0)  # decodes come first, so request r's query is token r
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -391,7 +397,9 @@ def _split_kv_decode_kernel(
 def _split_kv_merge_kernel(
     part_m, part_l, part_acc, seq_lens, out_ptr, stride_ot, stride_oh, num_parts,
     NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens + req)
@@ -434,11 +442,12 @@ def split_kv_decode(
         NUM_HEADS=num_heads, QPK=qpk, HEAD_D=head_dim,
         HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=max(16, triton.next_power_of_2(qpk)),
         TILE_N=tile_n, MIN_PARTITION=_MIN_PARTITION, PREC=prec, UPCAST=upcast,
-        num_warps=8 if q.dtype == torch.float32 else 4,  # fp32 spills at 4
+        num_warps=8 if q.dtype == torch.float32 else 4, **pdl_options(q.device),  # fp32 spills at 4
     )
     _split_kv_merge_kernel[(num_decodes, num_heads)](
         part_m, part_l, part_acc, seq_lens, out, out.stride(0), out.stride(1), num_parts,
         NUM_HEADS=num_heads, HEAD_D=head_dim, HEAD_D_PAD=d_pad, TILE_N=tile_n, MIN_PARTITION=_MIN_PARTITION, num_warps=1,
+        **pdl_options(q.device),
     )
     return out
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.kernels import pdl_options, pdl_prologue
+
 
 @triton.jit
 def _norm_rope(ptr, num_heads, cos, sin, w_ptr, eps, HAS_NORM: tl.constexpr, HEAD_D: tl.constexpr,
@@ -49,8 +51,9 @@ def _rope_kv_write_kernel(
     stride_t, stride_qo, stride_cs, stride_cb, stride_co, eps, num_heads, num_kv_heads,
     HAS_NORM: tl.constexpr, HEAD_D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     REST: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF_PAD)[None, :]
@@ -114,7 +117,7 @@ def rope_kv_write(
             HAS_NORM=has_norm, HEAD_D=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
             REST=rest, REST_PAD=triton.next_power_of_2(max(rest, 1)), D_PAD=triton.next_power_of_2(head_dim),
             BLOCK_SIZE=k_cache.shape[1], BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-            num_warps=4,
+            num_warps=4, **pdl_options(qkv.device),
         )
     return q_out
 

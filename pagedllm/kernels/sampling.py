@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
-from pagedllm.kernels import sm_count
+from pagedllm.kernels import pdl_options, pdl_prologue, sm_count
 
 _BLOCK = 1024  # columns per iteration: four quarters, one per Philox output
 _MIN_U = 1e-20  # u = 0 would give g = -inf, and 0 * -inf = NaN in a greedy row
@@ -62,7 +62,9 @@ def _gumbel_max_kernel(
     logits_ptr, inv_temp_ptr, noise_ptr, seed_ptr, thresh_ptr, best_val_ptr, best_idx_ptr,
     stride_row, vocab, slice_len, num_slices,
     HAS_THRESH: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr, MIN_U: tl.constexpr, NO_INDEX: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     part = tl.program_id(1)
     if GREEDY:  # every row greedy: a plain argmax, no noise drawn (the per-row pointers are unused)
@@ -133,7 +135,7 @@ def _draw(logits: torch.Tensor, rows_args: tuple[torch.Tensor, torch.Tensor, tor
             logits, inv_temperature, noise, seeds, inv_temperature if thresholds is None else thresholds, best_val, best_idx,
             logits.stride(0), vocab, slice_len, num_slices,
             HAS_THRESH=thresholds is not None, GREEDY=rows_args is None, BLOCK=_BLOCK, MIN_U=_MIN_U, NO_INDEX=_NO_INDEX,
-            num_warps=4,
+            num_warps=4, **pdl_options(logits.device),
         )
     winner = best_val.argmax(dim=1, keepdim=True)  # the first slice holding the row's best score
     return best_idx.gather(1, winner).view(-1).long()

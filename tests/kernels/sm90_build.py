@@ -21,10 +21,13 @@ SM90 = GPUTarget("cuda", 90, 32)
 
 
 def build(fn, types: dict[str, str], constexprs: dict, num_warps: int) -> None:
-    """Compile `fn` to a cubin; parameters not named in `types` or `constexprs` are int32 scalars."""
+    """Compile `fn` to a cubin; parameters not named in `types` or `constexprs` are int32 scalars.
+    Kernels with programmatic dependent launch are built with it on, as on the GPU."""
+    pdl = "USE_PDL" in fn.arg_names
+    constexprs = {**constexprs, "USE_PDL": True} if pdl else constexprs
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in constexprs})
-    compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options={"num_warps": num_warps})
+    compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options={"num_warps": num_warps, "launch_pdl": pdl})
 
 
 def attention_builds() -> list[tuple[str, callable]]:
