@@ -10,6 +10,25 @@ import triton
 import triton.language as tl
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input_precision, upcast) for `tile_dot`: fp32 needs IEEE products (TF32 would miss 1e-4), and
+    the CPU interpreter mis-multiplies bf16 operands, so there they are upcast to fp32 first."""
+    if dtype == torch.float32:
+        return "ieee", False
+    return ("ieee", True) if interpreting() else ("tf32", False)
+
+
+@triton.jit
+def tile_dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 132 (an H100 SXM) elsewhere, for interpreter runs."""
@@ -26,7 +45,7 @@ def pdl_options(device: torch.device) -> dict[str, bool]:
     has finished and its writes are visible, then lets the next one be scheduled."""
     on = (
         device.type == "cuda"
-        and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        and not interpreting()
         and os.environ.get("PAGEDLLM_PDL", "1") != "0"
         and torch.cuda.get_device_capability(device)[0] >= 9
     )

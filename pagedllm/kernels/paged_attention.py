@@ -38,26 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.kernels import pdl_options, pdl_prologue
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
-    """(input_precision, upcast): fp32 needs IEEE products (TF32 would miss 1e-4), and the CPU
-    interpreter mis-multiplies bf16 operands, so there they are upcast to fp32 first."""
-    if dtype == torch.float32:
-        return "ieee", False
-    return ("ieee", True) if _interpreting() else ("tf32", False)
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
+from pagedllm.kernels import dot_precision, pdl_options, pdl_prologue, tile_dot
 
 
 @triton.jit
@@ -108,7 +89,7 @@ def _attend_tiles(
         else:
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(k_ptrs + stride_kv, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # scaled in fp32: pre-scaling bf16 q would round
+        s = tile_dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # scaled in fp32: pre-scaling bf16 q would round
         if MASK == CAUSAL:
             s = tl.where((k_idx[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
         elif MASK == KEY_RANGE:
@@ -118,7 +99,7 @@ def _attend_tiles(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -226,7 +207,7 @@ def unified_attention(
     block_m = max(block_m, triton.next_power_of_2(qpk))
     block_q = 1 if max_query_len == 1 else block_m // qpk
     tile_n = tile_n or _default_tile_n(q.dtype)
-    prec, upcast = _dot_precision(q.dtype)
+    prec, upcast = dot_precision(q.dtype)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     assert prefix is None or max_query_len == 1
     _unified_attention_kernel[grid](
@@ -333,7 +314,7 @@ def shared_prefix_decode(
         num_splits = max(1, min(MAX_PREFIX_SPLITS, triton.cdiv(num_sms, row_tiles * num_kv_heads)))
     d_pad = _head_dim_pad(head_dim)
     part_m, part_l, part_acc = _partials(num_tokens, num_heads, num_splits, d_pad, q.device)
-    prec, upcast = _dot_precision(q.dtype)
+    prec, upcast = dot_precision(q.dtype)
     _shared_prefix_kernel[(row_tiles, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, common_prefix, part_m, part_l, part_acc,
         num_tokens, scale * 1.4426950408889634,
@@ -434,7 +415,7 @@ def split_kv_decode(
     assert _MIN_PARTITION % tile_n == 0
     d_pad = _head_dim_pad(head_dim)
     part_m, part_l, part_acc = _partials(num_decodes, num_heads, num_parts, d_pad, q.device)
-    prec, upcast = _dot_precision(q.dtype)
+    prec, upcast = dot_precision(q.dtype)
     _split_kv_decode_kernel[(num_decodes, num_kv_heads, num_parts)](
         q, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
         scale * 1.4426950408889634, num_parts,

@@ -6,7 +6,9 @@ On CUDA the row-parallel layers (o_proj, down_proj) keep their weight column-maj
 them as NN products: at 1-4 rows its TN kernel for Qwen3-0.6B's o_proj takes 8-12.6 us where the NN
 one takes 5.7, and at 1-512 rows NN is at most 0.7 % slower on these layers of Qwen3-0.6B and
 Llama-3-8B (one H200, benchmarks/RESULTS.md, session 7). The column-parallel layers stay row-major:
-there NN loses up to 1.5x at some row counts (Llama-3-8B's gate_up at 128 rows).
+there NN loses up to 1.5x at some row counts (Llama-3-8B's gate_up at 128 rows). In half precision,
+products of up to 4 rows with a row-major weight (qkv, gate_up, the LM head) run through
+`pagedllm.kernels.gemv`, which starts streaming the weight before the kernel before it has finished.
 
 Tensor parallelism is Megatron's: a column-parallel layer (fused QKV, gate/up) keeps each rank's
 rows of every checkpoint tensor fused into it, so its output needs no communication; the
@@ -16,6 +18,7 @@ the partial products with one all-reduce. With one rank both are plain `Linear`s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +30,23 @@ from pagedllm.distributed.parallel_state import ParallelState, get_parallel_stat
 from pagedllm.layers.sharding import Weight, load_whole, narrow, weight_shape
 
 _PACK_BATCH_HINT = 64  # MKL packs for a typical row count; any row count works with the result
+GEMV_MAX_ROWS = 4
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+
+
+def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the product runs through `pagedllm.kernels.gemv`: CUDA, half precision (float32 keeps
+    cuBLAS, the GPU oracle runs' path), at most GEMV_MAX_ROWS rows, a row-major weight (on CUDA the
+    row-parallel layers' are column-major, where cuBLAS is faster).
+    PAGEDLLM_GEMV=0 turns it off."""
+    return (
+        x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype and weight.stride(1) == 1 and x.stride(1) == 1
+        and os.environ.get("PAGEDLLM_GEMV", "1") != "0"
+    )
 
 
 class Linear(nn.Linear):
@@ -41,10 +57,17 @@ class Linear(nn.Linear):
         if _can_pack(self.weight):
             self.packed_weight = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), _PACK_BATCH_HINT)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_weight is not None and x.dim() == 2 and x.dtype == torch.float32:
-            return torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, self.bias, _PACK_BATCH_HINT)
-        return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, bias, _PACK_BATCH_HINT)
+        if takes_gemv(x, self.weight):
+            from pagedllm.kernels.gemv import gemv
+
+            return gemv(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.bias)
 
 
 def pack_linear_weights(model: nn.Module) -> None:
@@ -139,11 +162,7 @@ class RowParallelLinear(Linear):
         super().pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.tp_rank == 0 else None
-        if self.packed_weight is not None and x.dim() == 2 and x.dtype == torch.float32:
-            out = torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, bias, _PACK_BATCH_HINT)
-        else:
-            out = F.linear(x, self.weight, bias)
+        out = self.product(x, self.bias if self.tp_rank == 0 else None)
         return out if self.tp_size == 1 else tp_all_reduce(out, self.tp)
 
     def checkpoint_shapes(self, param: torch.Tensor) -> list[tuple[int, ...]]:

@@ -149,11 +149,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
-        """One long-context decode, run eagerly, and a batch sharing a prefix: the split-KV and shared-prefix
-        attention kernels compile now rather than in the first step that needs them (a second or so of a
-        benchmark's timed run otherwise)."""
+        """Long-context decodes of one and two requests, run eagerly, and a batch sharing a prefix: the
+        split-KV and shared-prefix attention kernels and both GEMV variants compile now rather than in the
+        first step that needs them (a second or so of a benchmark's timed run otherwise)."""
         assert self.config.max_model_len is not None
-        self._dummy_forward([1], [min(self.config.max_model_len, 4096)])
+        for reqs in (1, 2):
+            self._dummy_forward([1] * reqs, [min(self.config.max_model_len, 4096)] * reqs)
         shared_min = self.backend.shared_prefix_min
         if shared_min is not None and shared_min[1] < self.config.max_model_len:
             # The smallest batch that takes the path (with few KV heads, split-KV takes the smaller ones).

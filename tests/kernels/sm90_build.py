@@ -15,7 +15,7 @@ import time
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from pagedllm.kernels import activation, norm, paged_attention, rope_kv_write, sampling
+from pagedllm.kernels import activation, gemv, norm, paged_attention, rope_kv_write, sampling
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -83,6 +83,11 @@ def other_builds() -> list[tuple[str, callable]]:
                           BLOCK_SIZE=16, BLOCK_HQ=32, BLOCK_HK=8)
             builds.append((f"rope_kv_write {dt} qk_norm={has_norm}",
                            lambda t=types, c=consts: build(rope_kv_write._rope_kv_write_kernel, t, c, 4)))
+        types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
+        for rows, block_k in ((1, 512), (4, 256)):
+            consts = dict(M_PAD=1 if rows == 1 else 16, HAS_BIAS=True, EVEN_K=False, BLOCK_N=16, BLOCK_K=block_k,
+                          PREC="tf32", UPCAST=False)
+            builds.append((f"gemv {dt} {rows} rows", lambda t=types, c=consts: build(gemv._gemv_kernel, t, c, 4)))
     for dt, shift in (("bf16", 16), ("fp32", 0)):  # raw bf16 logits, or the float32 copy after logit edits
         types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
                  "min_p_ptr": "*fp32", "thresh_ptr": "*fp32"}

@@ -1,0 +1,73 @@
+"""The small-batch GEMV kernel against cuBLAS at one model's qkv, gate_up and LM-head shapes, each product
+timed after the RMSNorm that feeds it in the model (the kernel overlaps that norm's tail through programmatic
+dependent launch, so timing it alone would miss what it is for). CUDA-graph replays over enough weight copies
+that each product reads its weight from memory, not L2. Prints one JSON line per (layer, rows, kernel/tile).
+
+    python benchmarks/gemv_bench.py --model llama3-8b --rows 1 2 4 [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from gemm_bench import layer_shapes, time_graph
+from pagedllm.kernels.gemv import gemv, gemv_config
+from pagedllm.kernels.norm import rms_norm
+
+SWEEP_ONE_ROW = [c for c in itertools.product((8, 16, 32, 64, 128), (64, 128, 256, 512, 1024), (4, 8), (3, 4))
+                 if 2048 <= c[0] * c[1] <= 16384 and (c[2] == 4 or c[0] * c[1] >= 8192)]
+SWEEP_ROWS = list(itertools.product((16, 32, 64), (128, 256), (4,), (3,)))  # dots: 16 rows of outputs at least
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--layers", nargs="+", default=["qkv", "o", "gate_up", "down", "lm_head"])
+    parser.add_argument("--sweep", action="store_true", help="time every tile of the SWEEP lists too")
+    args = parser.parse_args()
+    from transformers import AutoConfig
+
+    from pagedllm.benchmarks.workloads import shape_dir
+
+    config = AutoConfig.from_pretrained(shape_dir(args.model))
+    for name in args.layers:
+        k, n = layer_shapes(config)[name]
+        copies = max(2, -(-400_000_000 // (2 * n * k)))  # > 400 MB of weights per replay: several times the L2
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+        if name in ("o", "down"):  # column-major, as the row-parallel layers keep them on CUDA
+            weights = [w.t().contiguous().t() for w in weights]
+        norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+        for rows in args.rows:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
+            norm_us = time_graph(lambda: rms_norm(x, norm_w, 1e-6), iters=copies, seconds=0.2) * 1e6
+            ref = F.linear(rms_norm(x, norm_w, 1e-6), weights[-1]).float()  # what the last product of a step writes
+            runs = {"cublas": None, "gemv": gemv_config(rows)}
+            if args.sweep:
+                runs.update({f"gemv {c}": c for c in (SWEEP_ONE_ROW if rows == 1 else SWEEP_ROWS)})
+            for label, tile in runs.items():
+                def step(tile=tile) -> None:
+                    for w in weights:
+                        h = rms_norm(x, norm_w, 1e-6)
+                        F.linear(h, w, out=out) if tile is None else gemv(h, w, out=out, config=tile)
+                try:
+                    us = time_graph(step, iters=1, seconds=0.1) / copies * 1e6
+                except Exception as exc:  # a tile too large for shared memory, say
+                    print(json.dumps({"layer": name, "rows": rows, "kernel": label, "error": str(exc)[:120]}), flush=True)
+                    continue
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                print(json.dumps({"model": args.model, "layer": name, "rows": rows, "kernel": label, "n": n, "k": k,
+                                  "norm_plus_linear_us": round(us, 2), "linear_us": round(us - norm_us, 2),
+                                  "weight_TBps": round(2 * n * k / (us - norm_us) / 1e6, 2), "rel_err": round(err, 5)}), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedllm.kernels.gemv import gemv  # noqa: E402
+from pagedllm.layers.linear import GEMV_MAX_ROWS  # noqa: E402
+
+ON_CUDA = torch.cuda.is_available()
+# (N, K): Llama-3-8B's qkv and a ragged one on the GPU; small, ragged and uneven-K ones under the interpreter
+SHAPES = [(6144, 4096), (1000, 576)] if ON_CUDA else [(64, 128), (40, 96), (33, 200)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", sorted({1, 2, GEMV_MAX_ROWS}))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("column_major", [False, True], ids=["rowmajor", "colmajor"])
+def test_gemv(device, assert_close, dtype, rows, shape, bias, column_major):
+    n, k = shape
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    x = torch.randn(rows, k, generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+    if column_major:  # as the row-parallel layers keep theirs on CUDA
+        w = w.t().contiguous().t()
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert_close(gemv(x, w, b), ref)
+
+
+def test_gemv_strided_rows(device, assert_close):
+    """Rows of a wider buffer (a stride above K), written into rows of a wider output."""
+    x = torch.randn(3, 160, device=device).to(torch.bfloat16)[:, :128]
+    w = torch.randn(48, 128, device=device).to(torch.bfloat16)
+    out = torch.zeros(3, 64, device=device, dtype=torch.bfloat16)
+    gemv(x, w, out=out[:, :48])
+    assert_close(out[:, :48], x.double() @ w.double().T)
+    assert not out[:, 48:].any()
