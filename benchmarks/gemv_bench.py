@@ -1,7 +1,8 @@
-"""The small-batch GEMV kernel against cuBLAS at one model's qkv, gate_up and LM-head shapes, each product
-timed after the RMSNorm that feeds it in the model (the kernel overlaps that norm's tail through programmatic
-dependent launch, so timing it alone would miss what it is for). CUDA-graph replays over enough weight copies
-that each product reads its weight from memory, not L2. Prints one JSON line per (layer, rows, kernel/tile).
+"""The small-batch GEMV kernel against cuBLAS at one model's linear shapes (o and down column-major, as the
+model keeps them on CUDA), each product timed after an RMSNorm, as in the model (the kernel overlaps the tail
+of the kernel before it through programmatic dependent launch, so timing it alone would miss what it is for).
+CUDA-graph replays over enough weight copies that each product reads its weight from memory, not L2. Prints
+one JSON line per (layer, rows, kernel/tile).
 
     python benchmarks/gemv_bench.py --model llama3-8b --rows 1 2 4 [--sweep]
 """
@@ -19,9 +20,17 @@ from gemm_bench import layer_shapes, time_graph
 from pagedllm.kernels.gemv import gemv, gemv_config
 from pagedllm.kernels.norm import rms_norm
 
-SWEEP_ONE_ROW = [c for c in itertools.product((8, 16, 32, 64, 128), (64, 128, 256, 512, 1024), (4, 8), (3, 4))
-                 if 2048 <= c[0] * c[1] <= 16384 and (c[2] == 4 or c[0] * c[1] >= 8192)]
-SWEEP_ROWS = list(itertools.product((16, 32, 64), (128, 256), (4,), (3,)))  # dots: 16 rows of outputs at least
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, splits) per weight layout and row count; dots need BLOCK_N >= 16
+SWEEPS = {
+    ("row-major", 1): [c for c in itertools.product((8, 16, 32, 64, 128), (64, 128, 256, 512, 1024), (4, 8), (3, 4), (1,))
+                       if 2048 <= c[0] * c[1] <= 16384 and (c[2] == 4 or c[0] * c[1] >= 8192)],
+    ("row-major", 2): list(itertools.product((16, 32, 64), (128, 256), (4,), (3,), (1,))),
+    # column-major: a program reads BLOCK_N contiguous values per input column, so wide tiles, and splits of
+    # the input width for enough programs
+    ("column-major", 1): [c for c in itertools.product((32, 64, 128, 256), (16, 32, 64), (4, 8), (3,), (1, 2, 4, 8))
+                          if 2048 <= c[0] * c[1] <= 8192],
+    ("column-major", 2): list(itertools.product((64, 128), (32, 64), (4,), (3,), (1, 4))),
+}
 
 
 def main() -> None:
@@ -50,7 +59,8 @@ def main() -> None:
             ref = F.linear(rms_norm(x, norm_w, 1e-6), weights[-1]).float()  # what the last product of a step writes
             runs = {"cublas": None, "gemv": gemv_config(rows)}
             if args.sweep:
-                runs.update({f"gemv {c}": c for c in (SWEEP_ONE_ROW if rows == 1 else SWEEP_ROWS)})
+                layout = "column-major" if weights[0].stride(0) == 1 else "row-major"
+                runs.update({f"gemv {c}": c for c in SWEEPS[layout, min(rows, 2)]})
             for label, tile in runs.items():
                 def step(tile=tile) -> None:
                     for w in weights:

@@ -1,6 +1,6 @@
-"""out = x @ weight.T (+ bias) for decode batches of a few rows on CUDA, weight [N, K]
-(`pagedllm.layers.linear` says when it is used: row-major weights only, as on column-major ones,
-whose programs read only BLOCK_N contiguous values per input column, cuBLAS is faster).
+"""out = x @ weight.T (+ bias) for decode batches of a few rows on CUDA, weight [N, K] row- or
+column-major. `pagedllm.layers.linear` uses it for row-major weights; on the column-major ones (o, down)
+cuBLAS was faster in the one sweep so far, which had no splits of the input width yet (RESULTS.md, session 10).
 
 At these sizes a linear layer is a stream of its weight (10-250 us for Llama-3-8B's), and cuBLAS's
 kernel only starts that stream once the kernel before it has finished. This one is launched with
@@ -9,9 +9,10 @@ that feeds it) still runs, each loads its first weight tile, which does not depe
 and only then waits for it and reads the input rows. Its own early `launch_dependents` lets the
 kernel after it (rotary + KV write, SiLU-and-mul, the sampler's draw) start the same way.
 
-One program takes BLOCK_N output features over the whole input width. One row is multiplied with
-FMAs into a [BLOCK_N, BLOCK_K] float32 accumulator summed once at the end; 2-16 rows go through a
-tensor-core dot with the rows padded to 16.
+One program takes BLOCK_N output features over the whole input width, or over one of `splits` parts of
+it, whose float32 partial sums a second kernel adds in a fixed order (the same result every run). One
+row is multiplied with FMAs into a [BLOCK_N, BLOCK_K] float32 accumulator summed once at the end; 2-16
+rows go through a tensor-core dot with the rows padded to 16.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.kernels import dot_precision, pdl_options, tile_dot
+from pagedllm.kernels import dot_precision, pdl_options, pdl_prologue, tile_dot
+
 
 @triton.jit
 def _load_w(w_ptrs, k0, stride_wk, k, K, EVEN_K: tl.constexpr):
@@ -46,10 +48,17 @@ def _accumulate(acc, w, x_ptr, stride_x, k0, k, K, M, M_PAD: tl.constexpr, EVEN_
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_x, stride_wn, stride_wk, stride_o,
+    x_ptr, w_ptr, b_ptr, out_ptr, N, K, K_SPLIT, stride_x, stride_wn, stride_wk, stride_o, stride_split,
     M, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """Program (i, s): outputs i * BLOCK_N.. over inputs s * K_SPLIT..; with several splits `out_ptr` is
+    a float32 [splits, M, N] buffer of partial sums (stride_split apart) that `_sum_splits_kernel` adds up."""
+    split = tl.program_id(1)
+    w_ptr += split.to(tl.int64) * K_SPLIT * stride_wk
+    x_ptr += split * K_SPLIT
+    out_ptr += split.to(tl.int64) * stride_split
+    K = tl.minimum(K - split * K_SPLIT, K_SPLIT)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
@@ -75,29 +84,56 @@ def _gemv_kernel(
         tl.store(out_ptr + m[None, :] * stride_o + n[:, None], acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (m[None, :] < M))
 
 
-def gemv_config(rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for a row-major weight: the best tiles of a sweep at
+@triton.jit
+def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, N, stride_split, stride_o, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """out[m] = the splits' partial sums of row m in split order (the same sum every run) + bias."""
+    pdl_prologue(USE_PDL)
+    m = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    y = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLITS):
+        y += tl.load(part_ptr + s * stride_split + m * N + n, mask=ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_o + n, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv_config(rows: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, splits) for a row-major weight: the best tiles of a sweep at
     Llama-3-8B's and Qwen3-0.6B's qkv, gate_up and LM-head shapes on an H200 (benchmarks/RESULTS.md,
     session 10), each faster than cuBLAS at every one of those shapes."""
-    return (8, 512, 4, 3) if rows == 1 else (32, 256, 4, 3)
+    return (8, 512, 4, 3, 1) if rows == 1 else (32, 256, 4, 3, 1)
 
 
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`config`: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of `gemv_config`'s (tile sweeps)."""
+    """`config`: (BLOCK_N, BLOCK_K, num_warps, num_stages, splits) instead of `gemv_config`'s (tile
+    sweeps). With several splits of the input width, float32 partial sums go through a second kernel."""
     rows, k = x.shape
     n = weight.shape[0]
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype) if out is None else out
     if rows == 0:
         return out
-    bn, bk, warps, stages = config or gemv_config(rows)
+    bn, bk, warps, stages, splits = config or gemv_config(rows)
     bk = min(bk, triton.next_power_of_2(k))
+    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # whole tiles per split
+    splits = triton.cdiv(k, k_split)
+    part = out if splits == 1 else torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
     prec, upcast = dot_precision(x.dtype)
-    _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, weight, weight if bias is None else bias, out, n, k, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        rows, M_PAD=1 if rows == 1 else 16, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
-        BLOCK_N=bn, BLOCK_K=bk, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl_options(x.device),
+    pdl = pdl_options(x.device)
+    _gemv_kernel[(triton.cdiv(n, bn), splits)](
+        x, weight, bias if bias is not None and splits == 1 else weight, part, n, k, k_split,
+        x.stride(0), weight.stride(0), weight.stride(1), part.stride(-2), part.stride(0) if splits > 1 else 0,
+        rows, M_PAD=1 if rows == 1 else 16, HAS_BIAS=bias is not None and splits == 1, EVEN_K=k % bk == 0,
+        BLOCK_N=bn, BLOCK_K=bk, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl,
     )
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(n, 1024), rows)](
+            part, weight if bias is None else bias, out, n, part.stride(0), out.stride(0),
+            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4, **pdl,
+        )
     return out

@@ -88,6 +88,8 @@ def other_builds() -> list[tuple[str, callable]]:
             consts = dict(M_PAD=1 if rows == 1 else 16, HAS_BIAS=True, EVEN_K=False, BLOCK_N=16, BLOCK_K=block_k,
                           PREC="tf32", UPCAST=False)
             builds.append((f"gemv {dt} {rows} rows", lambda t=types, c=consts: build(gemv._gemv_kernel, t, c, 4)))
+        builds.append((f"gemv split sums {dt}", lambda d=dt: build(
+            gemv._sum_splits_kernel, {"part_ptr": "*fp32", "b_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4)))
     for dt, shift in (("bf16", 16), ("fp32", 0)):  # raw bf16 logits, or the float32 copy after logit edits
         types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
                  "min_p_ptr": "*fp32", "thresh_ptr": "*fp32"}
