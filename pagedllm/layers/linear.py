@@ -6,8 +6,8 @@ On CUDA the row-parallel layers (o_proj, down_proj) keep their weight column-maj
 them as NN products: at 1-4 rows its TN kernel for Qwen3-0.6B's o_proj takes 8-12.6 us where the NN
 one takes 5.7, and at 1-512 rows NN is at most 0.7 % slower on these layers of Qwen3-0.6B and
 Llama-3-8B (one H200, benchmarks/RESULTS.md, session 7). The column-parallel layers stay row-major:
-there NN loses up to 1.5x at some row counts (Llama-3-8B's gate_up at 128 rows). In half precision,
-products of up to 4 rows with a row-major weight (qkv, gate_up, the LM head) run through
+there NN loses up to 1.5x at some row counts (Llama-3-8B's gate_up at 128 rows). On Hopper and later,
+half-precision products of up to 4 rows with a row-major weight (qkv, gate_up, the LM head) run through
 `pagedllm.kernels.gemv`, which starts streaming the weight before the kernel before it has finished.
 
 Tensor parallelism is Megatron's: a column-parallel layer (fused QKV, gate/up) keeps each rank's
@@ -38,15 +38,18 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product runs through `pagedllm.kernels.gemv`: CUDA, half precision (float32 keeps
-    cuBLAS, the GPU oracle runs' path), at most GEMV_MAX_ROWS rows, a row-major weight (on CUDA the
-    row-parallel layers' are column-major, where cuBLAS is faster).
-    PAGEDLLM_GEMV=0 turns it off."""
-    return (
+    """Whether the product runs through `pagedllm.kernels.gemv`: half precision (float32 keeps cuBLAS,
+    the GPU oracle runs' path), at most GEMV_MAX_ROWS rows, a row-major weight (on CUDA the row-parallel
+    layers' are column-major, where cuBLAS is faster), on a GPU with programmatic dependent launch,
+    which is what makes the kernel faster than cuBLAS. PAGEDLLM_GEMV=0 turns it off."""
+    if not (
         x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype and weight.stride(1) == 1 and x.stride(1) == 1
-        and os.environ.get("PAGEDLLM_GEMV", "1") != "0"
-    )
+    ):
+        return False
+    from pagedllm.kernels import pdl_options
+
+    return pdl_options(x.device)["USE_PDL"] and os.environ.get("PAGEDLLM_GEMV", "1") != "0"
 
 
 class Linear(nn.Linear):
