@@ -65,9 +65,7 @@ def _gemv_kernel(
     # rows past N re-read row 0; one of the strides is 1 (row- or column-major), which Triton specialises on
     w_ptrs = w_ptr + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * stride_wn + k.to(tl.int64)[None, :] * stride_wk
     w = _load_w(w_ptrs, 0, stride_wk, k, K, EVEN_K)  # before the wait: the weights do not depend on the kernel before
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_prologue(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K] if M_PAD == 1 else [BLOCK_N, M_PAD], tl.float32)
     acc = _accumulate(acc, w, x_ptr, stride_x, 0, k, K, M, M_PAD, EVEN_K, PREC, UPCAST)
     for k0 in range(BLOCK_K, K, BLOCK_K):

@@ -11,12 +11,7 @@ ON_CUDA = torch.cuda.is_available()
 SHAPES = [(6144, 4096), (1000, 576)] if ON_CUDA else [(64, 128), (40, 96), (33, 200)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", sorted({1, 2, GEMV_MAX_ROWS}))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("column_major", [False, True], ids=["rowmajor", "colmajor"])
-def test_gemv(device, assert_close, dtype, rows, shape, bias, column_major, config=None):
+def _check_gemv(device, assert_close, dtype, rows, shape, bias, column_major, config=None) -> None:
     n, k = shape
     g = torch.Generator().manual_seed(rows * 7 + n)
     x = torch.randn(rows, k, generator=g).to(device, dtype)
@@ -28,12 +23,21 @@ def test_gemv(device, assert_close, dtype, rows, shape, bias, column_major, conf
     assert_close(gemv(x, w, b, config=config), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", sorted({1, 2, GEMV_MAX_ROWS}))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("column_major", [False, True], ids=["rowmajor", "colmajor"])
+def test_gemv(device, assert_close, dtype, rows, shape, bias, column_major):
+    _check_gemv(device, assert_close, dtype, rows, shape, bias, column_major)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("column_major", [False, True], ids=["rowmajor", "colmajor"])
 def test_gemv_split_inputs(device, assert_close, dtype, rows, column_major):
     """The input width cut in 3 splits, whose float32 partial sums a second kernel adds."""
-    test_gemv(device, assert_close, dtype, rows, SHAPES[-1], True, column_major, config=(16, 32, 4, 3, 3))
+    _check_gemv(device, assert_close, dtype, rows, SHAPES[-1], True, column_major, config=(16, 32, 4, 3, 3))
 
 
 def test_gemv_strided_rows(device, assert_close):
