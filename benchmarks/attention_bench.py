@@ -3,11 +3,15 @@ bandwidth, for several tile configurations. Each configuration is first checked 
 reference. Times are CUDA-graph replays (no host launch cost, as in the engine's decode graphs).
 Prints one JSON line per measurement.
 
-    python benchmarks/attention_bench.py
+    python benchmarks/attention_bench.py [--prompt-sweep]
+
+--prompt-sweep times only a W1 prefill step's shape, over warps and pipeline stages too.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 
 import torch
@@ -56,8 +60,19 @@ def shared_prefix_rows() -> None:
             print(json.dumps({"shape": name, "kernel": kernel, "ms": round(ms, 4), "rel_err": round(err, 5)}), flush=True)
 
 
+def prompt_configs(sweep: bool) -> list[dict]:
+    if not sweep:
+        return [dict(block_m=m, tile_n=t) for m in (64, 128) for t in (32, 64, 128)]
+    return [dict(block_m=m, tile_n=t, num_warps=w, num_stages=st)
+            for m, t, w, st in itertools.product((128, 256), (32, 64, 128), (4, 8, 16), (2, 3, 4)) if m * t <= 16384]
+
+
 def main() -> None:
-    shared_prefix_rows()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompt-sweep", action="store_true")
+    args = parser.parse_args()
+    if not args.prompt_sweep:
+        shared_prefix_rows()
     shapes = [  # (name, num_reqs, ctx, q_len, heads, kv_heads, head_dim)
         ("qwen3-0.6b decode 256x1000", 256, 1000, 1, 16, 8, 128),
         ("qwen3-0.6b decode 64x600", 64, 600, 1, 16, 8, 128),
@@ -71,12 +86,14 @@ def main() -> None:
         ("llama3-8b prefill 32x512", 32, 512, 512, 32, 8, 128),  # a W1 prefill step's attention per layer
     ]
     for name, n, ctx, q_len, h, hkv, d in shapes:
+        if args.prompt_sweep and not name.endswith("prefill 32x512"):
+            continue
         q, cache, qsl, seq_lens, tables = make_batch(n, ctx, q_len, h, hkv, d)
         ref = paged_attention_ref(q, cache, qsl.tolist(), seq_lens.tolist(), tables, d**-0.5).to(q.dtype)
         kv_bytes = n * ctx * hkv * d * 2 * 2
         # (num_warps 2/4/8 x num_stages 2/3/4 at 64-key tiles gave nothing over the default on an H200.)
         decode = [dict(block_m=16, tile_n=t) for t in (32, 64, 128)]
-        configs = [dict()] + (decode if q_len == 1 else [dict(block_m=m, tile_n=t) for m in (64, 128) for t in (32, 64, 128)])
+        configs = [dict()] + (decode if q_len == 1 else prompt_configs(args.prompt_sweep))
         for cfg in configs:
             out = torch.empty_like(q)
             try:

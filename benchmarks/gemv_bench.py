@@ -1,8 +1,9 @@
-"""The small-batch GEMV kernel against cuBLAS at one model's linear shapes (o and down column-major, as the
-model keeps them on CUDA), each product timed after an RMSNorm, as in the model (the kernel overlaps the tail
-of the kernel before it through programmatic dependent launch, so timing it alone would miss what it is for).
-CUDA-graph replays over enough weight copies that each product reads its weight from memory, not L2. Prints
-one JSON line per (layer, rows, kernel/tile).
+"""The small-batch GEMV kernel against cuBLAS at one model's linear shapes (weights row-major; o and down
+also against cuBLAS on a column-major copy, "cublas NN", the layout cuBLAS is fastest with there), each
+product timed after an RMSNorm, as in the model (the kernel overlaps the tail of the kernel before it through
+programmatic dependent launch, so timing it alone would miss what it is for). CUDA-graph replays over enough
+weight copies that each product reads its weight from memory, not L2. Prints one JSON line per (layer, rows,
+kernel/tile).
 
     python benchmarks/gemv_bench.py --model llama3-8b --rows 1 2 4 [--sweep]
 """
@@ -20,16 +21,12 @@ from gemm_bench import layer_shapes, time_graph
 from pagedllm.kernels.gemv import gemv, gemv_config
 from pagedllm.kernels.norm import rms_norm
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, splits) per weight layout and row count; dots need BLOCK_N >= 16
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, splits) for one row and for several; dots need BLOCK_N >= 16.
+# Splits of the input width give narrow layers (Qwen3-0.6B's o and down: 1024 outputs) enough programs.
+# (Column-major weights, with wide tiles and 1-8 splits, lost to cuBLAS NN by 1.4-4.8x: RESULTS.md, session 11.)
 SWEEPS = {
-    ("row-major", 1): [c for c in itertools.product((8, 16, 32, 64, 128), (64, 128, 256, 512, 1024), (4, 8), (3, 4), (1,))
-                       if 2048 <= c[0] * c[1] <= 16384 and (c[2] == 4 or c[0] * c[1] >= 8192)],
-    ("row-major", 2): list(itertools.product((16, 32, 64), (128, 256), (4,), (3,), (1,))),
-    # column-major: a program reads BLOCK_N contiguous values per input column, so wide tiles, and splits of
-    # the input width for enough programs
-    ("column-major", 1): [c for c in itertools.product((32, 64, 128, 256), (16, 32, 64), (4, 8), (3,), (1, 2, 4, 8))
-                          if 2048 <= c[0] * c[1] <= 8192],
-    ("column-major", 2): list(itertools.product((64, 128), (32, 64), (4,), (3,), (1, 4))),
+    1: [c for c in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (3,), (1, 2, 4)) if 2048 <= c[0] * c[1] <= 16384],
+    2: list(itertools.product((16, 32, 64), (128, 256), (4,), (3,), (1, 2, 4))),
 }
 
 
@@ -49,20 +46,19 @@ def main() -> None:
         k, n = layer_shapes(config)[name]
         copies = max(2, -(-400_000_000 // (2 * n * k)))  # > 400 MB of weights per replay: several times the L2
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
-        if name in ("o", "down"):  # column-major, as the row-parallel layers keep them on CUDA
-            weights = [w.t().contiguous().t() for w in weights]
+        # the row-parallel layers' layout on GPUs without the GEMV
+        column_major = [w.t().contiguous().t() for w in weights] if name in ("o", "down") else []
         norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
             norm_us = time_graph(lambda: rms_norm(x, norm_w, 1e-6), iters=copies, seconds=0.2) * 1e6
             ref = F.linear(rms_norm(x, norm_w, 1e-6), weights[-1]).float()  # what the last product of a step writes
-            runs = {"cublas": None, "gemv": gemv_config(rows)}
+            runs = {"cublas": None, "gemv": gemv_config(rows, n, k)} | ({"cublas NN": None} if column_major else {})
             if args.sweep:
-                layout = "column-major" if weights[0].stride(0) == 1 else "row-major"
-                runs.update({f"gemv {c}": c for c in SWEEPS[layout, min(rows, 2)]})
+                runs.update({f"gemv {c}": c for c in SWEEPS[min(rows, 2)]})
             for label, tile in runs.items():
-                def step(tile=tile) -> None:
+                def step(tile=tile, weights=column_major if label == "cublas NN" else weights) -> None:
                     for w in weights:
                         h = rms_norm(x, norm_w, 1e-6)
                         F.linear(h, w, out=out) if tile is None else gemv(h, w, out=out, config=tile)
@@ -75,7 +71,7 @@ def main() -> None:
                 print(json.dumps({"model": args.model, "layer": name, "rows": rows, "kernel": label, "n": n, "k": k,
                                   "norm_plus_linear_us": round(us, 2), "linear_us": round(us - norm_us, 2),
                                   "weight_TBps": round(2 * n * k / (us - norm_us) / 1e6, 2), "rel_err": round(err, 5)}), flush=True)
-        del weights
+        del weights, column_major
         torch.cuda.empty_cache()
 
 

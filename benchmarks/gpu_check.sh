@@ -34,14 +34,15 @@ for shape in dict.fromkeys(r["shape"] for r in rows):
     print(f"{shape}: default {default['kv_GBps']} GB/s ({default['ms']} ms); best {best['kv_GBps']} GB/s {best.get('config', best.get('kernel'))}")
 PY
       ;;
-    gemv) for shape in llama3-8b qwen3-0.6b; do python benchmarks/gemv_bench.py --model $shape --rows 1 2 4 --sweep > "$out/gemv-$shape.jsonl"; done
+    gemv) for shape in llama3-8b qwen3-0.6b; do python benchmarks/gemv_bench.py --model $shape --rows 1 2 4 8 16 --sweep > "$out/gemv-$shape.jsonl"; done
       python - "$out"/gemv-*.jsonl <<'PY'
 import json, sys
 rows = [json.loads(line) for f in sys.argv[1:] for line in open(f) if "linear_us" in line]
 for key in dict.fromkeys((r["model"], r["layer"], r["rows"]) for r in rows):
     ok = sorted((r for r in rows if (r["model"], r["layer"], r["rows"]) == key), key=lambda r: r["linear_us"])
-    cublas = next(r["linear_us"] for r in ok if r["kernel"] == "cublas")
-    print(*key, f"cublas {cublas} us; best {ok[0]['kernel']} {ok[0]['linear_us']} us; max rel err {max(r['rel_err'] for r in ok)}")
+    cublas = min(r["linear_us"] for r in ok if r["kernel"].startswith("cublas"))
+    gemv = next(r["linear_us"] for r in ok if r["kernel"] == "gemv")
+    print(*key, f"cublas {cublas} us; gemv {gemv} us; best {ok[0]['kernel']} {ok[0]['linear_us']} us; max rel err {max(r['rel_err'] for r in ok)}")
 PY
       ;;
     profile)

@@ -1,13 +1,14 @@
 """out = x @ weight.T (+ bias) for decode batches of a few rows on CUDA, weight [N, K] row- or
-column-major. `pagedllm.layers.linear` uses it for row-major weights; on the column-major ones (o, down)
-cuBLAS was faster in the one sweep so far, which had no splits of the input width yet (RESULTS.md, session 10).
+column-major. `pagedllm.layers.linear` runs every half-precision product of up to 16 rows through it on
+Hopper and later, with every weight row-major there (column-major weights, even with splits of the input
+width, lost to cuBLAS by 1.4-4.8x: RESULTS.md, session 11).
 
 At these sizes a linear layer is a stream of its weight (10-250 us for Llama-3-8B's), and cuBLAS's
 kernel only starts that stream once the kernel before it has finished. This one is launched with
-programmatic dependent launch: its programs become resident while the kernel before it (the RMSNorm
-that feeds it) still runs, each loads its first weight tile, which does not depend on that kernel,
+programmatic dependent launch: its programs become resident while the kernel before it (the RMSNorm,
+attention or SiLU-and-mul that feeds it) still runs, each loads its first weight tile, which does not depend on that kernel,
 and only then waits for it and reads the input rows. Its own early `launch_dependents` lets the
-kernel after it (rotary + KV write, SiLU-and-mul, the sampler's draw) start the same way.
+kernel after it (rotary + KV write, RMSNorm, SiLU-and-mul, the sampler's draw) start the same way.
 
 One program takes BLOCK_N output features over the whole input width, or over one of `splits` parts of
 it, whose float32 partial sums a second kernel adds in a fixed order (the same result every run). One
@@ -98,11 +99,20 @@ def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, N, stride_split, stride_o, SPLI
     tl.store(out_ptr + m * stride_o + n, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gemv_config(rows: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, splits) for a row-major weight: the best tiles of a sweep at
-    Llama-3-8B's and Qwen3-0.6B's qkv, gate_up and LM-head shapes on an H200 (benchmarks/RESULTS.md,
-    session 10), each faster than cuBLAS at every one of those shapes."""
-    return (8, 512, 4, 3, 1) if rows == 1 else (32, 256, 4, 3, 1)
+def gemv_config(rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, splits) for a row-major [n, k] weight, from sweeps at
+    Llama-3-8B's and Qwen3-0.6B's layer shapes on an H200 (benchmarks/gemv_bench.py --sweep; RESULTS.md,
+    sessions 10-11). One row: narrow layers take 4 outputs per program (enough programs without splits),
+    long rows (down_proj) wide tiles and 8 warps. Several rows: 64 outputs per program, and the input width
+    split until there are ~192 programs, each split keeping at least 4 tiles."""
+    if rows == 1:
+        if n < 4096:
+            return 4, 1024, 4, 3, 1
+        return (16, 1024, 8, 3, 1) if k >= 8192 else (8, 512, 4, 3, 1)
+    bn, bk, splits = 64, 128, 1
+    while triton.cdiv(n, bn) * splits < 192 and k >= 2 * splits * 4 * bk:
+        splits *= 2
+    return bn, bk, 4, 3, splits
 
 
 def gemv(
@@ -116,7 +126,7 @@ def gemv(
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype) if out is None else out
     if rows == 0:
         return out
-    bn, bk, warps, stages, splits = config or gemv_config(rows)
+    bn, bk, warps, stages, splits = config or gemv_config(rows, n, k)
     bk = min(bk, triton.next_power_of_2(k))
     k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # whole tiles per split
     splits = triton.cdiv(k, k_split)

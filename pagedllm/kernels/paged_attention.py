@@ -189,23 +189,28 @@ def unified_attention(
     seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
     block_m: int | None = None, tile_n: int | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out.
-    block_m and tile_n override the tile choice (benchmarks/attention_bench.py). prefix: (common
+    block_m, tile_n, num_warps and num_stages override the defaults (benchmarks/attention_bench.py). prefix: (common
     prefix length, partial max, sum, acc) from the shared-prefix kernel (decode-only batches)."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and qpk * num_kv_heads == num_heads
     num_reqs = seq_lens.shape[0]
+    half = q.dtype != torch.float32
     if block_m is None:
         # Decode-only: one token per tile. Otherwise bigger tiles amortise the K/V reads over more queries:
-        # 128 rows in 16-bit types (1.67x the speed of 64 for 16 prompts of 512 tokens on an H200,
-        # benchmarks/attention_bench.py); float32 stays at 64.
-        block_m = 16 if max_query_len * qpk <= 16 else (64 if q.dtype == torch.float32 else 128)
+        # 128 rows in 16-bit types, float32 64.
+        block_m = 16 if max_query_len * qpk <= 16 else (128 if half else 64)
     block_m = max(block_m, triton.next_power_of_2(qpk))
     block_q = 1 if max_query_len == 1 else block_m // qpk
-    tile_n = tile_n or _default_tile_n(q.dtype)
+    # Prompt tiles walk 32 keys at a time with 4 warps: in 16-bit types the best of a sweep over rows, keys,
+    # warps and stages at a W1 prefill step on an H200, 1.28x the 64 keys and 8 warps before
+    # (benchmarks/attention_bench.py --prompt-sweep; RESULTS.md, session 11).
+    tile_n = tile_n or (32 if block_m > 16 else _default_tile_n(q.dtype))
+    num_warps = num_warps or (4 if half or block_m <= 16 else 8)
     prec, upcast = dot_precision(q.dtype)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     assert prefix is None or max_query_len == 1
@@ -217,7 +222,8 @@ def unified_attention(
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
         AFTER_PREFIX=prefix is not None,
-        num_warps=4 if block_m <= 16 else 8, **pdl_options(q.device),
+        num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        **pdl_options(q.device),
     )
     return out
 

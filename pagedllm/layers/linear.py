@@ -2,13 +2,15 @@
 bit-for-bit the same sums as `F.linear` (the oracle tests hold), about 1.5x faster at decode
 batch sizes, where re-packing the weight on every call is a large share of the work.
 
-On CUDA the row-parallel layers (o_proj, down_proj) keep their weight column-major, so cuBLAS runs
-them as NN products: at 1-4 rows its TN kernel for Qwen3-0.6B's o_proj takes 8-12.6 us where the NN
-one takes 5.7, and at 1-512 rows NN is at most 0.7 % slower on these layers of Qwen3-0.6B and
-Llama-3-8B (one H200, benchmarks/RESULTS.md, session 7). The column-parallel layers stay row-major:
-there NN loses up to 1.5x at some row counts (Llama-3-8B's gate_up at 128 rows). On Hopper and later,
-half-precision products of up to 4 rows with a row-major weight (qkv, gate_up, the LM head) run through
-`pagedllm.kernels.gemv`, which starts streaming the weight before the kernel before it has finished.
+On Hopper and later GPUs, half-precision products of up to 16 rows (decode batches) run through
+`pagedllm.kernels.gemv`, which starts streaming the weight before the kernel before it has finished:
+Llama-3-8B's o_proj at 1 row 9.6 us against cuBLAS's 12.4, Qwen3-0.6B's 2.4 against 5.9 (one H200,
+benchmarks/RESULTS.md, sessions 10-11). There every weight is row-major, the GEMV's layout. Elsewhere
+(older GPUs, float32) the row-parallel layers (o_proj, down_proj) keep their weight column-major, so
+cuBLAS runs them as NN products: at 1-4 rows its TN kernel for Qwen3-0.6B's o_proj takes 8-12.6 us where
+the NN one takes 5.7, and at 1-512 rows NN is at most 0.7 % slower on these layers of Qwen3-0.6B and
+Llama-3-8B (session 7). The column-parallel layers stay row-major: there NN loses up to 1.5x at some row
+counts (Llama-3-8B's gate_up at 128 rows).
 
 Tensor parallelism is Megatron's: a column-parallel layer (fused QKV, gate/up) keeps each rank's
 rows of every checkpoint tensor fused into it, so its output needs no communication; the
@@ -30,26 +32,30 @@ from pagedllm.distributed.parallel_state import ParallelState, get_parallel_stat
 from pagedllm.layers.sharding import Weight, load_whole, narrow, weight_shape
 
 _PACK_BATCH_HINT = 64  # MKL packs for a typical row count; any row count works with the result
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 16
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
 
 
-def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product runs through `pagedllm.kernels.gemv`: half precision (float32 keeps cuBLAS,
-    the GPU oracle runs' path), at most GEMV_MAX_ROWS rows, a row-major weight (on CUDA the row-parallel
-    layers' are column-major, where cuBLAS is faster), on a GPU with programmatic dependent launch,
-    which is what makes the kernel faster than cuBLAS. PAGEDLLM_GEMV=0 turns it off."""
-    if not (
-        x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype and weight.stride(1) == 1 and x.stride(1) == 1
-    ):
+def gemv_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether products of few rows run through `pagedllm.kernels.gemv`: half precision (float32 keeps
+    cuBLAS, the GPU oracle runs' path) on a GPU with programmatic dependent launch, which is what makes
+    the kernel faster than cuBLAS. PAGEDLLM_GEMV=0 turns it off."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or os.environ.get("PAGEDLLM_GEMV", "1") == "0":
         return False
     from pagedllm.kernels import pdl_options
 
-    return pdl_options(x.device)["USE_PDL"] and os.environ.get("PAGEDLLM_GEMV", "1") != "0"
+    return pdl_options(device)["USE_PDL"]
+
+
+def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """At most GEMV_MAX_ROWS rows and a row-major weight, where `gemv_enabled`."""
+    return (
+        x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and weight.dtype == x.dtype and weight.stride(1) == 1
+        and x.stride(1) == 1 and gemv_enabled(x.device, x.dtype)
+    )
 
 
 class Linear(nn.Linear):
@@ -160,7 +166,7 @@ class RowParallelLinear(Linear):
         self.shard, self.tp, self.tp_size, self.tp_rank = shard, state, state.tp_size, state.tp_rank
 
     def pack(self) -> None:
-        if self.weight.is_cuda:
+        if self.weight.is_cuda and not gemv_enabled(self.weight.device, self.weight.dtype):
             self.weight.data = self.weight.data.t().contiguous().t()  # column-major: see the module's docstring
         super().pack()
 

@@ -7,8 +7,9 @@ from pagedllm.kernels.gemv import gemv  # noqa: E402
 from pagedllm.layers.linear import GEMV_MAX_ROWS  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
-# (N, K): Llama-3-8B's qkv and a ragged one on the GPU; small, ragged and uneven-K ones under the interpreter
-SHAPES = [(6144, 4096), (1000, 576)] if ON_CUDA else [(64, 128), (40, 96), (33, 200)]
+# (N, K): Llama-3-8B's qkv, Qwen3-0.6B's o (narrow: its input width is split) and a ragged one on the GPU;
+# small, ragged and uneven-K ones under the interpreter
+SHAPES = [(6144, 4096), (1024, 2048), (1000, 576)] if ON_CUDA else [(64, 128), (40, 96), (33, 200)]
 
 
 def _check_gemv(device, assert_close, dtype, rows, shape, bias, column_major, config=None) -> None:
