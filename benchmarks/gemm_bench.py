@@ -12,7 +12,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 
 def layer_shapes(config) -> dict[str, tuple[int, int]]:
