@@ -32,7 +32,6 @@ Every kernel has a float64 torch reference (`*_ref`) beside it.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

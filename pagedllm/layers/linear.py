@@ -20,6 +20,7 @@ the partial products with one all-reduce. With one rank both are plain `Linear`s
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -39,10 +40,12 @@ def _can_pack(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
 
 
+@functools.cache
 def gemv_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether products of few rows run through `pagedllm.kernels.gemv`: half precision (float32 keeps
     cuBLAS, the GPU oracle runs' path) on a GPU with programmatic dependent launch, which is what makes
-    the kernel faster than cuBLAS. PAGEDLLM_GEMV=0 turns it off."""
+    the kernel faster than cuBLAS. PAGEDLLM_GEMV=0 turns it off. Decided once per process (as
+    `pdl_options` is), so the weight layout chosen at load time and every later product agree."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or os.environ.get("PAGEDLLM_GEMV", "1") == "0":
         return False
     from pagedllm.kernels import pdl_options
