@@ -37,7 +37,7 @@ class _RecordingCut:
 def test_attention_cut_runs_each_layer_in_order(tiny_models):
     """With a cut in the forward context every attention call goes through it, layer by layer, and the
     model continues from what it returns."""
-    engine = LLMEngine.from_kwargs(model=tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20)
+    engine = LLMEngine.from_kwargs(model=tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20, device="cpu")
     runner = engine.runner
     # Two prompts in blocks 1 and 2, writing their keys there.
     bs = runner.block_size
