@@ -133,10 +133,11 @@ def gemv(
     part = out if splits == 1 else torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
     prec, upcast = dot_precision(x.dtype)
     pdl = pdl_options(x.device)
+    own_bias = bias if splits == 1 else None  # with splits, the bias is added once, to the summed splits
     _gemv_kernel[(triton.cdiv(n, bn), splits)](
-        x, weight, bias if bias is not None and splits == 1 else weight, part, n, k, k_split,
+        x, weight, weight if own_bias is None else own_bias, part, n, k, k_split,
         x.stride(0), weight.stride(0), weight.stride(1), part.stride(-2), part.stride(0) if splits > 1 else 0,
-        rows, M_PAD=1 if rows == 1 else 16, HAS_BIAS=bias is not None and splits == 1, EVEN_K=k % bk == 0,
+        rows, M_PAD=1 if rows == 1 else 16, HAS_BIAS=own_bias is not None, EVEN_K=k % bk == 0,
         BLOCK_N=bn, BLOCK_K=bk, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl,
     )
     if splits > 1:
