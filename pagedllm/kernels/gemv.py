@@ -47,7 +47,9 @@ def _accumulate(acc, w, x_ptr, stride_x, k0, k, K, M, M_PAD: tl.constexpr, EVEN_
     return acc + tile_dot(w, tl.trans(x), PREC, UPCAST)
 
 
-@triton.jit
+# M, the row count, changes from step to step: not specialised on (Triton would compile a variant for 16 rows,
+# a multiple of 16, in the middle of an eager run), as the attention kernels' step-varying ints are not.
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, K_SPLIT, stride_x, stride_wn, stride_wk, stride_o, stride_split,
     M, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
