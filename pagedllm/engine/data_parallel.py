@@ -1,7 +1,7 @@
 """Data parallelism: K engine replicas behind one AsyncLLM-shaped front, for the server.
 
-Each replica is an engine core in its own process (`core_client.py`) with its own KV cache and its
-own tensor x pipeline world, driven by its own AsyncLLM; the front only routes. A new request goes to
+Each replica is an engine core in its own process (`core.py`) with its own KV cache and its
+own tensor x pipeline world, behind its own AsyncLLM; the front only routes. A new request goes to
 the replica with the least load: its samples running or waiting, counted as they are added and as
 they finish, so a burst spreads at once rather than a step later. A request's stream, its abort and
 a beam search's sub-requests stay with the replica that holds it. Metrics see the replicas' summed stats.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import threading
 from typing import Iterable, Sequence
 
 import torch
@@ -20,15 +19,16 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_engine import AsyncLLM, RequestStream, StepHook
 from pagedllm.engine.core_client import EngineCoreClient
-from pagedllm.engine.llm_engine import EngineStats, PromptType, _load_tokenizer
+from pagedllm.engine.llm_engine import EngineStats, PromptType, load_tokenizer
 from pagedllm.beam_search import BeamSearchOutput
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 
 class DPAsyncLLM:
-    def __init__(self, replicas: list[AsyncLLM], cores: list[EngineCoreClient]) -> None:
-        self.replicas, self.cores = replicas, cores
+    def __init__(self, replicas: list[AsyncLLM]) -> None:
+        self.replicas = replicas
+        self.cores = [r.core for r in replicas]
         first = replicas[0]
         self.tokenizer, self.config, self.vocab_size = first.tokenizer, first.config, first.vocab_size
 
@@ -36,7 +36,7 @@ class DPAsyncLLM:
     def create(cls, config: EngineConfig, max_queued_samples: int | None = None, on_step: StepHook | None = None) -> DPAsyncLLM:
         """Starts `config.data_parallel_size` engine cores, which load at once; `max_queued_samples` bounds each."""
         config.finalize()
-        tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config)
+        tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
         replica = dataclasses.replace(config, data_parallel_size=1)
         cores = [EngineCoreClient(replica, i, tokenizer, env) for i, env in enumerate(_replica_envs(config))]
         try:
@@ -46,13 +46,10 @@ class DPAsyncLLM:
             for core in cores:
                 core.shutdown()
             raise
-        front = cls([AsyncLLM(core, max_queued_samples) for core in cores], cores)  # type: ignore[arg-type]
+        front = cls([AsyncLLM(core, max_queued_samples) for core in cores])
         if on_step is not None:
-            lock = threading.Lock()  # replicas step on their own threads; the hook sees one at a time
-
             def record(_: EngineStats, outputs: list[RequestOutput], now: float) -> None:
-                with lock:
-                    on_step(front.stats, outputs, now)
+                on_step(front.stats, outputs, now)
 
             for r in front.replicas:
                 r.on_step = record
@@ -72,9 +69,7 @@ class DPAsyncLLM:
         return next((r.error for r in self.replicas if r.error is not None), None)
 
     async def shutdown(self) -> None:
-        for r in self.replicas:
-            await r.shutdown()
-        await asyncio.gather(*(asyncio.to_thread(core.shutdown) for core in self.cores))
+        await asyncio.gather(*(r.shutdown() for r in self.replicas))
 
     @property
     def stats(self) -> EngineStats:

@@ -89,7 +89,7 @@ class LLMEngine:
         if config.data_parallel_size > 1:
             raise ValueError("data_parallel_size > 1 runs engine replicas behind `pagedllm serve`; one LLMEngine is one replica.")
         self.config = config
-        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
         self.eos_token_ids = _eos_token_ids(config, self.tokenizer)
         start = time.perf_counter()
         self.workers: Workers | None = start_workers(config) if config.world_size > 1 else None
@@ -413,7 +413,7 @@ def _stop_workers(runner: ModelRunner, workers: Workers) -> None:
     workers.shutdown()
 
 
-def _load_tokenizer(config: EngineConfig) -> Any:
+def load_tokenizer(config: EngineConfig) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(config.tokenizer or config.model_path)

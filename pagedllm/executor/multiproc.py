@@ -1,4 +1,5 @@
-"""Worker ranks as local processes (torch.multiprocessing, spawn), watched through their sentinels."""
+"""Worker ranks as local processes (torch.multiprocessing, spawn: see executor/spawn.py), watched through their
+sentinels."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from multiprocessing.connection import wait
 import torch.multiprocessing as mp
 
 from pagedllm.config import EngineConfig
+from pagedllm.executor.spawn import main_not_rerun
 from pagedllm.executor.workers import Workers
 from pagedllm.worker.worker import run_worker
 
@@ -25,8 +27,9 @@ class MultiprocWorkers(Workers):
             ctx.Process(target=run_worker, args=(config, rank, "127.0.0.1", port), name=f"pagedllm-rank{rank}", daemon=True)
             for rank in range(1, config.world_size)
         ]
-        for proc in self.procs:
-            proc.start()
+        with main_not_rerun():
+            for proc in self.procs:
+                proc.start()
         threading.Thread(target=self._watch, name="pagedllm-watchdog", daemon=True).start()
 
     def _watch(self) -> None:

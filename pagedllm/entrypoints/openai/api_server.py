@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server: FastAPI routes in front of AsyncLLM, run by uvicorn.
 
-The event loop only parses, validates, streams and aborts; the engine steps in its own thread. Every error
+The event loop only parses, validates, tokenizes, streams and aborts; the engine steps in a process of its own
+(an engine core, `engine/core.py`). Every error
 is answered in OpenAI's JSON shape. SIGTERM (or Ctrl-C) drains: the listening socket closes, in-flight
 requests get `--shutdown-timeout` seconds to finish, then the rest are aborted (finish_reason "abort"),
 and the process exits 0.
@@ -17,6 +18,7 @@ import os
 import signal
 import time
 from contextlib import asynccontextmanager
+from multiprocessing import resource_tracker
 from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import uvicorn
@@ -217,7 +219,6 @@ async def _serve(server: _Server, app: FastAPI, engine: AsyncLLM, shutdown_timeo
 
 def run_server(args: argparse.Namespace) -> None:
     from pagedllm.config import EngineConfig
-    from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.entrypoints.cli import engine_kwargs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -232,7 +233,7 @@ def run_server(args: argparse.Namespace) -> None:
 
         async_engine = DPAsyncLLM.create(engine_config, capacity, metrics.record_step)
     else:
-        async_engine = AsyncLLM(LLMEngine(engine_config), max_queued_samples=capacity, on_step=metrics.record_step)
+        async_engine = AsyncLLM.create(engine_config, capacity, metrics.record_step)
     settings = ServerSettings(
         model_names=names, model_path=engine_config.model_path, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         max_n=args.max_n, max_request_body_bytes=args.max_request_body_bytes,
@@ -245,3 +246,8 @@ def run_server(args: argparse.Namespace) -> None:
     )
     logger.info("serving %s (max_model_len %d) on http://%s:%d", names[0], max_model_len, args.host, args.port)
     asyncio.run(_serve(_Server(config), app, async_engine, args.shutdown_timeout))
+    # Spawning the engine core started multiprocessing's resource tracker: stop and reap it too, so that nothing
+    # of the server outlives it (the tracker would exit only after us, and linger as a zombie).
+    stop_tracker = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop_tracker is not None:
+        stop_tracker()

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 LOGPROBS_CAP = 20  # OpenAI's limit on logprobs / top_logprobs
 # Token ids must be real integers: lax mode would read true/false or "7" as ids.
@@ -67,7 +67,16 @@ class SamplingRequest(OpenAIModel):
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(None, min_length=1)  # only requests with the same salt share prefix-cache blocks
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = None  # declared after `stream`, so its validator sees it
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # As vLLM and OpenAI: a 400 naming stream_options, not options silently ignored by a non-streamed reply.
+        # `stream` is absent from info.data when it failed itself; that error is the one to report.
+        if value is not None and "stream" in info.data and not info.data["stream"]:
+            raise ValueError("stream_options can only be set when stream is true")
+        return value
 
     @property
     def include_usage(self) -> bool:
