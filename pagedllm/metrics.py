@@ -1,6 +1,6 @@
 """Prometheus metrics with vLLM's names under a `pagedllm:` prefix, in a per-server registry.
 
-Fed by AsyncLLM's step hook on the engine thread (prometheus_client is thread-safe) from the DELTA outputs
+Fed by AsyncLLM's step hook on the event loop (each step message of the engine core) from the DELTA outputs
 of each step, counting the way vLLM v1 does: a sample's prompt tokens count once, when it produces its
 first token (so preemption does not count them twice); each sample of an n > 1 request is one finished
 request, as in vLLM where every sample is its own engine request.

@@ -460,6 +460,29 @@ def test_generate_cancelled_frees_blocks_in_the_core(tiny_app: Any) -> None:
     run_in_app(tiny_app, scenario)
 
 
+def test_new_request_joins_the_next_step(tiny_app: Any) -> None:
+    """The core takes messages between two steps: a request added while another decodes joins the step after the
+    one running (its outputs one step later with async scheduling), not the end of the other's 400 tokens. The long
+    request's outputs that arrive between the add and the new request's first token are those two or three steps,
+    plus any the front had not read yet when it sent the add (a few on a loaded machine): far below 400."""
+    from pagedllm.sampling_params import SamplingParams
+
+    async def scenario(http: httpx.AsyncClient, engine: Any) -> None:
+        params = SamplingParams(max_tokens=400, ignore_eos=True)
+        long = await engine.add_request("long", {"prompt_token_ids": [5, 6, 7]}, params)
+        for _ in range(5):
+            await anext(long)
+        backlog = long._queue.qsize()
+        late = await engine.add_request("late", {"prompt_token_ids": [8, 9]}, SamplingParams(max_tokens=1))
+        first = await anext(late)
+        assert first.outputs[0].token_ids
+        steps_between = long._queue.qsize() - backlog
+        assert steps_between <= 8, steps_between
+        engine.abort("long")
+
+    run_in_app(tiny_app, scenario)
+
+
 def test_engine_death_fails_in_flight_requests_and_health(tiny_models: dict[str, str]) -> None:
     async def scenario(http: httpx.AsyncClient, engine: Any) -> None:
         body = {"prompt": [5, 6, 7], "max_tokens": 50, "ignore_eos": True}

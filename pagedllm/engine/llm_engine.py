@@ -1,7 +1,7 @@
 """The engine: requests in, one scheduled batch per `step`, outputs out.
 
 Synchronous and self-contained (no event loop, no threads), so the offline `LLM` drives it in a
-loop and the server runs it in a background thread behind an async front.
+loop and the server runs it in an engine-core process (`core.py`) behind an async front.
 
 Async scheduling (on by default on CUDA): `step` schedules and launches step N+1 before it
 processes step N's tokens, so the CPU work of both (scheduling, batch building, stop checks,
@@ -106,12 +106,12 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq, config.enable_prefix_caching)
         assert config.max_model_len is not None
         logger.info(
-            "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens (%.2f GiB), max concurrency at "
+            "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens in %s (%.2f GiB), max concurrency at "
             "max_model_len=%d: %.1f requests; ready in %.1f s",
             config.model_path, config.device, config.dtype, self.runner.backend.name,
             (", CUDA graphs" if self.runner.graph_runner else "") + (", async scheduling" if config.async_scheduling else "")
             + (f", TP={config.tensor_parallel_size} PP={config.pipeline_parallel_size}" if self.workers else ""),
-            self.runner.num_blocks, config.block_size,
+            self.runner.num_blocks, config.block_size, str(self.runner.kv_dtype).removeprefix("torch."),
             self.runner.num_blocks * self.runner.kv_bytes_per_block() / 2**30, config.max_model_len,
             self.runner.num_blocks / self.kv_cache.blocks_for(config.max_model_len), time.perf_counter() - start,
         )
