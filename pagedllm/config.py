@@ -17,6 +17,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"
     load_format: str = "auto"  # auto | safetensors | dummy (random weights, for benchmarks)
+    # Weight quantization: None = as the checkpoint's config.json says (its quantization_config), else e.g. "fp8"
+    # (a 16-bit checkpoint quantized at load). See pagedllm/quantization/.
+    quantization: str | None = None
     skip_tokenizer_init: bool = False
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     seed: int = 0
@@ -26,6 +29,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True  # share full KV blocks between requests with the same leading tokens
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | fp8_e4m3: KV stored in float8 with per-tensor scales
     # Scheduler
     # Defaults: 512 sequences and 16384 tokens per step on CUDA (vLLM's offline defaults are 1024 and 16384 on
     # 80 GB GPUs; 512 measured best on W1 and P1), 256 and 2048 on CPU, where matmuls peak around 2k rows.
@@ -65,6 +69,7 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_path = resolve_model(self.model)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        self._check_quantization()
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
         if self.dtype == "auto":
@@ -91,6 +96,12 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1.")
         self._check_parallel()
+
+    def _check_quantization(self) -> None:
+        """Resolves the method now, so that an unsupported one fails before any rank starts."""
+        from pagedllm.quantization import get_quant_method
+
+        get_quant_method(self)
 
     def _check_parallel(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

@@ -4,7 +4,9 @@ A step's batch is flat: `num_tokens` query tokens from `num_reqs` requests, deco
 token each) first, then prefills / prompt chunks. Each request's keys and values live in the
 paged KV cache, reached through its row of `block_tables`.
 
-KV cache layout, per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+KV cache layout, per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V), in the model's
+dtype or in float8_e4m3fn (--kv-cache-dtype fp8), which holds K / k_scale and V / v_scale: per-tensor scales
+(Python floats fixed at load, 1.0 unless the checkpoint has them), passed to every write and read.
 Slot `s` is position `s % block_size` of block `s // block_size`; slot -1 means "don't write".
 """
 
@@ -14,6 +16,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+# The float8 KV cache: e4m3, per-tensor scales, values saturated at its largest finite one. Here, not in
+# pagedllm.kernels: that imports triton, which the CPU path never needs (and kernel tests set TRITON_INTERPRET first).
+KV_FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale in float8_e4m3fn, saturated at +-448 (as vLLM does): computed as x * (1 / scale) in fp32, which is
+    what the Triton KV write computes too, so that both store the same bits."""
+    return (x.float() * (1.0 / scale)).clamp_(-FP8_MAX, FP8_MAX).to(KV_FP8)
 
 
 @dataclass
@@ -74,11 +88,11 @@ class AttentionBackend(Protocol):
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        out: torch.Tensor | None = None,
+        out: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over each request's
         cached context (this step's keys included); returns [num_tokens, num_heads, head_dim],
-        in `out` when given."""
+        in `out` when given. k_scale, v_scale: a float8 cache's scales (1.0 for any other)."""
 
 
 def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:

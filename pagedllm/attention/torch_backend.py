@@ -2,7 +2,8 @@
 
 Keys and values are read through the block tables at every step (a gather into a temporary);
 nothing contiguous is kept per request between steps. Decodes are batched into one SDPA call;
-each prefill chunk gets its own call with a causal mask offset by its cached context.
+each prefill chunk gets its own call with a causal mask offset by its cached context. A float8 cache's
+gathered blocks are widened to the query's dtype; k_scale goes into the softmax scale, v_scale onto the output.
 """
 
 from __future__ import annotations
@@ -10,16 +11,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.backend import KV_FP8, AttentionMetadata, quantize_fp8
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> None:
     """Stores key/value [T, Hkv, D] at their slots of kv_cache [2, num_blocks, block_size, Hkv, D]; slot -1
-    (padding) stores nothing. The CPU path (on CUDA the attention layer writes through a fused kernel)."""
-    flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])  # [2, num_slots, Hkv, D]
+    (padding) stores nothing; a float8 cache takes key / k_scale and value / v_scale. The CPU path (on CUDA the
+    attention layer writes through a fused kernel)."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    if kv_cache.dtype == KV_FP8:  # copied as bytes: CPU torch has no index_copy_ for float8
+        key, value = quantize_fp8(key, k_scale).view(torch.uint8), quantize_fp8(value, v_scale).view(torch.uint8)
+        kv_cache = kv_cache.view(torch.uint8)
+    flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])  # [2, num_slots, Hkv, D]
     flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
@@ -33,38 +41,45 @@ class TorchAttentionBackend:
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> torch.Tensor:
         out = torch.empty_like(query) if out is None else out
+        scale *= k_scale
         n = meta.num_decodes
         if n:
             out[:n] = self._decode(query[:n], kv_cache, meta, scale)
         starts, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for i in range(n, meta.num_reqs):
             q = query[starts[i] : starts[i + 1]]
-            k, v = _gather(kv_cache, meta.block_tables[i : i + 1], lens[i])
+            k, v = _gather(kv_cache, meta.block_tables[i : i + 1], lens[i], q.dtype)
             out[starts[i] : starts[i + 1]] = _attend(q.unsqueeze(0), k, v, _causal_mask(q.shape[0], lens[i], q.device), scale)[0]
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         n = meta.num_decodes
         seq_lens = meta.seq_lens[:n]
         max_len = max(meta.seq_lens_cpu[:n])
-        k, v = _gather(kv_cache, meta.block_tables[:n], max_len)
+        k, v = _gather(kv_cache, meta.block_tables[:n], max_len, query.dtype)
         mask = None
         if min(meta.seq_lens_cpu[:n]) != max_len:  # pad keys past each sequence's end
             mask = (torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None].to(torch.long))[:, None, None, :]
         return _attend(query.unsqueeze(1), k, v, mask, scale)[:, 0]
 
 
-def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V [B, length, Hkv, D] of each row's sequence, read block by block."""
+def _gather(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [B, length, Hkv, D] of each row's sequence, read block by block, in `dtype` (a float8 cache's
+    blocks are gathered as they are, then widened: a quarter of the bytes to copy)."""
     batch, block_size = block_tables.shape[0], kv_cache.shape[2]
     num_blocks = -(-length // block_size)
     blocks = block_tables[:, :num_blocks].reshape(-1)
     # index_select copies whole blocks at memcpy speed; advanced indexing is twice as slow here.
     k = kv_cache[0].index_select(0, blocks).view(batch, num_blocks * block_size, *kv_cache.shape[3:])[:, :length]
     v = kv_cache[1].index_select(0, blocks).view(batch, num_blocks * block_size, *kv_cache.shape[3:])[:, :length]
-    return k, v
+    return k.to(dtype), v.to(dtype)
 
 
 def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:

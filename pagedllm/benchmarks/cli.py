@@ -1,4 +1,4 @@
-"""The `bench` subcommand: `pagedllm bench throughput | latency | serve`."""
+"""The `bench` subcommand: `pagedllm bench throughput | latency | perplexity | serve`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def add_bench_parser(subparsers: Any) -> None:
         _add_common_args(parser, kind)
         module.add_arguments(parser)
         parser.set_defaults(func=module.main)
+    _add_perplexity(kinds)
     _add_serve(kinds)
 
 
@@ -55,6 +56,17 @@ def _add_common_args(parser: argparse.ArgumentParser, kind: str) -> None:
 def _workloads_help(kind: str) -> str:
     lines = [f"  {w.name}: {w.description}" for w in WORKLOADS.values() if w.kind == kind]
     return "workloads:\n" + "\n".join(lines)
+
+
+def _add_perplexity(kinds: Any) -> None:
+    from pagedllm.benchmarks import perplexity
+    from pagedllm.entrypoints.cli import add_engine_args
+
+    parser = kinds.add_parser("perplexity", help="perplexity of a text via prompt_logprobs (e.g. 16-bit vs --quantization fp8)",
+                              description=perplexity.__doc__)
+    add_engine_args(parser)
+    perplexity.add_arguments(parser)
+    parser.set_defaults(func=perplexity.main)
 
 
 def _add_serve(kinds: Any) -> None:

@@ -18,6 +18,8 @@ _HELP = {
     "dtype": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16",
     "kv_cache_memory": "bytes for the KV cache (default: 4 GiB on CPU, --gpu-memory-utilization on CUDA)",
     "load_format": "auto | safetensors | dummy (random weights of the model's shape)",
+    "quantization": "fp8: quantize a 16-bit checkpoint's weights at load (default: as the checkpoint's config.json says)",
+    "kv_cache_dtype": "auto (the model's dtype) | fp8 | fp8_e4m3: the KV cache in float8, twice the blocks of bf16",
     "max_num_seqs": "most sequences in one step (default 512 on CUDA, 256 on CPU)",
     "max_num_batched_tokens": "token budget of one step (default 16384 on CUDA, 2048 on CPU)",
     "attention_backend": "auto | torch | triton",

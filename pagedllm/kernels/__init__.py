@@ -23,6 +23,20 @@ def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
 
 
 @triton.jit
+def to_fp8(x, EXACT: tl.constexpr):
+    """fp32 x within +-448 -> float8e4nv, to nearest even. EXACT (for the interpreter, whose float8 cast rounds ties
+    away from zero and loses the carry into the exponent, e.g. 124.5 -> 64): x is first rounded to the e4m3 grid in
+    fp32 (normals: 3 mantissa bits, by integer rounding of the bits; subnormals: steps of 2**-9, by adding and removing
+    1.5 * 2**14, whose ulp that is, to |x|), so the cast itself is exact."""
+    if EXACT:
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        sub = (tl.abs(x) + 24576.0) - 24576.0
+        x = tl.where(tl.abs(x) < 0.015625, tl.where(x < 0, -sub, sub), normal)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def tile_dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")

@@ -27,6 +27,10 @@ prefix in large tiles, as a prompt would, and writes unnormalised partials (spli
 fill the SMs); the decode kernel then starts each row's online softmax from those partials and walks
 only the request's own keys. The prefix length is read on the device, so graphs replay it at any length.
 
+A float8 cache (--kv-cache-dtype fp8; the kernels see it in the cache pointer's type, so 16-bit caches compile as
+before) holds K / k_scale and V / v_scale: tiles are loaded in float8 and widened to q's dtype for the dots, k_scale is
+folded into the softmax scale and v_scale into the output (or the split-KV partials), once per row rather than per key.
+
 Every kernel has a float64 torch reference (`*_ref`) beside it.
 """
 
@@ -36,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.attention.backend import KV_FP8
 from pagedllm.kernels import dot_precision, pdl_options, pdl_prologue, tile_dot
 
 
@@ -87,6 +92,9 @@ def _attend_tiles(
         else:
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(k_ptrs + stride_kv, mask=kv_mask, other=0.0)
+        if k_cache.dtype.element_ty == tl.float8e4nv:  # unscaled: the scales are applied outside the loop
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tile_dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # scaled in fp32: pre-scaling bf16 q would round
         if MASK == CAUSAL:
             s = tl.where((k_idx[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
@@ -108,7 +116,7 @@ def _attend_tiles(
 def _unified_attention_kernel(
     q_ptr, kv_cache, out_ptr, block_tables, seq_lens, query_start_loc,
     common_prefix, part_m, part_l, part_acc, prefix_splits,
-    num_reqs, qk_scale,
+    num_reqs, qk_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
@@ -163,6 +171,8 @@ def _unified_attention_kernel(
         stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, CAUSAL,
     )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if kv_cache.dtype.element_ty == tl.float8e4nv:
+        out = out * v_scale
     tl.store(out_ptr + q_tok[:, None] * stride_ot + row_h[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -171,6 +181,12 @@ def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
     """(K->V, block, offset, head) strides of a [2, num_blocks, block_size, Hkv, D] cache."""
     assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.stride(-1) == 1
     return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
+
+
+def _qk_scale(kv_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float) -> float:
+    """The softmax scale with k_scale folded in, in log2 units (the kernels use exp2). Only float8 caches have scales."""
+    assert kv_cache.dtype == KV_FP8 or k_scale == v_scale == 1.0, "KV scales apply to a float8 cache only"
+    return scale * k_scale * 1.4426950408889634
 
 
 def _head_dim_pad(head_dim: int) -> int:
@@ -188,9 +204,10 @@ def unified_attention(
     seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
     block_m: int | None = None, tile_n: int | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out.
+    """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out. k_scale, v_scale:
+    a float8 cache's dequantization scales.
     block_m, tile_n, num_warps and num_stages override the defaults (benchmarks/attention_bench.py). prefix: (common
     prefix length, partial max, sum, acc) from the shared-prefix kernel (decode-only batches)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -216,7 +233,7 @@ def unified_attention(
     _unified_attention_kernel[grid](
         q, kv_cache, out, block_tables, seq_lens, query_start_loc,
         *(prefix or (seq_lens,) * 4), 0 if prefix is None else prefix[1].shape[-1],
-        num_reqs, scale * 1.4426950408889634,
+        num_reqs, _qk_scale(kv_cache, scale, k_scale, v_scale), v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
@@ -303,6 +320,7 @@ def _partials(rows: int, heads: int, parts: int, d_pad: int, device: torch.devic
 def shared_prefix_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, common_prefix: torch.Tensor, scale: float, num_sms: int, num_splits: int | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode-only attention (token r belongs to request r) whose requests all hold the same first
     common_prefix[0] keys (whole blocks, shorter than every context) at the start of their block
@@ -321,13 +339,14 @@ def shared_prefix_decode(
     prec, upcast = dot_precision(q.dtype)
     _shared_prefix_kernel[(row_tiles, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, common_prefix, part_m, part_l, part_acc,
-        num_tokens, scale * 1.4426950408889634,
+        num_tokens, _qk_scale(kv_cache, scale, k_scale, v_scale),
         q.stride(0), q.stride(1), *_cache_strides(kv_cache),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n,
         PREC=prec, UPCAST=upcast, num_warps=8, **pdl_options(q.device),
     )
+    # Its partials are in unscaled V: the decode kernel applies v_scale to the merged result.
     return unified_attention(q, kv_cache, out, query_start_loc, seq_lens, block_tables, 1, scale,
-                             prefix=(common_prefix, part_m, part_l, part_acc))
+                             prefix=(common_prefix, part_m, part_l, part_acc), k_scale=k_scale, v_scale=v_scale)
 
 
 SPLIT_KV_PARTS = 16  # partitions per sequence at most (1 x 8 KV heads x 16 = ~one wave on 132 SMs)
@@ -343,7 +362,7 @@ def _partition_len(seq_len, num_parts, TILE_N: tl.constexpr, MIN_PARTITION: tl.c
 @triton.jit(do_not_specialize=["num_parts", "stride_bt"])
 def _split_kv_decode_kernel(
     q_ptr, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
-    qk_scale, num_parts,
+    qk_scale, v_scale, num_parts,
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -372,6 +391,8 @@ def _split_kv_decode_kernel(
         q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, rows, kv_start, kv_end, qk_scale,
         stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
     )
+    if kv_cache.dtype.element_ty == tl.float8e4nv:  # partials are linear in V: the merge needs no scale
+        acc = acc * v_scale
     ml_off = (req * NUM_HEADS + row_h) * num_parts + part
     tl.store(part_m + ml_off, m_i, mask=row_ok)
     tl.store(part_l + ml_off, l_i, mask=row_ok)
@@ -408,6 +429,7 @@ def _split_kv_merge_kernel(
 def split_kv_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, num_parts: int = SPLIT_KV_PARTS, tile_n: int | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode-only attention (token r belongs to request r) with each sequence split into up to
     `num_parts` pieces of whole tiles; writes and returns out [num_decodes, H, D]."""
@@ -422,7 +444,7 @@ def split_kv_decode(
     prec, upcast = dot_precision(q.dtype)
     _split_kv_decode_kernel[(num_decodes, num_kv_heads, num_parts)](
         q, kv_cache, block_tables, seq_lens, part_m, part_l, part_acc,
-        scale * 1.4426950408889634, num_parts,
+        _qk_scale(kv_cache, scale, k_scale, v_scale), v_scale, num_parts,
         q.stride(0), q.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         NUM_HEADS=num_heads, QPK=qpk, HEAD_D=head_dim,
         HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=max(16, triton.next_power_of_2(qpk)),
@@ -439,17 +461,18 @@ def split_kv_decode(
 
 def paged_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
-    block_tables: torch.Tensor, scale: float,
+    block_tables: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Float64 reference: per request, gather K/V through the block table, causal softmax attention."""
+    """Float64 reference: per request, gather K/V through the block table (a float8 cache dequantized with its
+    scales), causal softmax attention."""
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = q.shape[1] // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for r, seq_len in enumerate(seq_lens):
         s, e = query_start_loc[r], query_start_loc[r + 1]
         blocks = block_tables[r, : -(-seq_len // block_size)].long()
-        k = kv_cache[0][blocks].flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1)  # [L, H, D]
-        v = kv_cache[1][blocks].flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1)
+        k = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1) * k_scale
+        v = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1) * v_scale
         scores = torch.einsum("qhd,khd->hqk", q[s:e].double(), k) * scale
         q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
         scores.masked_fill_(torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None], float("-inf"))

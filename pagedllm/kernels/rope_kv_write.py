@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.kernels import pdl_options, pdl_prologue
+from pagedllm.attention.backend import KV_FP8, quantize_fp8
+from pagedllm.kernels import interpreting, pdl_options, pdl_prologue, to_fp8
 
 
 @triton.jit
@@ -46,12 +47,22 @@ def _norm_rope(ptr, num_heads, cos, sin, w_ptr, eps, HAS_NORM: tl.constexpr, HEA
 
 
 @triton.jit
+def _to_cache(x, dtype, cache_ptr, inv_scale, EXACT_FP8: tl.constexpr):
+    """x rounded to the model's dtype (as the unfused path stores it), then to the cache's: a float8 cache (known from
+    the pointer's type at compile time) holds x / scale, as x * inv_scale in fp32, saturated at +-448."""
+    x = x.to(dtype)
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        return to_fp8(tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0), EXACT_FP8)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _rope_kv_write_kernel(
     qkv_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, k_cache, v_cache, slot_ptr,
-    stride_t, stride_qo, stride_cs, stride_cb, stride_co, eps, num_heads, num_kv_heads,
+    stride_t, stride_qo, stride_cs, stride_cb, stride_co, eps, num_heads, num_kv_heads, k_inv_scale, v_inv_scale,
     HAS_NORM: tl.constexpr, HEAD_D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     REST: tl.constexpr, REST_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, EXACT_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -79,24 +90,24 @@ def _rope_kv_write_kernel(
         k1, k2, k3 = _norm_rope(k_ptr, num_kv_heads, cos, sin, k_w_ptr, eps, HAS_NORM, HEAD_D, HALF, HALF_PAD, REST, REST_PAD, BLOCK_HK)
         mkj, mkr = (hk < num_kv_heads) & (j < HALF), (hk < num_kv_heads) & (r < REST)
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + hk * HEAD_D
-        cache_dtype = k_cache.dtype.element_ty
-        tl.store(k_cache + dst + j, k1.to(dtype).to(cache_dtype), mask=mkj)
-        tl.store(k_cache + dst + HALF + j, k2.to(dtype).to(cache_dtype), mask=mkj)
-        tl.store(k_cache + dst + 2 * HALF + r, k3.to(dtype).to(cache_dtype), mask=mkr)
+        tl.store(k_cache + dst + j, _to_cache(k1, dtype, k_cache, k_inv_scale, EXACT_FP8), mask=mkj)
+        tl.store(k_cache + dst + HALF + j, _to_cache(k2, dtype, k_cache, k_inv_scale, EXACT_FP8), mask=mkj)
+        tl.store(k_cache + dst + 2 * HALF + r, _to_cache(k3, dtype, k_cache, k_inv_scale, EXACT_FP8), mask=mkr)
         d = tl.arange(0, D_PAD)[None, :]
         mv = (hk < num_kv_heads) & (d < HEAD_D)
         v = tl.load(k_ptr + num_kv_heads * HEAD_D + hk * HEAD_D + d, mask=mv)
-        tl.store(v_cache + dst + d, v.to(cache_dtype), mask=mv)
+        tl.store(v_cache + dst + d, _to_cache(v, dtype, v_cache, v_inv_scale, EXACT_FP8), mask=mv)
 
 
 def rope_kv_write(
     qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-    q_out: torch.Tensor | None = None,
+    q_out: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) * D] -> q [T, H, D] (normed and rotated: in place, a view of qkv, or into q_out);
-    k and v (normed and rotated k) are written to kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping."""
+    k and v (normed and rotated k) are written to kv_cache [2, num_blocks, block_size, Hkv, D] at slot_mapping.
+    A float8 cache stores k / k_scale and v / v_scale (quantize_fp8); other caches take no scales."""
     num_tokens = qkv.shape[0]
     if q_out is None:
         q_out = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
@@ -108,16 +119,18 @@ def rope_kv_write(
     assert k_cache.stride(2) == head_dim and k_cache.stride(3) == 1
     has_norm = q_norm_weight is not None
     assert has_norm == (k_norm_weight is not None)
+    assert kv_cache.dtype == KV_FP8 or k_scale == v_scale == 1.0
     if num_tokens:
         half, rest = rot_dim // 2, head_dim - rot_dim
         _rope_kv_write_kernel[(num_tokens,)](
             qkv, q_out, positions, cos_sin_cache, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv,
             k_cache, v_cache, slot_mapping,
             qkv.stride(0), q_out.stride(0), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), eps, num_heads, num_kv_heads,
+            1.0 / k_scale, 1.0 / v_scale,
             HAS_NORM=has_norm, HEAD_D=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
             REST=rest, REST_PAD=triton.next_power_of_2(max(rest, 1)), D_PAD=triton.next_power_of_2(head_dim),
             BLOCK_SIZE=k_cache.shape[1], BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-            num_warps=4, **pdl_options(qkv.device),
+            EXACT_FP8=interpreting(), num_warps=4, **pdl_options(qkv.device),
         )
     return q_out
 
@@ -126,6 +139,7 @@ def rope_kv_write_ref(
     qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Step by step in torch (norm in fp32 with the dtype roundings, rotation in fp32): returns q, fills kv_cache."""
     from pagedllm.kernels.norm import rms_norm_ref
@@ -143,6 +157,9 @@ def rope_kv_write_ref(
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).to(x.dtype)
 
     q, k = rotate(q), rotate(k)
+    if kv_cache.dtype == KV_FP8:  # stored as bytes: CPU torch does not index_put float8
+        k, v = quantize_fp8(k, k_scale).view(torch.uint8), quantize_fp8(v, v_scale).view(torch.uint8)
+        kv_cache = kv_cache.view(torch.uint8)
     flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
     keep = slot_mapping >= 0
     flat[0][slot_mapping[keep]] = k[keep].to(kv_cache.dtype)

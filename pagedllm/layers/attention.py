@@ -5,7 +5,8 @@ slot mappings or which backend runs (torch on CPU, Triton on CUDA). While piecew
 capture, the context also holds the point where each attention call cuts the forward. The layer
 takes the fused QKV projection's output and does everything up to attention itself: the optional
 per-head q/k norms, rotary embedding and the K/V write into the paged cache; on CUDA these are one
-fused kernel.
+fused kernel. With a float8 KV cache, K and V are stored divided by the layer's k_scale / v_scale (floats the
+loader sets from the checkpoint's `self_attn.k_scale` / `v_scale`, else 1.0), and attention multiplies them back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.backend import KV_FP8, AttentionBackend, AttentionMetadata
 from pagedllm.attention.torch_backend import write_kv
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -29,7 +30,8 @@ class AttentionCut(Protocol):
 
     def query_buffer(self, num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor: ...
 
-    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor: ...
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor: ...
 
 
 @dataclass
@@ -57,7 +59,19 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.rotary = rotary  # one cos/sin table shared by every layer
-        self.kv_cache = torch.empty(0)  # bound by the model runner once the pool is allocated
+        self.kv_cache = torch.empty(0)  # bound by the model runner once the pool is allocated (bind_kv_cache)
+        self.k_scale: float | None = 1.0  # a float8 KV cache's per-tensor scales (None: 1.0)
+        self.v_scale: float | None = 1.0
+        self._kv_scales = (1.0, 1.0)  # what the writes and reads take: the scales for a float8 cache, else 1.0
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        """Binds this layer's slice of the pool; the scales apply from here on (so set them before) and only when
+        the cache is float8: decided once here, not per step."""
+        k_scale, v_scale = (1.0 if s is None else float(s) for s in (self.k_scale, self.v_scale))
+        if not (k_scale > 0 and v_scale > 0):  # NaN too
+            raise ValueError(f"KV cache scales must be positive, got k_scale={self.k_scale!r}, v_scale={self.v_scale!r}.")
+        self.kv_cache = kv_cache
+        self._kv_scales = (k_scale, v_scale) if kv_cache.dtype == KV_FP8 else (1.0, 1.0)
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None = None,
                 k_norm: RMSNorm | None = None) -> torch.Tensor:
@@ -65,20 +79,21 @@ class Attention(nn.Module):
         assert _context is not None, "Attention ran outside the model runner's forward_context."
         backend, meta, cut = _context.backend, _context.meta, _context.cut
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        k_scale, v_scale = self._kv_scales
         if qkv.is_cuda:
             from pagedllm.kernels.rope_kv_write import rope_kv_write
 
             q_out = None if cut is None else cut.query_buffer(qkv.shape[0], heads, dim, qkv.dtype)
             q = rope_kv_write(qkv, positions, self.rotary.cos_sin_cache, heads, kv_heads, dim, self.kv_cache, meta.slot_mapping,
                               q_norm.weight if q_norm else None, k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0,
-                              q_out=q_out)
+                              q_out=q_out, k_scale=k_scale, v_scale=v_scale)
         else:
             q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
             q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
             if q_norm is not None and k_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             q, k = self.rotary(positions, q, k)
-            write_kv(k, v, self.kv_cache, meta.slot_mapping)
+            write_kv(k, v, self.kv_cache, meta.slot_mapping, k_scale, v_scale)
         if cut is not None:
-            return cut.attend(q, self.kv_cache, self.scale).flatten(1)
-        return backend.forward(q, self.kv_cache, meta, self.scale).flatten(1)
+            return cut.attend(q, self.kv_cache, self.scale, k_scale, v_scale).flatten(1)
+        return backend.forward(q, self.kv_cache, meta, self.scale, None, k_scale, v_scale).flatten(1)

@@ -16,6 +16,10 @@ Tensor parallelism is Megatron's: a column-parallel layer (fused QKV, gate/up) k
 rows of every checkpoint tensor fused into it, so its output needs no communication; the
 row-parallel layer after it (o_proj, down_proj) multiplies the matching input columns and sums
 the partial products with one all-reduce. With one rank both are plain `Linear`s.
+
+A layer given a quantization method (pagedllm/quantization/) holds what that method creates (fp8 weights and
+their scales, say) and multiplies through its `apply`, bound in place of `product` once the weights are loaded,
+so unquantized layers run exactly the code they ran before.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,9 @@ from torch import nn
 from pagedllm.distributed.communication import tp_all_reduce
 from pagedllm.distributed.parallel_state import ParallelState, get_parallel_state
 from pagedllm.layers.sharding import Weight, load_whole, narrow, weight_shape
+
+if TYPE_CHECKING:
+    from pagedllm.quantization.base import QuantMethod
 
 _PACK_BATCH_HINT = 64  # MKL packs for a typical row count; any row count works with the result
 GEMV_MAX_ROWS = 16
@@ -63,9 +71,19 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
+    quant_method: QuantMethod | None = None
+
+    def set_quant_method(self, method: QuantMethod) -> None:
+        """Before loading (on the meta device): the method replaces the weight with its own parameters."""
+        self.quant_method = method
+        method.create_weights(self)
 
     def pack(self) -> None:
         """Call after the weights are final (loaded); later weight changes need another pack()."""
+        if self.quant_method is not None:  # its weights converted once, its product from now on
+            self.quant_method.process_weights_after_loading(self)
+            self.product = functools.partial(self.quant_method.apply, self)  # type: ignore[method-assign]
+            return
         if _can_pack(self.weight):
             self.packed_weight = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), _PACK_BATCH_HINT)
 
@@ -169,7 +187,7 @@ class RowParallelLinear(Linear):
         self.shard, self.tp, self.tp_size, self.tp_rank = shard, state, state.tp_size, state.tp_rank
 
     def pack(self) -> None:
-        if self.weight.is_cuda and not gemv_enabled(self.weight.device, self.weight.dtype):
+        if self.quant_method is None and self.weight.is_cuda and not gemv_enabled(self.weight.device, self.weight.dtype):
             self.weight.data = self.weight.data.t().contiguous().t()  # column-major: see the module's docstring
         super().pack()
 

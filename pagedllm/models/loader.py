@@ -2,6 +2,11 @@
 
 Under tensor/pipeline parallelism each rank builds only its part of the model, and each parameter's
 owning layer slices the checkpoint tensors it needs (`weight_loader`), reading only those bytes.
+
+Quantized models (pagedllm/quantization/): the method gives each quantized linear its parameters before loading;
+checkpoint scales (`*.weight_scale`, `*.weight_scale_inv`, `*.input_scale`) load into the owning layer through the
+method, and the KV-cache scales of FP8 checkpoints (`*.self_attn.k_scale` / `v_scale`) become floats on the
+layer's `Attention`.
 """
 
 from __future__ import annotations
@@ -16,17 +21,31 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pagedllm.layers.linear import pack_linear_weights
+from pagedllm.layers.embedding import ParallelLMHead
+from pagedllm.layers.linear import Linear, pack_linear_weights
 from pagedllm.layers.pipeline import is_missing
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.sharding import Weight, load_whole
 from pagedllm.models.registry import get_model_class
+from pagedllm.quantization import QuantMethod, resolve_quant_method
+from pagedllm.quantization.base import read_whole
+
+# Checkpoint spellings of the same scale: HF's fine-grained fp8 and compressed-tensors' / vLLM's.
+_SCALE_ALIASES = {".weight_scale_inv": ".weight_scale", ".activation_scale": ".input_scale"}
+_KV_SCALES = {".self_attn.k_scale": "k_scale", ".self_attn.v_scale": "v_scale",
+              ".self_attn.k_proj.output_scale": "k_scale", ".self_attn.v_proj.output_scale": "v_scale"}
+_UNUSED_SCALES = (".self_attn.q_scale", ".self_attn.prob_scale", ".self_attn.q_proj.output_scale")  # fp8 attention math
 
 
-def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torch.device, load_format: str = "auto") -> nn.Module:
+def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
+               quantization: str | None = None) -> nn.Module:
+    """quantization: as EngineConfig.quantization (None: as the checkpoint's quantization_config says)."""
     model_cls = get_model_class(hf_config)
+    method = resolve_quant_method(hf_config, quantization, load_format)
     with torch.device("meta"), _default_dtype(dtype):
         model = model_cls(hf_config)
+        if method is not None:
+            _quantize_linears(model, method)
     # Materialise on the target device, in the target dtype (a float32 copy first would not fit beside a
     # large model's shard), without initialising: every weight is loaded or randomised below.
     model = model.to_empty(device=device)
@@ -53,6 +72,18 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def _quantize_linears(model: nn.Module, method: QuantMethod) -> None:
+    """Every linear of the decoder layers (q/k/v/o, gate/up/down) unless the config ignores it; the embedding and
+    the LM head stay 16-bit, as vLLM's."""
+    stacked = getattr(model, "stacked_params", [])
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or isinstance(module, ParallelLMHead):
+            continue
+        fused = [name.replace(f".{f}", f".{shard}") for f, shard, _ in stacked if name.endswith(f".{f}")]
+        if method.quantizes(fused or [name]):
+            module.set_quant_method(method)
+
+
 def _init_buffers(model: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (the rotary tables) hold garbage after `to_empty`: recompute them."""
     for module in model.modules():
@@ -75,6 +106,10 @@ def _load_safetensors(model: nn.Module, model_path: str) -> None:
     params = dict(model.named_parameters())
     loaded: dict[str, set[int]] = {}
     for name, weight in _safetensors_weights(model_path):
+        if _load_kv_scale(model, name, weight):
+            continue
+        for alias, canonical in _SCALE_ALIASES.items():
+            name = name[: -len(alias)] + canonical if name.endswith(alias) else name
         for target, index in _targets(model, params, name):
             if target not in params:
                 if is_missing(model, target):
@@ -85,6 +120,24 @@ def _load_safetensors(model: nn.Module, model_path: str) -> None:
     missing = [n for n, p in params.items() if len(loaded.get(n, ())) < len(_checkpoint_shapes(model, n, p))]
     if missing:
         raise ValueError(f"Weights missing from the checkpoint in {model_path}: {missing[:8]}")
+
+
+def _load_kv_scale(model: nn.Module, name: str, weight: Weight) -> bool:
+    """A KV-cache scale goes to its layer's Attention as a Python float (1.0 there when the checkpoint has none);
+    True when `name` was one (or an attention scale we have no use for)."""
+    if name.endswith(_UNUSED_SCALES):
+        return True
+    suffix = next((s for s in _KV_SCALES if name.endswith(s)), None)
+    if suffix is None:
+        return False
+    attn = name[: -len(suffix)] + ".self_attn.attn"
+    if is_missing(model, attn + ".x"):
+        return True  # another pipeline stage's
+    value = read_whole(weight).float()
+    if value.numel() != 1:
+        raise ValueError(f"Per-tensor KV-cache scales are supported; {name} has shape {tuple(value.shape)}.")
+    setattr(model.get_submodule(attn), _KV_SCALES[suffix], float(value))
+    return True
 
 
 def _targets(model: nn.Module, params: dict[str, nn.Parameter], name: str) -> list[tuple[str, int]]:
@@ -105,11 +158,26 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
 
 
 def _load_param(model: nn.Module, name: str, param: nn.Parameter, weight: Weight, index: int) -> None:
-    loader = getattr(_owner(model, name), "weight_loader", None)
+    owner = _owner(model, name)
+    method, leaf = getattr(owner, "quant_method", None), name.rpartition(".")[2]
+    if method is not None and leaf in method.scale_names:
+        method.load_scale(owner, leaf, param, weight, index)
+        return
+    if _dtype_name(weight).startswith("F8") and not str(param.dtype).startswith("torch.float8"):
+        raise ValueError(f"Checkpoint weight {name!r} is fp8 but its layer is not quantized "
+                         "(check the quantization_config's ignore list).")
+    loader = getattr(owner, "weight_loader", None)
     if loader is None:
         load_whole(param, weight, name)
     else:
         loader(param, weight, index)
+
+
+def _dtype_name(weight: Weight) -> str:
+    """safetensors' spelling (F8_E4M3, BF16, ...) of a weight's dtype."""
+    if isinstance(weight, torch.Tensor):
+        return "F8" if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else str(weight.dtype)
+    return str(weight.get_dtype())
 
 
 def _checkpoint_shapes(model: nn.Module, name: str, param: nn.Parameter) -> list[tuple[int, ...]]:

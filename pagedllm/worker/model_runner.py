@@ -2,7 +2,8 @@
 
 The batch is flat: the scheduled tokens of every request one after another (decodes first),
 with their positions, the cache slot each new token's K/V goes to, and per request the query
-span, the context length and the block table. The KV cache pool is allocated here, once.
+span, the context length and the block table. The KV cache pool is allocated here, once, in the model's dtype
+or in float8 (--kv-cache-dtype fp8: half the bytes of bf16 per block, so twice the blocks in the same memory).
 
 `execute` only launches: it returns a `StepHandle` whose sampled ids stay on the device (the next
 step can take a token in flight from there) and whose `result()` waits for the host copy. On CUDA
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import GRAPH_BATCH_SIZES, AttentionMetadata, dummy_metadata, get_attention_backend
+from pagedllm.attention.backend import (
+    GRAPH_BATCH_SIZES, KV_FP8, AttentionMetadata, dummy_metadata, get_attention_backend,
+)
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import SchedulerOutput
@@ -38,6 +41,16 @@ from pagedllm.worker.sampler import Sampler, SamplingBatch, compute_topk_logprob
 from pagedllm.worker.step_output import PromptLogprobs, StepHandle
 
 _CPU_KV_CACHE_BYTES = 4 << 30
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype for EngineConfig.kv_cache_dtype: auto is the model's, fp8 (= fp8_e4m3) float8_e4m3fn."""
+    if name not in _KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)}; got {name!r}.")
+    return model_dtype if name == "auto" else KV_FP8
+
+
 _NO_INT32 = np.empty(0, dtype=np.int32)
 
 
@@ -46,6 +59,7 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = config.block_size
         hf = config.hf_config
         assert config.model_path is not None
@@ -53,7 +67,8 @@ class ModelRunner:
         self.parallel = parallel or ParallelState()  # this rank's place in the engine's world (alone by default)
         self.distributed = self.parallel.world_size > 1
         with building(self.parallel):
-            self.model: nn.Module = load_model(hf, config.model_path, self.dtype, self.device, config.load_format)
+            self.model: nn.Module = load_model(hf, config.model_path, self.dtype, self.device, config.load_format,
+                                                   config.quantization)
         self.vocab_size: int = hf.vocab_size
         self.hidden_size: int = hf.hidden_size
         # Pipeline stages pass activations on and send the logits back; one stage calls the model directly.
@@ -86,7 +101,7 @@ class ModelRunner:
     # ---- KV cache -----------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         layer = self.attn_layers[0]
-        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * self.kv_dtype.itemsize
         return per_layer * len(self.attn_layers)
 
     def _allocate_kv_cache(self) -> int:
@@ -100,10 +115,12 @@ class ModelRunner:
             raise ValueError(f"KV cache budget of {budget} bytes is less than one KV block ({self.kv_bytes_per_block()} bytes).")
         for layer in self.attn_layers:
             # Zeroed: padded reads past a sequence's end must meet finite values (0 * NaN would poison softmax @ V).
-            layer.kv_cache = torch.zeros(
-                2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device
-            )
+            layer.bind_kv_cache(self._kv_blocks(layer, num_blocks))
         return int(num_blocks)
+
+    def _kv_blocks(self, layer: Attention, num_blocks: int) -> torch.Tensor:
+        shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        return torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     @torch.inference_mode()
     def _profile_free_gpu_memory(self) -> int:
@@ -112,7 +129,7 @@ class ModelRunner:
         tokens = self.config.max_num_batched_tokens or 1
         reqs = min(self.config.max_num_seqs, tokens)
         for layer in self.attn_layers:  # one scratch block: the dummy batch reads block 0 and writes nothing
-            layer.kv_cache = torch.zeros(2, 1, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device)
+            layer.bind_kv_cache(self._kv_blocks(layer, 1))
         query_lens = [tokens // reqs + (1 if i < tokens % reqs else 0) for i in range(reqs)]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -133,7 +150,7 @@ class ModelRunner:
         self.activation_peak = torch.cuda.max_memory_allocated(self.device) - before
         del hidden, logits
         for layer in self.attn_layers:
-            layer.kv_cache = torch.empty(0)
+            layer.bind_kv_cache(torch.empty(0))
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = (total - free) - torch.cuda.memory_reserved(self.device)

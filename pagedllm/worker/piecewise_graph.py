@@ -26,6 +26,7 @@ from pagedllm.layers.attention import forward_context
 from pagedllm.worker.cuda_graph import GraphInputs, Output, first_rows
 
 PIECEWISE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+_Call = tuple[torch.Tensor, float, float, float]  # an attention call between two pieces: KV cache, scale, k/v scales
 
 
 def piecewise_sizes(max_num_tokens: int) -> list[int]:
@@ -47,11 +48,11 @@ class PiecewiseGraphRunner:
         self.query: torch.Tensor | None = None
         self.attn_out: torch.Tensor | None = None
         self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.calls: dict[int, list[tuple[torch.Tensor, float]]] = {}  # per cut: the layer's (KV cache, scale)
+        self.calls: dict[int, list[_Call]] = {}  # per cut: the layer's KV cache and scales
         self.outputs: dict[int, Output] = {}
         # While warming up: the dummy batch the attention runs on. While capturing: (pieces so far, cuts, pool).
         self._warmup_meta: AttentionMetadata | None = None
-        self._capturing: tuple[list[torch.cuda.CUDAGraph], list[tuple[torch.Tensor, float]], tuple[int, int]] | None = None
+        self._capturing: tuple[list[torch.cuda.CUDAGraph], list[_Call], tuple[int, int]] | None = None
 
     # ---- the cut (layers.attention.AttentionCut) ----------------------------------------------
     def query_buffer(self, num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -60,15 +61,16 @@ class PiecewiseGraphRunner:
             self.attn_out = torch.zeros_like(self.query)
         return self.query[:num_tokens]
 
-    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor:
         assert self.attn_out is not None
         out = self.attn_out[: query.shape[0]]
         if self._capturing is None:
             assert self._warmup_meta is not None
-            return self.backend.forward(query, kv_cache, self._warmup_meta, scale, out=out)
+            return self.backend.forward(query, kv_cache, self._warmup_meta, scale, out, k_scale, v_scale)
         pieces, calls, pool = self._capturing
         pieces[-1].capture_end()
-        calls.append((kv_cache, scale))
+        calls.append((kv_cache, scale, k_scale, v_scale))
         pieces.append(_begin(pool))
         return out
 
@@ -89,7 +91,7 @@ class PiecewiseGraphRunner:
             self._warmup_meta = None
             torch.cuda.synchronize()
             pieces: list[torch.cuda.CUDAGraph] = []
-            calls: list[tuple[torch.Tensor, float]] = []
+            calls: list[_Call] = []
             with torch.cuda.stream(stream), forward_context(self.backend, meta, self):
                 pieces.append(_begin(pool))
                 self._capturing = (pieces, calls, pool)
@@ -125,9 +127,9 @@ class PiecewiseGraphRunner:
         assert self.query is not None and self.attn_out is not None
         query, out = self.query[:n], self.attn_out[:n]
         pieces = self.pieces[size]
-        for graph, (kv_cache, scale) in zip(pieces, self.calls[size]):
+        for graph, (kv_cache, scale, k_scale, v_scale) in zip(pieces, self.calls[size]):
             graph.replay()
-            self.backend.forward(query, kv_cache, meta, scale, out=out)
+            self.backend.forward(query, kv_cache, meta, scale, out, k_scale, v_scale)
         pieces[-1].replay()
         return first_rows(self.outputs[size], n)
 

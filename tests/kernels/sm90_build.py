@@ -33,15 +33,19 @@ def build(fn, types: dict[str, str], constexprs: dict, num_warps: int) -> None:
 def attention_builds() -> list[tuple[str, callable]]:
     pa = paged_attention
     builds = []
-    for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
-        io = {"q_ptr": f"*{dt}", "kv_cache": f"*{dt}", "out_ptr": f"*{dt}", "block_tables": "*i32", "seq_lens": "*i32",
-              "query_start_loc": "*i32", "qk_scale": "fp32", "common_prefix": "*i32",
+    # (q dtype, KV cache dtype): 16-bit and float32 caches, and the float8 one (--kv-cache-dtype fp8) under both
+    for dt, kv, prec in (("bf16", "bf16", "tf32"), ("fp32", "fp32", "ieee"),
+                         ("bf16", "fp8e4nv", "tf32"), ("fp32", "fp8e4nv", "ieee")):
+        io = {"q_ptr": f"*{dt}", "kv_cache": f"*{kv}", "out_ptr": f"*{dt}", "block_tables": "*i32", "seq_lens": "*i32",
+              "query_start_loc": "*i32", "qk_scale": "fp32", "v_scale": "fp32", "common_prefix": "*i32",
               "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}
         tile_n = 64 if dt == "bf16" else 32
+        if kv != dt:
+            dt = f"{dt} q, {kv} KV cache"
         # decode tiles, prompt tiles, a padded head dim; float32 (the GPU oracle runs) only its prompt tiles
         # and decode tiles after the shared-prefix kernel (the float32 oracle runs them too)
         shapes = ((16, 1, 128, False), (128, 32, 128, False), (64, 16, 80, False), (16, 1, 128, True))
-        if dt == "fp32":
+        if dt.startswith("fp32"):
             shapes = ((64, 16, 128, False), (16, 1, 128, True))
         for block_m, block_q, head_d, after_prefix in shapes:
             consts = dict(QPK=4, HEAD_D=head_d, HEAD_D_PAD=128, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_q,
@@ -55,7 +59,7 @@ def attention_builds() -> list[tuple[str, callable]]:
                       MIN_PARTITION=pa._MIN_PARTITION, PREC=prec, UPCAST=False)
         builds.append((f"split-KV {dt}", lambda io=io, c=consts: build(pa._split_kv_decode_kernel, io, c, 4)))
         consts = dict(NUM_HEADS=32, HEAD_D=128, HEAD_D_PAD=128, TILE_N=tile_n, MIN_PARTITION=pa._MIN_PARTITION)
-        if dt == "bf16":  # the merge reads float32 partials whatever the model's dtype
+        if dt == "bf16":  # the merge reads float32 partials whatever the model's and the cache's dtypes
             builds.append((f"split-KV merge {dt}", lambda io=io, c=consts: build(pa._split_kv_merge_kernel, io, c, 1)))
     return builds
 
@@ -76,12 +80,13 @@ def other_builds() -> list[tuple[str, callable]]:
                            lambda t=types, r=has_res: build(norm._rms_norm_kernel, t, dict(HAS_RES=r, BLOCK=4096), 8)))
         builds.append((f"silu_and_mul {dt}", lambda d=dt: build(
             activation._silu_and_mul_kernel, {"x_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(BLOCK=1024), 4)))
-        types = {"qkv_ptr": f"*{dt}", "q_out_ptr": f"*{dt}", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "q_w_ptr": f"*{dt}", "k_w_ptr": f"*{dt}",
-                 "k_cache": f"*{dt}", "v_cache": f"*{dt}", "slot_ptr": "*i64", "eps": "fp32"}
-        for has_norm in (False, True):
+        for kv, has_norm in ((dt, False), (dt, True), ("fp8e4nv", False)):
+            types = {"qkv_ptr": f"*{dt}", "q_out_ptr": f"*{dt}", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+                     "q_w_ptr": f"*{dt}", "k_w_ptr": f"*{dt}", "k_cache": f"*{kv}", "v_cache": f"*{kv}", "slot_ptr": "*i64", "eps": "fp32",
+                     "k_inv_scale": "fp32", "v_inv_scale": "fp32"}
             consts = dict(HAS_NORM=has_norm, HEAD_D=128, HALF=64, HALF_PAD=64, REST=0, REST_PAD=1, D_PAD=128,
-                          BLOCK_SIZE=16, BLOCK_HQ=32, BLOCK_HK=8)
-            builds.append((f"rope_kv_write {dt} qk_norm={has_norm}",
+                          BLOCK_SIZE=16, BLOCK_HQ=32, BLOCK_HK=8, EXACT_FP8=False)
+            builds.append((f"rope_kv_write {dt} qk_norm={has_norm} {kv} KV cache",
                            lambda t=types, c=consts: build(rope_kv_write._rope_kv_write_kernel, t, c, 4)))
         types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
         for rows, block_k in ((1, 512), (4, 256)):

@@ -3,6 +3,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from pagedllm.attention.backend import KV_FP8, quantize_fp8  # noqa: E402
 from pagedllm.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from pagedllm.kernels.norm import fused_add_rms_norm, rms_norm, rms_norm_ref  # noqa: E402
 from pagedllm.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref  # noqa: E402
@@ -102,3 +103,37 @@ def test_rope_kv_write_to_q_out(device, assert_close, qk_norm):
     assert q.data_ptr() == buffer.data_ptr()
     assert torch.equal(q, expected) and torch.equal(cache, in_place_cache) and torch.equal(qkv, before)
     assert buffer[TOKENS:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "norm+rope"])
+def test_rope_kv_write_fp8_cache(device, assert_close, dtype, qk_norm):
+    """Into a float8 cache: k / k_scale and v / v_scale of the keys and values it writes into a cache of the model's
+    dtype (test_rope_kv_write checks those), saturated at +-448 (k_scale small enough that some keys are), the same
+    codes as torch's quantization of them; and in float32 on the CPU, the same codes as the reference's."""
+    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 32, 8, 128 if ON_CUDA else 32, 16, 9
+    k_scale, v_scale = 0.01, 0.3
+    freqs = torch.arange(64)[:, None].float() / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
+    qkv = _rand(TOKENS, (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=dtype) * 2
+    positions = torch.randint(0, 64, (TOKENS,), generator=torch.Generator().manual_seed(3)).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(4))[:TOKENS]
+    slots[1] = -1
+    slots = slots.to(device)
+    weights = [_rand(head_dim, device=device, dtype=dtype, seed=s) if qk_norm else None for s in (5, 6)]
+    args = (positions, cos_sin, num_heads, num_kv_heads, head_dim)
+    plain = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, device=device, dtype=dtype)
+    q_plain = rope_kv_write(qkv.clone(), *args, plain, slots, *weights)
+    cache = torch.zeros(plain.shape, device=device, dtype=KV_FP8)
+    ref_cache = cache.clone()
+    ref_q = rope_kv_write_ref(qkv.clone(), *args, ref_cache, slots, *weights, k_scale=k_scale, v_scale=v_scale)
+    q = rope_kv_write(qkv, *args, cache, slots, *weights, k_scale=k_scale, v_scale=v_scale)
+    assert torch.equal(q, q_plain)
+    assert_close(q, ref_q, interp_bound=3e-2)
+    expected = torch.stack([quantize_fp8(plain[0], k_scale), quantize_fp8(plain[1], v_scale)])
+    assert expected[0].float().abs().max() == 448  # some keys saturated
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    if dtype == torch.float32 and not ON_CUDA:
+        assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    with pytest.raises(AssertionError):  # scales are for a float8 cache only
+        rope_kv_write(qkv, *args, plain, slots, *weights, k_scale=2.0)

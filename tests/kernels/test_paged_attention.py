@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagedllm.attention.backend import AttentionMetadata  # noqa: E402
+from pagedllm.attention.backend import KV_FP8, AttentionMetadata, quantize_fp8  # noqa: E402
 from pagedllm.attention.torch_backend import write_kv  # noqa: E402
 from pagedllm.attention.triton_backend import TritonAttentionBackend, split_kv_max_batch, use_split_kv  # noqa: E402
 from pagedllm.kernels import sm_count  # noqa: E402
@@ -28,12 +28,18 @@ class Batch:
     meta: AttentionMetadata
     new_k: torch.Tensor  # this step's keys/values [T, Hkv, D], already in the cache
     new_v: torch.Tensor
+    kv_scales: tuple[float, float] = (1.0, 1.0)  # a float8 cache's (k_scale, v_scale)
+
+    @property
+    def scales(self) -> dict[str, float]:
+        return dict(zip(("k_scale", "v_scale"), self.kv_scales))
 
 
 def make_batch(reqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-               dtype: torch.dtype, device: torch.device, seed: int = 0) -> Batch:
+               dtype: torch.dtype, device: torch.device, seed: int = 0, kv_scales: tuple[float, float] | None = None) -> Batch:
     """reqs: (query_len, cached context_len), decodes first. Blocks are handed out in shuffled
-    order; every cache slot outside the sequences holds NaN, so any stray read shows."""
+    order; every cache slot outside the sequences holds NaN, so any stray read shows. kv_scales: a float8 cache
+    holding K / k_scale and V / v_scale (random values of about the scales' size, so the quantized ones span the format)."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = [q + c for q, c in reqs]
     per_req = [-(-s // block_size) for s in seq_lens]
@@ -55,7 +61,10 @@ def make_batch(reqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, h
         new_pos = pos[seq_len - q_lens[r]:]
         slots.append(block_tables[r, new_pos // block_size].long() * block_size + new_pos % block_size)
     slot_mapping = torch.cat(slots).to(device)
-    cache = cache.to(device, dtype)
+    if kv_scales:
+        cache = torch.stack([quantize_fp8(cache[i] * 30 * kv_scales[i], kv_scales[i]) for i in (0, 1)]).to(device)
+    else:
+        cache = cache.to(device, dtype)
     flat = cache.view(2, -1, num_kv_heads, head_dim)
     num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
     meta = AttentionMetadata(
@@ -65,12 +74,18 @@ def make_batch(reqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, h
         slot_mapping=slot_mapping, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
     )
     q = torch.randn(qsl[-1], num_heads, head_dim, generator=g).to(device, dtype)
-    return Batch(q, cache, meta, flat[0][slot_mapping].clone(), flat[1][slot_mapping].clone())
+    new_k, new_v = (flat[i].index_select(0, slot_mapping) for i in (0, 1))
+    return Batch(q, cache, meta, new_k, new_v, kv_scales or (1.0, 1.0))
 
 
 def reference(b: Batch, scale: float) -> torch.Tensor:
     m = b.meta
-    return paged_attention_ref(b.q, b.kv_cache, m.query_start_loc_cpu, m.seq_lens_cpu, m.block_tables, scale)
+    return paged_attention_ref(b.q, b.kv_cache, m.query_start_loc_cpu, m.seq_lens_cpu, m.block_tables, scale, *b.kv_scales)
+
+
+# A float8 cache's scales in the tests: unlike each other and 1, so a scale applied to the wrong tensor, twice or
+# not at all shows.
+FP8_SCALES = (0.07, 2.5)
 
 
 # (num_heads, num_kv_heads, head_dim, block_size, dtype): GQA ratios 1, 4, 7; block sizes 16 and 32.
@@ -249,3 +264,62 @@ def test_backend_split_kv_path(device, assert_close):
     b = make_batch([(1, n) for n in lens], 32, 8, 128, 16, BF16, device, seed=4)
     assert use_split_kv(b.meta, 8, sm_count(device))
     assert_close(TritonAttentionBackend().forward(b.q, b.kv_cache, b.meta, 0.1), reference(b, 0.1))
+
+
+# ---- float8 KV cache (--kv-cache-dtype fp8): the same kernels; the cache pointer's type selects float8 loads ----
+FP8_CASES = [(32, 8, 128, 16, BF16), (28, 4, 64, 32, F32)] if ON_CUDA else [(8, 2, 64, 16, BF16), (7, 1, 32, 32, F32)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,dtype", FP8_CASES)
+def test_unified_fp8_cache(device, assert_close, num_heads, num_kv_heads, head_dim, block_size, dtype):
+    """Mixed batch over a float8 cache, against the float64 reference dequantizing the same cache."""
+    b = make_batch(REQS, num_heads, num_kv_heads, head_dim, block_size, dtype, device, kv_scales=FP8_SCALES)
+    assert b.kv_cache.dtype == KV_FP8
+    m = b.meta
+    out = unified_attention(b.q, b.kv_cache, torch.empty_like(b.q), m.query_start_loc, m.seq_lens, m.block_tables,
+                            m.max_query_len, 0.125, **b.scales)
+    assert_close(out, reference(b, 0.125))
+    with pytest.raises(AssertionError, match="float8"):  # a 16-bit cache has no scales
+        unified_attention(b.q, b.kv_cache.to(dtype), out, m.query_start_loc, m.seq_lens, m.block_tables, 1, 0.125,
+                          k_scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_split_kv_decode_fp8_cache(device, assert_close, dtype):
+    lens, num_parts = ((0, 40, 300, 4000), 16) if ON_CUDA else ((0, 40, 100, 300), 3)
+    b = make_batch([(1, n) for n in lens], 8, 2, 64, 16, dtype, device, seed=2, kv_scales=FP8_SCALES)
+    m = b.meta
+    out = split_kv_decode(b.q, b.kv_cache, torch.full_like(b.q, float("nan")), m.seq_lens, m.block_tables, 0.125,
+                          num_parts=num_parts, **b.scales)
+    assert_close(out, reference(b, 0.125))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_shared_prefix_decode_fp8_cache(device, assert_close, num_splits):
+    lens = [1100, 700, 1300, 1025, 2000] * 14 if ON_CUDA else [100, 70, 200, 37, 150]
+    b = make_batch([(1, n) for n in lens], 8, 2, 64, 16, BF16, device, seed=8, kv_scales=FP8_SCALES)
+    prefix = share_prefix(b, min(lens) // 16)
+    m = b.meta
+    out = shared_prefix_decode(b.q, b.kv_cache, torch.full_like(b.q, float("nan")), m.query_start_loc, m.seq_lens,
+                               m.block_tables, prefix, 0.125, sm_count(device), num_splits=num_splits, **b.scales)
+    assert_close(out, reference(b, 0.125))
+
+
+@pytest.mark.parametrize("path", ["mixed", "split-kv", "shared-prefix"])
+def test_backend_fp8_cache(device, assert_close, monkeypatch, path):
+    """Through the backend, each path: this step's K/V written into the float8 cache (the torch write, quantizing
+    with the scales to the same bits the batch was made with), then attention with the scales."""
+    num_sms = 4 if path == "shared-prefix" and not ON_CUDA else sm_count(device)  # few SMs: past the split-KV sizes
+    monkeypatch.setattr("pagedllm.attention.triton_backend.sm_count", lambda device: num_sms)
+    reqs = {"mixed": REQS, "split-kv": [(1, n) for n in (300, 120, 17)],
+            "shared-prefix": [(1, n) for n in ([900, 400, 1500] * 30 if ON_CUDA else [90, 40, 150] * 3)]}[path]
+    b = make_batch(reqs, 16, 4, 64, 16, BF16, device, seed=3, kv_scales=FP8_SCALES)
+    if path == "shared-prefix":
+        b.meta.common_prefix = share_prefix(b, min(n for _, n in reqs) // 16)
+    assert use_split_kv(b.meta, 4, num_sms) == (path == "split-kv")
+    cache = b.kv_cache.clone()
+    cache.view(torch.uint8).view(2, -1, *cache.shape[-2:])[:, b.meta.slot_mapping] = 0x7F  # unwritten: NaN
+    k_scale, v_scale = b.kv_scales
+    write_kv(b.new_k.float() * k_scale, b.new_v.float() * v_scale, cache, b.meta.slot_mapping, k_scale, v_scale)
+    assert torch.equal(cache.view(torch.uint8), b.kv_cache.view(torch.uint8))
+    assert_close(TritonAttentionBackend().forward(b.q, cache, b.meta, 0.125, None, k_scale, v_scale), reference(b, 0.125))

@@ -25,6 +25,12 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512,
         max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
     ),
+    # Block-wise fp8 (128x128 blocks) needs whole blocks at TP=2: q 256 rows, k/v 128, MLP 512.
+    "llama-block": dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
 }
 
 

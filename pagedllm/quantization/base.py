@@ -1,0 +1,63 @@
+"""The seam between a linear layer and its quantization method, as vLLM's `LinearMethodBase`: the method creates
+the layer's weights and scales, loads the checkpoint's scale tensors, converts them once after loading, and
+computes the layer's product."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.layers.sharding import Weight
+
+
+def read_whole(weight: Weight) -> torch.Tensor:
+    """A small checkpoint tensor (a scale) read whole; safetensors slices of 0-dim tensors take `[...]`."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return weight[...] if not weight.get_shape() else weight[:]
+
+
+def is_ignored(name: str, ignore: list[str]) -> bool:
+    """compressed-tensors' `ignore` ("re:<regex>" or a module name) and HF's `modules_to_not_convert`
+    (a name or a dotted part of one, such as "lm_head")."""
+    for entry in ignore:
+        if entry.startswith("re:"):
+            if re.match(entry[3:], name):
+                return True
+        elif name == entry or f".{entry}." in f".{name}.":
+            return True
+    return False
+
+
+class QuantMethod:
+    name = "base"
+    scale_names: tuple[str, ...] = ()  # this layer's parameters that checkpoint scale tensors load into
+
+    def __init__(self, ignore: list[str] | None = None) -> None:
+        self.ignore = list(ignore or [])
+
+    def quantizes(self, checkpoint_names: list[str]) -> bool:
+        """Whether the layer holding these checkpoint modules (several when fused, q/k/v say) is quantized:
+        all or none of them, as one fused weight has one format."""
+        ignored = [is_ignored(n, self.ignore) for n in checkpoint_names]
+        if any(ignored) and not all(ignored):
+            raise ValueError(f"{self.name}: the fused modules {checkpoint_names} must be all quantized or all ignored.")
+        return not any(ignored)
+
+    def create_weights(self, layer: nn.Module) -> None:
+        raise NotImplementedError
+
+    def load_scale(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        raise NotImplementedError
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name}

@@ -1,0 +1,185 @@
+"""FP8 weights (float8_e4m3fn), optionally FP8 activations: the `fp8` method.
+
+Weight scales: per-tensor (kept one per fused shard, then widened to one per output row: exact, no requantization
+to the shards' max as vLLM's per-tensor kernels need, since the GEMM here scales rows anyway), per-channel, or
+block-wise (HF's fine-grained `weight_scale_inv`, 128x128; stored expanded over the rows, [N, ceil(K/128)], so a
+fused q/k/v whose parts end mid-block, and any column-parallel split, stay exact). Activations: dynamic per token,
+dynamic per token and 128-column group (with block weights, as HF and vLLM), static per-tensor, or none.
+
+CPU (and any case the GPU path does not cover) dequantizes the weight and fake-quantizes the activations: the
+same math the fp8 GEMM does. CUDA (sm_89+) multiplies in fp8 through `torch._scaled_mm` with row-wise scales.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.layers.sharding import Weight
+from pagedllm.quantization import fp8_utils as fq
+from pagedllm.quantization.base import QuantMethod, read_whole
+
+_WEIGHT_STRATEGIES = ("tensor", "channel", "block")
+_ACT_SCHEMES = (None, "token", "group", "static")
+
+
+def _shards(layer: nn.Module) -> list[tuple[int, int, int]]:
+    """(checkpoint rows, start, size) of each checkpoint tensor fused into the layer's output rows."""
+    shards = getattr(layer, "shards", None)
+    return [(s.rows, s.start, s.size) for s in shards] if shards else [(layer.out_features, 0, layer.out_features)]
+
+
+def _new(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+class Fp8LinearMethod(QuantMethod):
+    name = "fp8"
+    scale_names = ("weight_scale", "input_scale")
+
+    def __init__(self, weights: str = "channel", activations: str | None = "token", serialized: bool = False,
+                 block: tuple[int, int] = (128, 128), ignore: list[str] | None = None) -> None:
+        """serialized: the checkpoint holds fp8 weights and their scales; else 16-bit weights are quantized at load
+        (per channel, or block-wise for a block format's random dummy weights)."""
+        super().__init__(ignore)
+        if weights not in _WEIGHT_STRATEGIES or activations not in _ACT_SCHEMES:
+            raise ValueError(f"fp8: unsupported weight strategy {weights!r} / activation scheme {activations!r}.")
+        if activations == "static" and not serialized:
+            raise ValueError("fp8: static activation scales come from a checkpoint; quantizing at load needs dynamic ones.")
+        self.weights, self.activations, self.serialized, self.block = weights, activations, serialized, tuple(block)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "weights": self.weights, "activations": self.activations, "serialized": self.serialized}
+
+    # Creation and loading
+
+    def create_weights(self, layer: nn.Module) -> None:
+        layer.orig_dtype = layer.weight.dtype
+        if not self.serialized:
+            return  # 16-bit weights load as usual; process_weights_after_loading quantizes them
+        out, k = layer.weight.shape
+        layer.weight = _new((out, k), fq.FP8_DTYPE)
+        n = len(_shards(layer))
+        if self.weights == "channel":
+            layer.weight_scale = _new((out, 1))
+        elif self.weights == "tensor":
+            layer.weight_scale = _new((n,))
+        else:
+            layer.weight_scale = _new((out, -(-k // self.block[1])))
+        if self.activations == "static":
+            layer.input_scale = _new((n,))
+
+    def load_scale(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
+        value = read_whole(weight).float()
+        if name == "input_scale" or self.weights == "tensor":
+            if value.numel() != 1:
+                raise ValueError(f"fp8: {name} of {tuple(value.shape)} where a per-tensor scalar was expected.")
+            param.data[index] = value.reshape(())  # a row-parallel or plain layer has one shard, index 0
+            return
+        rows, start, size = _shards(layer)[index]
+        offset = sum(s[2] for s in _shards(layer)[:index])
+        if self.weights == "channel":
+            if value.numel() != rows:
+                raise ValueError(f"fp8: per-channel weight_scale of {tuple(value.shape)} for {rows} output rows.")
+            param.data[offset : offset + size, 0] = value.reshape(-1)[start : start + size]
+        else:
+            param.data[offset : offset + size] = self._block_rows(layer, value, rows, start, size)
+
+    def _block_rows(self, layer: nn.Module, grid: torch.Tensor, rows: int, start: int, size: int) -> torch.Tensor:
+        """This rank's rows [start, start + size) of a checkpoint's block grid, each row given its block's scales; a
+        row-parallel layer also takes its input columns' blocks, which must start on a block boundary."""
+        bn, bk = self.block
+        col = getattr(layer, "shard", None)  # a row-parallel layer's input columns
+        k_rows, k_start, k_size = (col.rows, col.start, col.size) if col else (layer.in_features, 0, layer.in_features)
+        if tuple(grid.shape) != (-(-rows // bn), -(-k_rows // bk)):
+            raise ValueError(f"fp8: weight_scale_inv grid {tuple(grid.shape)} does not match a [{rows}, {k_rows}] weight "
+                             f"in {bn}x{bk} blocks.")
+        if k_start % bk:
+            raise ValueError(f"fp8: block-wise scales need tensor-parallel splits of the input features on multiples of "
+                             f"{bk}; this rank's columns start at {k_start}. Use another tensor_parallel_size.")
+        cols = grid[:, k_start // bk : k_start // bk + -(-k_size // bk)]
+        return cols[torch.arange(start, start + size) // bn]
+
+    # After loading
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data
+        out, k = weight.shape
+        if not self.serialized:
+            if self.weights == "block":
+                q, grid = fq.quantize_blocks(weight, *self.block)
+                scale = grid.repeat_interleave(self.block[0], dim=0)[:out]
+            else:
+                q, scale = fq.quantize_per_channel(weight)
+            layer.weight, layer.weight_scale = _new(q.shape, q.dtype), _new(scale.shape)
+            layer.weight.data, layer.weight_scale.data = q, scale
+        elif self.weights == "tensor":  # one scalar per fused shard -> one per output row
+            sizes = [s[2] for s in _shards(layer)]
+            sizes_t = torch.tensor(sizes, device=weight.device)
+            layer.weight_scale.data = layer.weight_scale.data.repeat_interleave(sizes_t).view(out, 1)
+        if self.activations == "static":  # the fused shards share their input: one scale, the largest
+            layer.input_scale.data = layer.input_scale.data.max().reshape(())
+        layer.fp8_gemm = self._gpu_gemm_applies(layer)
+        if layer.fp8_gemm:
+            layer.weight_scale_row = layer.weight_scale.data.reshape(1, out).contiguous()
+
+    def _gpu_gemm_applies(self, layer: nn.Module) -> bool:
+        """torch._scaled_mm with row-wise scales: Ada/Hopper+, bf16 output, per-row weight scales, fp8 activations.
+        Block-wise weights dequantize on the GPU too (TODO: a Triton block-scaled GEMM, as DeepGEMM's)."""
+        w = layer.weight
+        return (w.is_cuda and self.weights != "block" and self.activations in ("token", "static")
+                and layer.orig_dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (8, 9))
+
+    # The product
+
+    def dequantize(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        scale = layer.weight_scale
+        if self.weights == "block":
+            scale = scale.repeat_interleave(self.block[1], dim=1)[:, : layer.weight.shape[1]]
+        return (layer.weight.float() * scale).to(dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.fp8_gemm:
+            return self._apply_scaled_mm(layer, x, bias)
+        if self.activations is not None:
+            x = fq.fake_quantize(x, self.activations, getattr(layer, "input_scale", None), self.block[1])
+        return F.linear(x, self.dequantize(layer, x.dtype), bias)
+
+    def _apply_scaled_mm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Unverified (written without a GPU): per-token (or static) fp8 activations x fp8 weight, both scaled per row.
+        TODO: fuse the activation quantization into the RMSNorm / SiLU before it; an fp8 GEMV for decode."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.activations == "static":
+            xq = fq.quantize(x2, layer.input_scale)
+            sx = layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+        else:
+            xq, sx = fq.quantize_per_token(x2)
+        out = torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale_row, bias=bias,
+                               out_dtype=x.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def from_config(quant_config: dict[str, Any] | None, serialized: bool) -> Fp8LinearMethod:
+    """`--quantization fp8` on a 16-bit checkpoint (quant_config None): per-channel weights, per-token activations.
+    Else a checkpoint's `quant_method: fp8` config: HF fine-grained (weight_block_size, weight_scale_inv, dynamic
+    per-group activations) or per-tensor (weight_scale / weight_scale_inv scalars, activation_scheme static|dynamic)."""
+    if quant_config is None:
+        return Fp8LinearMethod("channel", "token", serialized=False)
+    scheme = quant_config.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise ValueError(f"fp8: unsupported activation_scheme {scheme!r} (dynamic, static).")
+    block = quant_config.get("weight_block_size")
+    ignore = list(quant_config.get("modules_to_not_convert") or quant_config.get("ignored_layers") or [])
+    if quant_config.get("scale_fmt", "float") != "float":
+        raise ValueError(f"fp8: unsupported scale_fmt {quant_config['scale_fmt']!r} (float).")
+    if block is not None:
+        if len(block) != 2 or scheme != "dynamic":
+            raise ValueError(f"fp8: weight_block_size {block} needs two sizes and dynamic activations.")
+        return Fp8LinearMethod("block", "group", serialized=serialized, block=tuple(block), ignore=ignore)
+    # A dynamic per-tensor checkpoint's activations are quantized per token here: finer, and what the GEMM scales by.
+    weights = "tensor" if serialized else "channel"
+    acts = "static" if scheme == "static" and serialized else "token"
+    return Fp8LinearMethod(weights, acts, serialized=serialized, ignore=ignore)
