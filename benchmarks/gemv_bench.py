@@ -5,7 +5,10 @@ programmatic dependent launch, so timing it alone would miss what it is for). CU
 weight copies that each product reads its weight from memory, not L2. Prints one JSON line per (layer, rows,
 kernel/tile).
 
-    python benchmarks/gemv_bench.py --model llama3-8b --rows 1 2 4 [--sweep]
+    python benchmarks/gemv_bench.py --model llama3-8b --rows 1 2 4 [--sweep] [--fp8]
+
+--fp8: the GEMV (and its sweep) on per-row-scaled float8_e4m3fn copies of the weights (W8A16), cuBLAS still on the
+bf16 ones; rel_err then includes the weights' fp8 rounding, and weight_TBps counts 1 byte per fp8 weight.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from gemm_bench import layer_shapes, time_graph
 from pagedllm.kernels.gemv import gemv, gemv_config
 from pagedllm.kernels.norm import rms_norm
+from pagedllm.quantization.fp8_utils import quantize_per_channel
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, splits) for one row and for several; dots need BLOCK_N >= 16.
 # Splits of the input width give narrow layers (Qwen3-0.6B's o and down: 1024 outputs) enough programs.
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--layers", nargs="+", default=["qkv", "o", "gate_up", "down", "lm_head"])
     parser.add_argument("--sweep", action="store_true", help="time every tile of the SWEEP lists too")
+    parser.add_argument("--fp8", action="store_true", help="GEMV tiles on fp8 weights with per-row scales")
     args = parser.parse_args()
     from transformers import AutoConfig
 
@@ -48,6 +53,7 @@ def main() -> None:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
         # the row-parallel layers' layout on GPUs without the GEMV
         column_major = [w.t().contiguous().t() for w in weights] if name in ("o", "down") else []
+        fp8 = [quantize_per_channel(w) for w in weights] if args.fp8 else []  # (weight, scale [n, 1]) pairs
         norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -59,19 +65,26 @@ def main() -> None:
                 runs.update({f"gemv {c}": c for c in SWEEPS[min(rows, 2)]})
             for label, tile in runs.items():
                 def step(tile=tile, weights=column_major if label == "cublas NN" else weights) -> None:
-                    for w in weights:
+                    for i, w in enumerate(weights):
                         h = rms_norm(x, norm_w, 1e-6)
-                        F.linear(h, w, out=out) if tile is None else gemv(h, w, out=out, config=tile)
+                        if tile is None:
+                            F.linear(h, w, out=out)
+                        elif fp8:
+                            gemv(h, fp8[i][0], out=out, config=tile, weight_scale=fp8[i][1])
+                        else:
+                            gemv(h, w, out=out, config=tile)
                 try:
                     us = time_graph(step, iters=1, seconds=0.1) / copies * 1e6
                 except Exception as exc:  # a tile too large for shared memory, say
                     print(json.dumps({"layer": name, "rows": rows, "kernel": label, "error": str(exc)[:120]}), flush=True)
                     continue
                 err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                w_bytes = 1 if fp8 and tile is not None else 2
                 print(json.dumps({"model": args.model, "layer": name, "rows": rows, "kernel": label, "n": n, "k": k,
                                   "norm_plus_linear_us": round(us, 2), "linear_us": round(us - norm_us, 2),
-                                  "weight_TBps": round(2 * n * k / (us - norm_us) / 1e6, 2), "rel_err": round(err, 5)}), flush=True)
-        del weights, column_major
+                                  "weight_TBps": round(w_bytes * n * k / (us - norm_us) / 1e6, 2),
+                                  "rel_err": round(err, 5)}), flush=True)
+        del weights, column_major, fp8
         torch.cuda.empty_cache()
 
 

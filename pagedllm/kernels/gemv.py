@@ -14,6 +14,10 @@ One program takes BLOCK_N output features over the whole input width, or over on
 it, whose float32 partial sums a second kernel adds in a fixed order (the same result every run). One
 row is multiplied with FMAs into a [BLOCK_N, BLOCK_K] float32 accumulator summed once at the end; 2-16
 rows go through a tensor-core dot with the rows padded to 16.
+
+A float8_e4m3fn weight with one float32 scale per output row (`weight_scale`; fp8 layers' decode products) is a
+compile-time variant: its tiles are widened in-kernel (to float32, or to the rows' dtype for the dot) and the sums
+scaled per row before the bias; the rows stay 16-bit (W8A16).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def _load_w(w_ptrs, k0, stride_wk, k, K, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, w, x_ptr, stride_x, k0, k, K, M, M_PAD: tl.constexpr, EVEN_K: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_SCALE: tl.constexpr):
     if M_PAD == 1:
         if EVEN_K:
             x = tl.load(x_ptr + k0 + k)
@@ -44,6 +48,8 @@ def _accumulate(acc, w, x_ptr, stride_x, k0, k, K, M, M_PAD: tl.constexpr, EVEN_
         return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
     m = tl.arange(0, M_PAD)
     x = tl.load(x_ptr + m[:, None] * stride_x + (k0 + k)[None, :], mask=(m[:, None] < M) & ((k0 + k)[None, :] < K), other=0.0)
+    if HAS_SCALE:  # fp8 weights: widened (exactly: e4m3 fits bf16 and fp16) to the rows' dtype, as the dot needs
+        w = w.to(x.dtype)
     return acc + tile_dot(w, tl.trans(x), PREC, UPCAST)
 
 
@@ -51,12 +57,14 @@ def _accumulate(acc, w, x_ptr, stride_x, k0, k, K, M, M_PAD: tl.constexpr, EVEN_
 # a multiple of 16, in the middle of an eager run), as the attention kernels' step-varying ints are not.
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, N, K, K_SPLIT, stride_x, stride_wn, stride_wk, stride_o, stride_split,
-    M, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, N, K, K_SPLIT, stride_x, stride_wn, stride_wk, stride_o, stride_split,
+    M, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (i, s): outputs i * BLOCK_N.. over inputs s * K_SPLIT..; with several splits `out_ptr` is
-    a float32 [splits, M, N] buffer of partial sums (stride_split apart) that `_sum_splits_kernel` adds up."""
+    a float32 [splits, M, N] buffer of partial sums (stride_split apart) that `_sum_splits_kernel` adds up.
+    HAS_SCALE: w_ptr is float8 and every sum (each split's partial one) is multiplied by its row's s_ptr[n]; s_ptr is
+    None otherwise, so the 16-bit kernels keep their parameters and code."""
     split = tl.program_id(1)
     w_ptr += split.to(tl.int64) * K_SPLIT * stride_wk
     x_ptr += split * K_SPLIT
@@ -70,15 +78,20 @@ def _gemv_kernel(
     w = _load_w(w_ptrs, 0, stride_wk, k, K, EVEN_K)  # before the wait: the weights do not depend on the kernel before
     pdl_prologue(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K] if M_PAD == 1 else [BLOCK_N, M_PAD], tl.float32)
-    acc = _accumulate(acc, w, x_ptr, stride_x, 0, k, K, M, M_PAD, EVEN_K, PREC, UPCAST)
+    acc = _accumulate(acc, w, x_ptr, stride_x, 0, k, K, M, M_PAD, EVEN_K, PREC, UPCAST, HAS_SCALE)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        acc = _accumulate(acc, _load_w(w_ptrs, k0, stride_wk, k, K, EVEN_K), x_ptr, stride_x, k0, k, K, M, M_PAD, EVEN_K, PREC, UPCAST)
+        acc = _accumulate(acc, _load_w(w_ptrs, k0, stride_wk, k, K, EVEN_K), x_ptr, stride_x, k0, k, K, M, M_PAD,
+                          EVEN_K, PREC, UPCAST, HAS_SCALE)
     if M_PAD == 1:
         y = tl.sum(acc, axis=1)
+        if HAS_SCALE:  # rows past N multiply by 0 and are not stored
+            y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
+        if HAS_SCALE:
+            acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0)[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         m = tl.arange(0, M_PAD)
@@ -119,15 +132,25 @@ def gemv_config(rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:
 
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int] | None = None, weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`config`: (BLOCK_N, BLOCK_K, num_warps, num_stages, splits) instead of `gemv_config`'s (tile
-    sweeps). With several splits of the input width, float32 partial sums go through a second kernel."""
+    sweeps). With several splits of the input width, float32 partial sums go through a second kernel.
+
+    weight_scale: N float32 scales (any shape, contiguous: [N, 1] or [1, N]) of a float8_e4m3fn weight,
+    out = x @ (weight * scale).T (+ bias) with x kept in its 16-bit dtype (W8A16: at these row counts the weight
+    stream is the cost, halved in fp8). Each split's partial sum is scaled in the first kernel, so the second
+    one is the 16-bit path's; the split order is fixed, so the result is the same every run."""
     rows, k = x.shape
     n = weight.shape[0]
+    assert (weight_scale is not None) == (weight.dtype == torch.float8_e4m3fn), "fp8 weights, and only they, take scales"
+    if weight_scale is not None:
+        assert weight.dtype == torch.float8_e4m3fn and weight_scale.dtype == torch.float32, "fp8 weight, fp32 scales"
+        assert weight_scale.numel() == n and weight_scale.is_contiguous(), "one contiguous scale per output row"
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype) if out is None else out
     if rows == 0:
         return out
+    # TODO: fp8 tiles need their own GPU sweep (half the bytes per row: wider BLOCK_K may pay); the 16-bit ones for now
     bn, bk, warps, stages, splits = config or gemv_config(rows, n, k)
     bk = min(bk, triton.next_power_of_2(k))
     k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # whole tiles per split
@@ -137,9 +160,10 @@ def gemv(
     pdl = pdl_options(x.device)
     own_bias = bias if splits == 1 else None  # with splits, the bias is added once, to the summed splits
     _gemv_kernel[(triton.cdiv(n, bn), splits)](
-        x, weight, weight if own_bias is None else own_bias, part, n, k, k_split,
+        x, weight, weight if own_bias is None else own_bias, weight_scale, part, n, k, k_split,
         x.stride(0), weight.stride(0), weight.stride(1), part.stride(-2), part.stride(0) if splits > 1 else 0,
-        rows, M_PAD=1 if rows == 1 else 16, HAS_BIAS=own_bias is not None, EVEN_K=k % bk == 0,
+        rows, M_PAD=1 if rows == 1 else 16, HAS_BIAS=own_bias is not None, HAS_SCALE=weight_scale is not None,
+        EVEN_K=k % bk == 0,
         BLOCK_N=bn, BLOCK_K=bk, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl,
     )
     if splits > 1:

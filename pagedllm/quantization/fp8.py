@@ -7,7 +7,10 @@ fused q/k/v whose parts end mid-block, and any column-parallel split, stay exact
 dynamic per token and 128-column group (with block weights, as HF and vLLM), static per-tensor, or none.
 
 CPU (and any case the GPU path does not cover) dequantizes the weight and fake-quantizes the activations: the
-same math the fp8 GEMM does. CUDA (sm_89+) multiplies in fp8 through `torch._scaled_mm` with row-wise scales.
+same math the fp8 GEMM does. CUDA (sm_89+) multiplies in fp8 through `torch._scaled_mm` with row-wise scales; products
+of up to GEMV_MAX_ROWS rows (decode), where the GEMV runs, go through its fp8-weight variant instead: W8A16, the rows
+left unquantized (at a few rows the weight stream is the cost, and fp8 halves it), so their outputs differ slightly
+from the W8A8 GEMM's for larger batches.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers.linear import GEMV_MAX_ROWS, gemv_enabled
 from pagedllm.layers.sharding import Weight
 from pagedllm.quantization import fp8_utils as fq
 from pagedllm.quantization.base import QuantMethod, read_whole
@@ -150,8 +154,15 @@ class Fp8LinearMethod(QuantMethod):
 
     def _apply_scaled_mm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Unverified (written without a GPU): per-token (or static) fp8 activations x fp8 weight, both scaled per row.
-        TODO: fuse the activation quantization into the RMSNorm / SiLU before it; an fp8 GEMV for decode."""
+        Up to GEMV_MAX_ROWS rows: the fp8-weight GEMV (W8A16) with the same per-row weight scales, per-tensor
+        ones already widened to rows; the activation scheme (and a static input_scale) is not applied there.
+        TODO: fuse the activation quantization into the RMSNorm / SiLU before it."""
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= GEMV_MAX_ROWS and x2.stride(1) == 1 and gemv_enabled(x2.device, x2.dtype):
+            from pagedllm.kernels.gemv import gemv  # triton: imported only where the GPU path runs
+
+            out = gemv(x2, layer.weight, bias, weight_scale=layer.weight_scale_row)
+            return out.view(*x.shape[:-1], out.shape[-1])
         if self.activations == "static":
             xq = fq.quantize(x2, layer.input_scale)
             sx = layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()

@@ -88,11 +88,16 @@ def other_builds() -> list[tuple[str, callable]]:
                           BLOCK_SIZE=16, BLOCK_HQ=32, BLOCK_HK=8, EXACT_FP8=False)
             builds.append((f"rope_kv_write {dt} qk_norm={has_norm} {kv} KV cache",
                            lambda t=types, c=consts: build(rope_kv_write._rope_kv_write_kernel, t, c, 4)))
-        types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
-        for rows, block_k in ((1, 512), (4, 256)):
-            consts = dict(M_PAD=1 if rows == 1 else 16, HAS_BIAS=True, EVEN_K=False, BLOCK_N=16, BLOCK_K=block_k,
-                          PREC="tf32", UPCAST=False)
-            builds.append((f"gemv {dt} {rows} rows", lambda t=types, c=consts: build(gemv._gemv_kernel, t, c, 4)))
+        # 16-bit weights (no scale pointer: the code of before the fp8 variant), and fp8 ones with per-row scales
+        for w_dt, has_scale in ((dt, False), ("fp8e4nv", True)):
+            types = {"x_ptr": f"*{dt}", "w_ptr": f"*{w_dt}", "b_ptr": f"*{dt}", "s_ptr": "*fp32", "out_ptr": f"*{dt}"}
+            for rows, block_k in ((1, 512), (4, 256)):
+                consts = dict(M_PAD=1 if rows == 1 else 16, HAS_BIAS=True, HAS_SCALE=has_scale, EVEN_K=False,
+                              BLOCK_N=16, BLOCK_K=block_k, PREC="tf32", UPCAST=False)
+                if not has_scale:
+                    consts["s_ptr"] = None
+                builds.append((f"gemv {dt} x {w_dt} weight {rows} rows",
+                               lambda t=types, c=consts: build(gemv._gemv_kernel, t, c, 4)))
         builds.append((f"gemv split sums {dt}", lambda d=dt: build(
             gemv._sum_splits_kernel, {"part_ptr": "*fp32", "b_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4)))
     for dt, shift in (("bf16", 16), ("fp32", 0)):  # raw bf16 logits, or the float32 copy after logit edits

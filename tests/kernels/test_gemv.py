@@ -49,3 +49,44 @@ def test_gemv_strided_rows(device, assert_close):
     gemv(x, w, out=out[:, :48])
     assert_close(out[:, :48], x.double() @ w.double().T)
     assert not out[:, 48:].any()
+
+
+def _check_fp8_gemv(device, assert_close, rows: int, shape: tuple[int, int], bias: bool, config=None,
+                    dtype: torch.dtype = torch.bfloat16) -> None:
+    """float8_e4m3fn weight [N, K] with random per-row float32 scales, bf16 rows (W8A16), against the product with
+    the dequantized weight in float64: the fp8 values and scales are exact there, so only the kernel's sums differ."""
+    n, k = shape
+    g = torch.Generator().manual_seed(rows * 11 + n)
+    x = torch.randn(rows, k, generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)
+    scale = (torch.rand(n, 1, generator=g) + 0.5) / (100 * k**0.5)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    ref = x.double() @ (w.double() * scale.double()).T + (0 if b is None else b.double())
+    assert_close(gemv(x, w, b, config=config, weight_scale=scale.to(device)), ref)
+
+
+FP8_SHAPES = SHAPES + [(40, 199)]  # and an odd input width: fp8 rows of 199 bytes
+
+
+@pytest.mark.parametrize("rows", sorted({1, 2, 4, GEMV_MAX_ROWS}))
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_fp8(device, assert_close, rows, shape, bias):
+    _check_fp8_gemv(device, assert_close, rows, shape, bias)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gemv_fp8_float16(device, assert_close, rows):
+    _check_fp8_gemv(device, assert_close, rows, FP8_SHAPES[-1], True, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_fp8_split_inputs(device, assert_close, rows, bias):
+    """Each split's partial sum is scaled before the second kernel adds them (and the bias), over an odd K."""
+    _check_fp8_gemv(device, assert_close, rows, FP8_SHAPES[-1], bias, config=(16, 32, 4, 3, 3))
+    x = torch.randn(rows, FP8_SHAPES[-1][1], device=device).to(torch.bfloat16)
+    w = torch.randn(*FP8_SHAPES[-1], device=device).to(torch.float8_e4m3fn)
+    scale = torch.rand(FP8_SHAPES[-1][0], device=device) + 0.5
+    first = gemv(x, w, config=(16, 32, 4, 3, 3), weight_scale=scale)
+    assert torch.equal(first, gemv(x, w, config=(16, 32, 4, 3, 3), weight_scale=scale))  # deterministic
