@@ -327,7 +327,7 @@ def test_prefix_cache_metrics_salt_and_reset(server: ServerProcess) -> None:
 
 # ---- shutdown and API key (their own short-lived server) --------------------------------------------
 def test_api_key_then_sigterm_drains() -> None:
-    proc = ServerProcess([*SMALL_SERVER_ARGS, "--shutdown-timeout", "2"], env={"PAGEDLLM_API_KEY": "sesame"})
+    proc = ServerProcess([*SMALL_SERVER_ARGS, "--shutdown-timeout", "4"], env={"PAGEDLLM_API_KEY": "sesame"})
     try:
         assert httpx.get(proc.url("/health")).status_code == 200
         assert httpx.get(proc.url("/version")).status_code == 200
