@@ -17,11 +17,10 @@ from typing import Protocol
 
 import torch
 
+from pagedllm.quantization.fp8_utils import FP8_DTYPE as KV_FP8, FP8_MAX
 
-# The float8 KV cache: e4m3, per-tensor scales, values saturated at its largest finite one. Here, not in
-# pagedllm.kernels: that imports triton, which the CPU path never needs (and kernel tests set TRITON_INTERPRET first).
-KV_FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+# quantize_fp8: here, not in pagedllm.kernels, which imports triton: the CPU path never needs it (and kernel tests
+# set TRITON_INTERPRET first).
 
 
 def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ def nice_ticks(top: float) -> list[float]:
     return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
 
 
-def _rate_label(rate: float) -> str:
+def rate_label(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
@@ -78,7 +78,7 @@ def _panel(title: str, metric: str, runs: list[dict[str, Any]]) -> str:
         parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2" '
                      f'stroke-dasharray="{dash}"/>')
         for x, y, run in points:
-            tip = f"{name} at {_rate_label(run['request_rate'])} req/s: {run[f'{stat}_{metric}_ms']:.2f} ms"
+            tip = f"{name} at {rate_label(run['request_rate'])} req/s: {run[f'{stat}_{metric}_ms']:.2f} ms"
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"><title>{tip}</title></circle>')
         lx, ly = _LEFT + 12, _TOP + 10 + 16 * i  # legend, top left of the plot area
         parts.append(f'<line x1="{lx}" x2="{lx + 24}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2" '
@@ -89,7 +89,7 @@ def _panel(title: str, metric: str, runs: list[dict[str, Any]]) -> str:
 
 def render_html(runs: list[dict[str, Any]], title: str = "pagedllm bench serve") -> str:
     """`runs`: summaries from serve.summarize, each with its `request_rate`."""
-    rates = ", ".join(_rate_label(run["request_rate"]) for run in runs)
+    rates = ", ".join(rate_label(run["request_rate"]) for run in runs)
     panels = [_panel("Time to first token", "ttft", runs), _panel("Time per output token", "tpot", runs)]
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
             f"<body style=\"font-family: sans-serif\">\n<h3>{html.escape(title)}</h3>\n"

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedllm.benchmarks.plot import rate_label, write_plot
 from pagedllm.benchmarks.workloads import BenchRequest, make_requests, special_token_ids, token_pool
 
 
@@ -260,10 +260,6 @@ def _print(summary: dict[str, Any], args: argparse.Namespace, ignore_eos: bool) 
         print(f"error: {error}")
 
 
-def _rate_label(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
-
-
 def format_table(runs: list[dict[str, Any]]) -> str:
     """One row per rate: throughput, TTFT / TPOT / ITL p50 and p99 (ms), failed requests."""
     head = f"{'rate':>7} {'req/s':>8} {'out tok/s':>10}"
@@ -271,7 +267,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         head += f" {name + ' p50':>9} {name + ' p99':>9}"
     lines = ["Per request rate (TTFT, TPOT, ITL in ms):", head + f" {'failed':>7}"]
     for run in runs:
-        line = f"{_rate_label(run['request_rate']):>7} {run['request_throughput']:>8.2f}"
+        line = f"{rate_label(run['request_rate']):>7} {run['request_throughput']:>8.2f}"
         line += f" {run['output_throughput']:>10.1f}"
         for name in ("ttft", "tpot", "itl"):
             line += f" {run[f'median_{name}_ms']:>9.2f} {run[f'p99_{name}_ms']:>9.2f}"
@@ -294,8 +290,6 @@ def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
     if len(runs) > 1:
         print(format_table(runs))
     if args.plot:
-        from pagedllm.benchmarks.plot import write_plot
-
         title = f"pagedllm bench serve: {args.base_url}, {args.input_len} in / {args.output_len} out"
         write_plot(args.plot, runs, title)
         print(f"plot: {args.plot}")

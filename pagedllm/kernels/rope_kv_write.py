@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.backend import KV_FP8, quantize_fp8
+from pagedllm.attention.backend import KV_FP8
+from pagedllm.attention.torch_backend import write_kv
 from pagedllm.kernels import interpreting, pdl_options, pdl_prologue, to_fp8
 
 
@@ -157,11 +158,5 @@ def rope_kv_write_ref(
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).to(x.dtype)
 
     q, k = rotate(q), rotate(k)
-    if kv_cache.dtype == KV_FP8:  # stored as bytes: CPU torch does not index_put float8
-        k, v = quantize_fp8(k, k_scale).view(torch.uint8), quantize_fp8(v, v_scale).view(torch.uint8)
-        kv_cache = kv_cache.view(torch.uint8)
-    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-    keep = slot_mapping >= 0
-    flat[0][slot_mapping[keep]] = k[keep].to(kv_cache.dtype)
-    flat[1][slot_mapping[keep]] = v[keep].to(kv_cache.dtype)
+    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
     return q

@@ -22,8 +22,15 @@ def narrow(weight: Weight, dim: int, start: int, size: int) -> torch.Tensor:
     return weight[start : start + size] if dim == 0 else weight[:, start : start + size]
 
 
+def read_whole(weight: Weight) -> torch.Tensor:
+    """The whole checkpoint tensor; safetensors slices of 0-dim tensors (scales) take `[...]`."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return weight[...] if not weight.get_shape() else weight[:]
+
+
 def load_whole(param: torch.Tensor, weight: Weight, name: str) -> None:
     """The default loader: a replicated parameter takes the whole checkpoint tensor."""
     if weight_shape(weight) != tuple(param.shape):
         raise ValueError(f"Shape mismatch for {name}: checkpoint {weight_shape(weight)}, model {tuple(param.shape)}.")
-    param.data.copy_(weight if isinstance(weight, torch.Tensor) else weight[:])
+    param.data.copy_(read_whole(weight))

@@ -25,10 +25,9 @@ from pagedllm.layers.embedding import ParallelLMHead
 from pagedllm.layers.linear import Linear, pack_linear_weights
 from pagedllm.layers.pipeline import is_missing
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.layers.sharding import Weight, load_whole
+from pagedllm.layers.sharding import Weight, load_whole, read_whole
 from pagedllm.models.registry import get_model_class
 from pagedllm.quantization import QuantMethod, resolve_quant_method
-from pagedllm.quantization.base import read_whole
 
 # Checkpoint spellings of the same scale: HF's fine-grained fp8 and compressed-tensors' / vLLM's.
 _SCALE_ALIASES = {".weight_scale_inv": ".weight_scale", ".activation_scale": ".input_scale"}

@@ -13,13 +13,6 @@ from torch import nn
 from pagedllm.layers.sharding import Weight
 
 
-def read_whole(weight: Weight) -> torch.Tensor:
-    """A small checkpoint tensor (a scale) read whole; safetensors slices of 0-dim tensors take `[...]`."""
-    if isinstance(weight, torch.Tensor):
-        return weight
-    return weight[...] if not weight.get_shape() else weight[:]
-
-
 def is_ignored(name: str, ignore: list[str]) -> bool:
     """compressed-tensors' `ignore` ("re:<regex>" or a module name) and HF's `modules_to_not_convert`
     (a name or a dotted part of one, such as "lm_head")."""

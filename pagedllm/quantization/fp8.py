@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.layers.linear import GEMV_MAX_ROWS, gemv_enabled
-from pagedllm.layers.sharding import Weight
+from pagedllm.layers.sharding import Weight, read_whole
 from pagedllm.quantization import fp8_utils as fq
-from pagedllm.quantization.base import QuantMethod, read_whole
+from pagedllm.quantization.base import QuantMethod
 
 _WEIGHT_STRATEGIES = ("tensor", "channel", "block")
 _ACT_SCHEMES = (None, "token", "group", "static")
