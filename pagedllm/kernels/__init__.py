@@ -71,3 +71,59 @@ def pdl_prologue(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # nothing is read or written before the kernel before this one is done
         tl.extra.cuda.gdc_launch_dependents()
+
+
+# 2**23 as a float32's bits: OR-ing a code below 2**23 into its mantissa gives the float 2**23 + code exactly, a
+# bitwise op and a later subtraction instead of an int -> float conversion (a quarter-rate instruction on the GPU)
+_MAGIC = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def dequantize_tile(words, s_ptr, z_ptr, rows, groups, k0, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                    GROUP_MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 weights [R, BLOCK_K] from `words` [R, BLOCK_K * BITS / 32] int32, the packed codes of weight rows
+    `rows` ([R], in range) at input columns k0.. (pagedllm/quantization/int_utils.py's layout; scales and zeros
+    [N, groups], contiguous): w = (q - zero) * scale.
+
+    GROUP_MODE says how the tile meets the groups: 0, all of it in group k0 // GROUP_SIZE (one scale per row: the
+    host picks BLOCK_K dividing the group, or GROUP_SIZE past K for per-channel weights); 1, BLOCK_K / GROUP_SIZE whole
+    groups (the codes viewed as [R, groups in the tile, GROUP_SIZE], a scale per row and group); 2, anything else
+    (a scale gathered per column). Groups past the last (columns past K, whose rows are zeros) read scale 0."""
+    PER: tl.constexpr = 32 // BITS
+    R: tl.constexpr = words.shape[0]
+    codes = (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    # [R, BLOCK_K / PER, PER]: code k of the tile at [k // PER, k % PER], as 2**23 + code
+    q = (codes | _MAGIC).to(tl.float32, bitcast=True)
+    base = rows.to(tl.int64) * groups
+    if GROUP_MODE == 0:
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + base + g).to(tl.float32)
+        z = tl.load(z_ptr + base + g).to(tl.float32) + 8388608.0
+        return (tl.reshape(q, [R, BLOCK_K]) - z[:, None]) * s[:, None]
+    elif GROUP_MODE == 1:
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE
+        g = k0 // GROUP_SIZE + tl.arange(0, NG)
+        ok = (g < groups)[None, :]
+        s = tl.load(s_ptr + base[:, None] + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + base[:, None] + g[None, :], mask=ok, other=0).to(tl.float32) + 8388608.0
+        w = (tl.reshape(q, [R, NG, GROUP_SIZE]) - z[:, :, None]) * s[:, :, None]
+        return tl.reshape(w, [R, BLOCK_K])
+    else:
+        g = (k0 + tl.arange(0, BLOCK_K)) // GROUP_SIZE
+        ok = (g < groups)[None, :]
+        s = tl.load(s_ptr + base[:, None] + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + base[:, None] + g[None, :], mask=ok, other=0).to(tl.float32) + 8388608.0
+        return (tl.reshape(q, [R, BLOCK_K]) - z) * s
+
+
+def group_mode(k: int, group_size: int, block_k: int) -> tuple[int, int]:
+    """(GROUP_SIZE, GROUP_MODE) constexprs of `dequantize_tile` for a [*, k] weight in `group_size` groups read in
+    tiles of block_k columns starting at multiples of block_k. One group per row (per channel) becomes a group past any
+    column (one compiled variant for every width)."""
+    if group_size >= k:
+        return 1 << 30, 0
+    if group_size % block_k == 0:
+        return group_size, 0
+    if block_k % group_size == 0:
+        return group_size, 1
+    return group_size, 2

@@ -116,7 +116,8 @@ def _load_safetensors(model: nn.Module, model_path: str) -> None:
                 raise ValueError(f"Checkpoint weight {name!r} has no place in {type(model).__name__}.")
             _load_param(model, target, params[target], weight, index)
             loaded.setdefault(target, set()).add(index)
-    missing = [n for n, p in params.items() if len(loaded.get(n, ())) < len(_checkpoint_shapes(model, n, p))]
+    missing = [n for n, p in params.items()
+               if len(loaded.get(n, ())) < len(_checkpoint_shapes(model, n, p)) and not _optional(model, n)]
     if missing:
         raise ValueError(f"Weights missing from the checkpoint in {model_path}: {missing[:8]}")
 
@@ -156,11 +157,17 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rpartition(".")[0])
 
 
+def _optional(model: nn.Module, name: str) -> bool:
+    """A quantized layer's parameter that checkpoints of its format may leave out."""
+    method = getattr(_owner(model, name), "quant_method", None)
+    return method is not None and name.rpartition(".")[2] in method.optional_params
+
+
 def _load_param(model: nn.Module, name: str, param: nn.Parameter, weight: Weight, index: int) -> None:
     owner = _owner(model, name)
     method, leaf = getattr(owner, "quant_method", None), name.rpartition(".")[2]
-    if method is not None and leaf in method.scale_names:
-        method.load_scale(owner, leaf, param, weight, index)
+    if method is not None and leaf in method.param_names:
+        method.load_param(owner, leaf, param, weight, index)
         return
     if _dtype_name(weight).startswith("F8") and not str(param.dtype).startswith("torch.float8"):
         raise ValueError(f"Checkpoint weight {name!r} is fp8 but its layer is not quantized "

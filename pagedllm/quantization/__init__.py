@@ -5,14 +5,20 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pagedllm.quantization import compressed_tensors, fp8
+from pagedllm.quantization import awq, compressed_tensors, fp8, gptq
 from pagedllm.quantization.base import QuantMethod
 
 # name -> from_config(checkpoint's quantization_config or None, serialized) -> QuantMethod
 QUANTIZATION_METHODS: dict[str, Callable[[dict[str, Any] | None, bool], QuantMethod]] = {
     "fp8": fp8.from_config,
     "compressed-tensors": lambda qc, serialized: compressed_tensors.from_config(qc or {}, serialized),
+    "gptq": gptq.from_config,
+    "awq": awq.from_config,
 }
+# vLLM's names for the same checkpoints run by other kernels
+ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq", "compressed_tensors": "compressed-tensors"}
+# Methods that quantize a 16-bit checkpoint at load; the others need a checkpoint in their format (or dummy weights)
+ONLINE = ("fp8",)
 
 
 def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
@@ -27,19 +33,26 @@ def resolve_quant_method(hf_config: Any, quantization: str | None, load_format: 
     quantized checkpoint's format is then applied at load, as `--quantization` does."""
     qc = checkpoint_quant_config(hf_config)
     stored = qc.get("quant_method") if qc else None
-    name = quantization or stored
-    if name is None:
+    stored = ALIASES.get(stored, stored)
+    name = ALIASES.get(quantization, quantization) or stored
+    if name is None or (name == "gguf" and stored is None):  # GGUF files load dequantized (models/gguf.py)
         return None
     if name not in QUANTIZATION_METHODS:
-        raise ValueError(f"Unsupported quantization method {name!r}; supported: {', '.join(QUANTIZATION_METHODS)}.")
+        raise ValueError(f"Unsupported quantization method {name!r}; supported: "
+                         f"{', '.join([*QUANTIZATION_METHODS, 'gguf'])}.")
     if stored is not None and name != stored:
         raise ValueError(f"The checkpoint is quantized with {stored!r}; quantization={name!r} cannot requantize it "
                          "(leave quantization unset).")
+    if stored is None and name not in ONLINE and load_format != "dummy":
+        raise ValueError(f"quantization={name!r} needs a checkpoint quantized with it, and this one's config.json has "
+                         f"no quantization_config; {', '.join(ONLINE)} quantizes a 16-bit checkpoint at load.")
     return QUANTIZATION_METHODS[name](qc, stored is not None and load_format != "dummy")
 
 
 def get_quant_method(config: Any) -> QuantMethod | None:
     """For an `EngineConfig` (hf_config resolved): its quantization method, or None for unquantized models."""
+    if config.quantization == "gguf" and config.model is not None and not str(config.model).endswith(".gguf"):
+        raise ValueError(f"quantization='gguf' needs a .gguf model file; {config.model!r} is not one.")
     return resolve_quant_method(config.hf_config, config.quantization, config.load_format)
 
 

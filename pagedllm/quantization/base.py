@@ -27,7 +27,10 @@ def is_ignored(name: str, ignore: list[str]) -> bool:
 
 class QuantMethod:
     name = "base"
-    scale_names: tuple[str, ...] = ()  # this layer's parameters that checkpoint scale tensors load into
+    # The layer's parameters that the method fills from the checkpoint itself (scales, packed codes, ...); those a
+    # checkpoint may lack (GPTQ's g_idx) are optional.
+    param_names: tuple[str, ...] = ()
+    optional_params: tuple[str, ...] = ()
 
     def __init__(self, ignore: list[str] | None = None) -> None:
         self.ignore = list(ignore or [])
@@ -43,7 +46,7 @@ class QuantMethod:
     def create_weights(self, layer: nn.Module) -> None:
         raise NotImplementedError
 
-    def load_scale(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
+    def load_param(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
         raise NotImplementedError
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

@@ -42,7 +42,8 @@ def _new(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Param
 
 class Fp8LinearMethod(QuantMethod):
     name = "fp8"
-    scale_names = ("weight_scale", "input_scale")
+    weight_dtype = fq.FP8_DTYPE
+    param_names = ("weight_scale", "input_scale")
 
     def __init__(self, weights: str = "channel", activations: str | None = "token", serialized: bool = False,
                  block: tuple[int, int] = (128, 128), ignore: list[str] | None = None) -> None:
@@ -65,7 +66,7 @@ class Fp8LinearMethod(QuantMethod):
         if not self.serialized:
             return  # 16-bit weights load as usual; process_weights_after_loading quantizes them
         out, k = layer.weight.shape
-        layer.weight = _new((out, k), fq.FP8_DTYPE)
+        layer.weight = _new((out, k), self.weight_dtype)
         n = len(_shards(layer))
         if self.weights == "channel":
             layer.weight_scale = _new((out, 1))
@@ -76,7 +77,7 @@ class Fp8LinearMethod(QuantMethod):
         if self.activations == "static":
             layer.input_scale = _new((n,))
 
-    def load_scale(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
+    def load_param(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
         value = read_whole(weight).float()
         if name == "input_scale" or self.weights == "tensor":
             if value.numel() != 1:
@@ -117,7 +118,7 @@ class Fp8LinearMethod(QuantMethod):
                 q, grid = fq.quantize_blocks(weight, *self.block)
                 scale = grid.repeat_interleave(self.block[0], dim=0)[:out]
             else:
-                q, scale = fq.quantize_per_channel(weight)
+                q, scale = self.quantize_per_channel(weight)
             layer.weight, layer.weight_scale = _new(q.shape, q.dtype), _new(scale.shape)
             layer.weight.data, layer.weight_scale.data = q, scale
         elif self.weights == "tensor":  # one scalar per fused shard -> one per output row
@@ -129,6 +130,9 @@ class Fp8LinearMethod(QuantMethod):
         layer.fp8_gemm = self._gpu_gemm_applies(layer)
         if layer.fp8_gemm:
             layer.weight_scale_row = layer.weight_scale.data.reshape(1, out).contiguous()
+
+    def quantize_per_channel(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fq.quantize_per_channel(weight)
 
     def _gpu_gemm_applies(self, layer: nn.Module) -> bool:
         """torch._scaled_mm with row-wise scales: Ada/Hopper+, bf16 output, per-row weight scales, fp8 activations.

@@ -15,19 +15,20 @@ import time
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from pagedllm.kernels import activation, gemv, norm, paged_attention, rope_kv_write, sampling
+from pagedllm.kernels import activation, gemv, int_gemm, norm, paged_attention, rope_kv_write, sampling
 
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def build(fn, types: dict[str, str], constexprs: dict, num_warps: int) -> None:
+def build(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3) -> None:
     """Compile `fn` to a cubin; parameters not named in `types` or `constexprs` are int32 scalars.
     Kernels with programmatic dependent launch are built with it on, as on the GPU."""
     pdl = "USE_PDL" in fn.arg_names
     constexprs = {**constexprs, "USE_PDL": True} if pdl else constexprs
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in constexprs})
-    compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options={"num_warps": num_warps, "launch_pdl": pdl})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": pdl}
+    compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options=options)
 
 
 def attention_builds() -> list[tuple[str, callable]]:
@@ -93,18 +94,46 @@ def other_builds() -> list[tuple[str, callable]]:
             types = {"x_ptr": f"*{dt}", "w_ptr": f"*{w_dt}", "b_ptr": f"*{dt}", "s_ptr": "*fp32", "out_ptr": f"*{dt}"}
             for rows, block_k in ((1, 512), (4, 256)):
                 consts = dict(M_PAD=1 if rows == 1 else 16, HAS_BIAS=True, HAS_SCALE=has_scale, EVEN_K=False,
-                              BLOCK_N=16, BLOCK_K=block_k, PREC="tf32", UPCAST=False)
+                              BLOCK_N=16, BLOCK_K=block_k, PREC="tf32", UPCAST=False, z_ptr=None, BITS=0,
+                              GROUP_SIZE=0, GROUP_MODE=0)
                 if not has_scale:
                     consts["s_ptr"] = None
                 builds.append((f"gemv {dt} x {w_dt} weight {rows} rows",
                                lambda t=types, c=consts: build(gemv._gemv_kernel, t, c, 4)))
         builds.append((f"gemv split sums {dt}", lambda d=dt: build(
             gemv._sum_splits_kernel, {"part_ptr": "*fp32", "b_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4)))
+    builds += int_weight_builds()
     for dt, shift in (("bf16", 16), ("fp32", 0)):  # raw bf16 logits, or the float32 copy after logit edits
         types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
                  "min_p_ptr": "*fp32", "thresh_ptr": "*fp32"}
         consts = dict(SHIFT=shift, BLOCK=sampling._FILTER_BLOCK, POINTS=sampling._POINTS)
         builds.append((f"filter thresholds {dt}", lambda t=types, c=consts: build(sampling._filter_threshold_kernel, t, c, 8)))
+    return builds
+
+
+def int_weight_builds() -> list[tuple[str, callable]]:
+    """4- and 8-bit weights: the GEMV variant (one row, groups of 128 in 512-column tiles; several rows, a group per
+    tile; per channel, whose group is past every column) and the GEMM (decode- and prefill-sized tiles, and one whose
+    tiles gather a scale per column), for both 16-bit activation dtypes."""
+    builds = []
+    for dt in ("bf16", "fp16"):
+        for bits in (4, 8):
+            types = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "b_ptr": f"*{dt}", "s_ptr": f"*{dt}", "z_ptr": "*u8",
+                     "out_ptr": f"*{dt}"}
+            for rows, block_n, block_k, group, mode, warps in ((1, 16, 512, 128, 1, 4), (1, 16, 1024, 1 << 30, 0, 8),
+                                                               (4, 64, 128, 128, 0, 4)):
+                consts = dict(M_PAD=1 if rows == 1 else 16, HAS_BIAS=True, HAS_SCALE=False, EVEN_K=True,
+                              BLOCK_N=block_n, BLOCK_K=block_k, PREC="tf32", UPCAST=False, BITS=bits,
+                              GROUP_SIZE=group, GROUP_MODE=mode)
+                builds.append((f"gemv {dt} x int{bits} weight {rows} rows BLOCK_K {block_k} group mode {mode}",
+                               lambda t=types, c=consts, w=warps: build(gemv._gemv_kernel, t, c, w, 4)))
+            for bm, bn, bk, group, mode, even, warps, stages in ((16, 64, 128, 128, 0, True, 4, 4),
+                                                                 (128, 128, 64, 128, 0, False, 8, 3),
+                                                                 (64, 64, 64, 48, 2, False, 4, 3)):
+                consts = dict(BITS=bits, GROUP_SIZE=group, GROUP_MODE=mode, HAS_BIAS=True, EVEN_K=even, BLOCK_M=bm,
+                              BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PREC="tf32", UPCAST=False)
+                builds.append((f"int gemm {dt} x int{bits} weight {bm}x{bn}x{bk} group mode {mode}", lambda t=types,
+                               c=consts, w=warps, st=stages: build(int_gemm._int_gemm_kernel, t, c, w, st)))
     return builds
 
 
