@@ -4,6 +4,9 @@
 #   extra stages: sampler (kernel vs torch sampling), attention (tile sweep), profile (per-step kernel time),
 #   gemv (the small-batch GEMV's tiles against cuBLAS, both model shapes), int-gemm (W4A16/W8A16 GEMV and GEMM and
 #   W8A8 torch._int_mm against cuBLAS bf16 at Llama-3-8B's shapes; int-gemm-sweep also times every tile),
+#   gguf-gemm (GGUF Q4_K/Q6_K/Q8_0 block GEMV and GEMM against cuBLAS bf16 at Llama-3-8B's shapes; gguf-gemm-sweep
+#   also times every tile), gguf-L1 (L1 decode latency on the 8B shape, random Q4_K_M blocks against bf16; the issue's
+#   target is >= 1.8x),
 #   serve-curve (`pagedllm serve` on the 8B shape, random weights, SmolLM2's tokenizer: TTFT/TPOT at 10-40 req/s
 #   and all at once, plot in $out/serve-curve.html)
 # Each stage prints its figures; with $OUT set, JSON results land there too.
@@ -73,6 +76,35 @@ for key in dict.fromkeys((r["layer"], r["rows"]) for r in ok):
     print("; ".join(line) + f"; max rel err {max(r['rel_err'] for r in runs.values())}")
 PY
       ;;
+    gguf-gemm|gguf-gemm-sweep)
+      python -m pytest tests/kernels/test_gguf_gemm.py -q -x 2>&1 | tail -3
+      sweep=$([ "$stage" = gguf-gemm-sweep ] && echo --sweep)
+      python benchmarks/gguf_gemm_bench.py --model llama3-8b $sweep > "$out/$stage.jsonl"
+      python - "$out/$stage.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:
+    if "error" in r and "(" not in r["kernel"]:  # a default kernel failed (sweep tiles may, e.g. out of shared memory)
+        print("FAILED", r["layer"], r["rows"], r["kernel"], r["error"])
+ok = [r for r in rows if "linear_us" in r]
+for key in dict.fromkeys((r["layer"], r["rows"]) for r in ok):
+    runs = {r["kernel"]: r for r in ok if (r["layer"], r["rows"]) == key}
+    cublas = runs["cublas bf16"]["linear_us"]
+    line = [f"{key[0]:8} rows {key[1]:5}: cublas bf16 {cublas} us"]
+    for label, r in runs.items():
+        if label != "cublas bf16" and "(" not in label:
+            line.append(f"{label} {r['linear_us']} us ({cublas / r['linear_us']:.2f}x, {r['weight_TBps']} TB/s)")
+    for qtype in ("Q4_K", "Q6_K", "Q8_0"):
+        tiles = [r for label, r in runs.items() if label.startswith(qtype) and "(" in label]
+        if tiles:
+            best = min(tiles, key=lambda r: r["linear_us"])
+            line.append(f"best {qtype} tile {best['kernel'].split(' ', 2)[2]} {best['linear_us']} us")
+    print("; ".join(line) + f"; max rel err {max(r['rel_err'] for r in runs.values())}")
+PY
+      ;;
+    gguf-L1)
+      bench latency --workload L1 --model llama3-8b --output-json "$out/L1-llama3-8b-bf16.json" | tail -4
+      bench latency --workload L1 --model llama3-8b --quantization gguf --output-json "$out/L1-llama3-8b-gguf-q4_k_m.json" | tail -4 ;;
     profile)
       python benchmarks/profile_steps.py --model qwen3-0.6b --num-reqs 256 --ctx 600 2>&1 | head -30
       python benchmarks/profile_steps.py --model llama3-8b --num-reqs 1 --ctx 128 --temperature 0 2>&1 | head -30 ;;

@@ -1,8 +1,13 @@
 """GGUF support: a .gguf file is converted once into a cached Hugging Face directory, then loaded like any other.
 
-Conversion dequantizes every tensor to float32 (the engine runs dense weights), renames llama.cpp tensors to
-their Hugging Face names, undoes llama.cpp's rotary row permutation for the `llama` architecture and rebuilds
-config.json, generation_config.json and the tokenizer (with its chat template) from the GGUF metadata.
+Conversion dequantizes every tensor to float32, renames llama.cpp tensors to their Hugging Face names, undoes
+llama.cpp's rotary row permutation for the `llama` architecture and rebuilds config.json, generation_config.json and
+the tokenizer (with its chat template) from the GGUF metadata. config.json records the source file (SOURCE_KEY).
+
+What runs where: on CPU the model runs the dense float32 conversion. On CUDA the decoder layers' linears keep the
+file's quantized blocks instead (pagedllm/quantization/gguf.py, read here by `raw_linear_weights`) and multiply
+through the dequantizing kernels of pagedllm/kernels/gguf_gemm.py; the embedding, the norms and the LM head still come
+from the conversion. PAGEDLLM_GGUF_QUANTIZED=0 keeps CUDA on the dense weights, =1 puts CPU on the blocks too.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from typing import Any
 import torch
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the output format changes, so stale conversions are not reused.
-_CONVERTER_VERSION = 1
+# Bump when the output format changes, so stale conversions are not reused (2: config.json records the source file).
+_CONVERTER_VERSION = 2
+# config.json key holding the absolute path of the .gguf file a directory was converted from
+SOURCE_KEY = "pagedllm_gguf_source"
 
 # GGUF architecture -> (HF architecture class, HF model_type).
 _ARCHITECTURES = {
@@ -91,12 +98,29 @@ def cache_root() -> str:
 
 def conversion_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     """Where `gguf_path` is (or will be) converted: keyed by path, size and mtime so an edited file reconverts."""
+    return os.path.abspath(os.path.join(cache_dir or cache_root(), "gguf", _conversion_name(gguf_path)))
+
+
+def _conversion_name(gguf_path: str) -> str:
     path = os.path.abspath(gguf_path)
     stat = os.stat(path)
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|v{_CONVERTER_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.abspath(os.path.join(cache_dir or cache_root(), "gguf", f"{stem}-{digest}"))
+    return f"{stem}-{digest}"
+
+
+def gguf_source(hf_config: Any, model_path: str) -> str | None:
+    """The .gguf file `model_path` was converted from, if it still holds what was converted (same path, size and
+    mtime); None for other models, or with a warning when the file is gone or changed (the dense weights then)."""
+    source = getattr(hf_config, SOURCE_KEY, None)
+    if source is None:
+        return None
+    if not os.path.isfile(source) or _conversion_name(source) != os.path.basename(os.path.normpath(model_path)):
+        print(f"pagedllm: {source} is missing or changed since {model_path} was converted from it; running the "
+              "converted dense weights.", file=sys.stderr)
+        return None
+    return source
 
 
 def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
@@ -188,6 +212,7 @@ def _convert_into(gguf_path: str, out_dir: str) -> None:
 
     reader = GGUFReader(gguf_path)
     config = _hf_config(reader)
+    config[SOURCE_KEY] = gguf_path  # quantized layers read their blocks from it (pagedllm/quantization/gguf.py)
     tensors = _hf_tensors(reader, config)
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
@@ -286,6 +311,28 @@ def _hf_tensors(reader: Any, config: dict[str, Any]) -> dict[str, torch.Tensor]:
             weight = _unpermute_rotary_rows(weight, heads[proj])
         tensors[name] = weight.contiguous()
     return tensors
+
+
+def raw_linear_weights(gguf_path: str) -> dict[str, Any]:
+    """Hugging Face name -> `GgufTensor` (the file's blocks, memory-mapped: read when loaded) of every decoder-layer
+    linear weight, q/k rows to be un-permuted on reading for `llama` as `_hf_tensors` does."""
+    from gguf import GGUFReader
+
+    from pagedllm.quantization.gguf import GgufTensor
+
+    reader = GGUFReader(gguf_path)
+    config = _hf_config(reader)
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    linears = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    raw = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        proj = name.split(".")[-2]
+        if name.startswith("model.layers.") and name.endswith(".weight") and proj in linears:
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            unpermute = heads.get(proj, 0) if config["model_type"] == "llama" else 0
+            raw[name] = GgufTensor(int(tensor.tensor_type), shape, tensor.data, unpermute)
+    return raw
 
 
 def _add_zero_qkv_biases(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:

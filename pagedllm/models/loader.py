@@ -6,7 +6,8 @@ owning layer slices the checkpoint tensors it needs (`weight_loader`), reading o
 Quantized models (pagedllm/quantization/): the method gives each quantized linear its parameters before loading;
 checkpoint scales (`*.weight_scale`, `*.weight_scale_inv`, `*.input_scale`) load into the owning layer through the
 method, and the KV-cache scales of FP8 checkpoints (`*.self_attn.k_scale` / `v_scale`) become floats on the
-layer's `Attention`.
+layer's `Attention`. A model converted from a .gguf file keeps, on CUDA, its decoder linears' quantized blocks: those
+weights are read from the .gguf file (pagedllm/quantization/gguf.py), the rest from the converted directory.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.sharding import Weight, load_whole, read_whole
 from pagedllm.models.registry import get_model_class
 from pagedllm.quantization import QuantMethod, resolve_quant_method
+from pagedllm.quantization.gguf import GgufLinearMethod, file_method
 
 # Checkpoint spellings of the same scale: HF's fine-grained fp8 and compressed-tensors' / vLLM's.
 _SCALE_ALIASES = {".weight_scale_inv": ".weight_scale", ".activation_scale": ".input_scale"}
@@ -41,6 +43,8 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
     """quantization: as EngineConfig.quantization (None: as the checkpoint's quantization_config says)."""
     model_cls = get_model_class(hf_config)
     method = resolve_quant_method(hf_config, quantization, load_format)
+    if method is None and load_format != "dummy":
+        method = file_method(hf_config, model_path, device)  # a .gguf model's blocks, where they are kept
     with torch.device("meta"), _default_dtype(dtype):
         model = model_cls(hf_config)
         if method is not None:
@@ -54,7 +58,8 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
     if load_format == "dummy":
         _randomize(model)
     elif load_format in ("auto", "safetensors"):
-        _load_safetensors(model, model_path)
+        replaced = method.checkpoint_weights() if isinstance(method, GgufLinearMethod) else {}
+        _load_safetensors(model, model_path, replaced)
     else:
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}.")
     pack_linear_weights(model)
@@ -101,10 +106,12 @@ def _safetensors_weights(model_path: str) -> Iterator[tuple[str, Weight]]:
                 yield name, f.get_slice(name)
 
 
-def _load_safetensors(model: nn.Module, model_path: str) -> None:
+def _load_safetensors(model: nn.Module, model_path: str, replaced: dict[str, Any] | None = None) -> None:
+    """replaced: checkpoint tensors read from elsewhere (a .gguf file's blocks) instead of the directory's."""
     params = dict(model.named_parameters())
     loaded: dict[str, set[int]] = {}
     for name, weight in _safetensors_weights(model_path):
+        weight = (replaced or {}).get(name, weight)
         if _load_kv_scale(model, name, weight):
             continue
         for alias, canonical in _SCALE_ALIASES.items():
@@ -151,6 +158,14 @@ def _targets(model: nn.Module, params: dict[str, nn.Parameter], name: str) -> li
     if tied and name == "model.embed_tokens.weight" and "lm_head.weight" in params:  # a last stage's own copy
         return [(name, 0), ("lm_head.weight", 0)]
     return [(name, 0)]
+
+
+def _checkpoint_name(model: nn.Module, name: str, index: int) -> str:
+    """`_targets`' inverse: the checkpoint tensor loaded into parameter `name` at `index`."""
+    for fused, shard, i in getattr(model, "stacked_params", []):
+        if i == index and f".{fused}." in name:
+            return name.replace(f".{fused}.", f".{shard}.")
+    return name
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module:
@@ -204,6 +219,14 @@ def _randomize(model: nn.Module) -> None:
         key = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
         generator = torch.Generator(device=param.device).manual_seed(zlib.crc32(key.encode()))
         shapes = _checkpoint_shapes(model, name, param)
+        owner = _owner(model, name)
+        method = getattr(owner, "quant_method", None)
+        if isinstance(method, GgufLinearMethod) and name.rpartition(".")[2] in method.param_names:
+            # random blocks per checkpoint tensor (their types may differ)
+            for index, shape in enumerate(shapes):
+                weight = method.random_weight(owner, _checkpoint_name(model, name, index), shape[0], generator)
+                _load_param(model, name, param, weight, index)
+            continue
         rows = [shape[0] for shape in shapes]
         full = torch.empty((sum(rows), *shapes[0][1:]), dtype=param.dtype, device=param.device).normal_(0.0, 0.02, generator=generator)
         for index, part in enumerate(full.split(rows)):

@@ -1,5 +1,10 @@
 """Weight (and activation) quantization methods, picked per engine by `get_quant_method`: `EngineConfig.quantization`
-(e.g. "fp8": a 16-bit checkpoint quantized at load), else the checkpoint's config.json `quantization_config`."""
+(e.g. "fp8": a 16-bit checkpoint quantized at load), else the checkpoint's config.json `quantization_config`.
+
+GGUF is not in the table: a .gguf model is converted to a dense directory (pagedllm/models/gguf.py), which CPU runs;
+on CUDA the loader gives its decoder linears `GgufLinearMethod` (quantization/gguf.py: the file's blocks, dequantizing
+kernels) whether or not quantization="gguf" is passed. quantization="gguf" with load_format="dummy" is random blocks
+in llama.cpp's Q4_K_M mix on any config (benchmarks); otherwise it needs a .gguf model."""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any, Callable
 
 from pagedllm.quantization import awq, compressed_tensors, fp8, gptq
 from pagedllm.quantization.base import QuantMethod
+from pagedllm.models.gguf import SOURCE_KEY
+from pagedllm.quantization.gguf import GgufLinearMethod
 
 # name -> from_config(checkpoint's quantization_config or None, serialized) -> QuantMethod
 QUANTIZATION_METHODS: dict[str, Callable[[dict[str, Any] | None, bool], QuantMethod]] = {
@@ -35,8 +42,10 @@ def resolve_quant_method(hf_config: Any, quantization: str | None, load_format: 
     stored = qc.get("quant_method") if qc else None
     stored = ALIASES.get(stored, stored)
     name = ALIASES.get(quantization, quantization) or stored
-    if name is None or (name == "gguf" and stored is None):  # GGUF files load dequantized (models/gguf.py)
+    if name is None:
         return None
+    if name == "gguf" and stored is None:  # a .gguf file's method is the loader's, which knows the device
+        return GgufLinearMethod(None, hf_config.num_hidden_layers) if load_format == "dummy" else None
     if name not in QUANTIZATION_METHODS:
         raise ValueError(f"Unsupported quantization method {name!r}; supported: "
                          f"{', '.join([*QUANTIZATION_METHODS, 'gguf'])}.")
@@ -51,8 +60,10 @@ def resolve_quant_method(hf_config: Any, quantization: str | None, load_format: 
 
 def get_quant_method(config: Any) -> QuantMethod | None:
     """For an `EngineConfig` (hf_config resolved): its quantization method, or None for unquantized models."""
-    if config.quantization == "gguf" and config.model is not None and not str(config.model).endswith(".gguf"):
-        raise ValueError(f"quantization='gguf' needs a .gguf model file; {config.model!r} is not one.")
+    from_gguf = getattr(config.hf_config, SOURCE_KEY, None) is not None
+    if config.quantization == "gguf" and not from_gguf and config.load_format != "dummy":
+        raise ValueError(f"quantization='gguf' needs a .gguf model file (or load_format='dummy': random Q4_K_M "
+                         f"blocks); {config.model!r} is not one.")
     return resolve_quant_method(config.hf_config, config.quantization, config.load_format)
 
 

@@ -13,6 +13,18 @@ from torch import nn
 from pagedllm.layers.sharding import Weight
 
 
+def row_shards(layer: nn.Module) -> list[tuple[int, int, int]]:
+    """(checkpoint rows, start, size) of each checkpoint tensor fused into the layer's output rows (this rank's)."""
+    shards = getattr(layer, "shards", None)
+    return [(s.rows, s.start, s.size) for s in shards] if shards else [(layer.out_features, 0, layer.out_features)]
+
+
+def input_columns(layer: nn.Module) -> tuple[int, int, int]:
+    """(checkpoint input features, start, size) of this rank's input columns (a row-parallel layer's split)."""
+    col = getattr(layer, "shard", None)
+    return (col.rows, col.start, col.size) if col else (layer.in_features, 0, layer.in_features)
+
+
 def is_ignored(name: str, ignore: list[str]) -> bool:
     """compressed-tensors' `ignore` ("re:<regex>" or a module name) and HF's `modules_to_not_convert`
     (a name or a dotted part of one, such as "lm_head")."""

@@ -24,16 +24,10 @@ from torch import nn
 from pagedllm.layers.linear import GEMV_MAX_ROWS, gemv_enabled
 from pagedllm.layers.sharding import Weight, read_whole
 from pagedllm.quantization import fp8_utils as fq
-from pagedllm.quantization.base import QuantMethod
+from pagedllm.quantization.base import QuantMethod, input_columns, row_shards
 
 _WEIGHT_STRATEGIES = ("tensor", "channel", "block")
 _ACT_SCHEMES = (None, "token", "group", "static")
-
-
-def _shards(layer: nn.Module) -> list[tuple[int, int, int]]:
-    """(checkpoint rows, start, size) of each checkpoint tensor fused into the layer's output rows."""
-    shards = getattr(layer, "shards", None)
-    return [(s.rows, s.start, s.size) for s in shards] if shards else [(layer.out_features, 0, layer.out_features)]
 
 
 def _new(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Parameter:
@@ -67,7 +61,7 @@ class Fp8LinearMethod(QuantMethod):
             return  # 16-bit weights load as usual; process_weights_after_loading quantizes them
         out, k = layer.weight.shape
         layer.weight = _new((out, k), self.weight_dtype)
-        n = len(_shards(layer))
+        n = len(row_shards(layer))
         if self.weights == "channel":
             layer.weight_scale = _new((out, 1))
         elif self.weights == "tensor":
@@ -84,8 +78,8 @@ class Fp8LinearMethod(QuantMethod):
                 raise ValueError(f"fp8: {name} of {tuple(value.shape)} where a per-tensor scalar was expected.")
             param.data[index] = value.reshape(())  # a row-parallel or plain layer has one shard, index 0
             return
-        rows, start, size = _shards(layer)[index]
-        offset = sum(s[2] for s in _shards(layer)[:index])
+        rows, start, size = row_shards(layer)[index]
+        offset = sum(s[2] for s in row_shards(layer)[:index])
         if self.weights == "channel":
             if value.numel() != rows:
                 raise ValueError(f"fp8: per-channel weight_scale of {tuple(value.shape)} for {rows} output rows.")
@@ -97,8 +91,7 @@ class Fp8LinearMethod(QuantMethod):
         """This rank's rows [start, start + size) of a checkpoint's block grid, each row given its block's scales; a
         row-parallel layer also takes its input columns' blocks, which must start on a block boundary."""
         bn, bk = self.block
-        col = getattr(layer, "shard", None)  # a row-parallel layer's input columns
-        k_rows, k_start, k_size = (col.rows, col.start, col.size) if col else (layer.in_features, 0, layer.in_features)
+        k_rows, k_start, k_size = input_columns(layer)
         if tuple(grid.shape) != (-(-rows // bn), -(-k_rows // bk)):
             raise ValueError(f"fp8: weight_scale_inv grid {tuple(grid.shape)} does not match a [{rows}, {k_rows}] weight "
                              f"in {bn}x{bk} blocks.")
@@ -122,7 +115,7 @@ class Fp8LinearMethod(QuantMethod):
             layer.weight, layer.weight_scale = _new(q.shape, q.dtype), _new(scale.shape)
             layer.weight.data, layer.weight_scale.data = q, scale
         elif self.weights == "tensor":  # one scalar per fused shard -> one per output row
-            sizes = [s[2] for s in _shards(layer)]
+            sizes = [s[2] for s in row_shards(layer)]
             sizes_t = torch.tensor(sizes, device=weight.device)
             layer.weight_scale.data = layer.weight_scale.data.repeat_interleave(sizes_t).view(out, 1)
         if self.activations == "static":  # the fused shards share their input: one scale, the largest

@@ -21,21 +21,9 @@ from torch import nn
 
 from pagedllm.layers.sharding import Weight, read_whole
 from pagedllm.quantization import int_utils as iu
-from pagedllm.quantization.base import QuantMethod
+from pagedllm.quantization.base import QuantMethod, input_columns, row_shards
 
 KINDS = ("codes", "scales", "zeros", "g_idx", "shape")
-
-
-def _shards(layer: nn.Module) -> list[tuple[int, int, int]]:
-    """(checkpoint rows, start, size) of each checkpoint tensor fused into the layer's output rows."""
-    shards = getattr(layer, "shards", None)
-    return [(s.rows, s.start, s.size) for s in shards] if shards else [(layer.out_features, 0, layer.out_features)]
-
-
-def _columns(layer: nn.Module) -> tuple[int, int, int]:
-    """(checkpoint input features, start, size) of this rank's input columns."""
-    col = getattr(layer, "shard", None)
-    return (col.rows, col.start, col.size) if col else (layer.in_features, 0, layer.in_features)
 
 
 class IntWeightMethod(QuantMethod):
@@ -90,8 +78,8 @@ class IntWeightMethod(QuantMethod):
 
     def load_param(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
         kind = self.leaves[name]
-        rows, start, size = _shards(layer)[index]
-        k_rows, k_start, k_size = _columns(layer)
+        rows, start, size = row_shards(layer)[index]
+        k_rows, k_start, k_size = input_columns(layer)
         full = self.rows_view(kind, read_whole(weight))
         if kind == "shape":
             if tuple(full.tolist()) != (rows, k_rows):
@@ -113,7 +101,7 @@ class IntWeightMethod(QuantMethod):
                 raise ValueError(f"{self.name}: group size {group} does not divide this rank's first input column "
                                  f"{k_start}; use another tensor_parallel_size.")
             part = part[:, k_start // group : k_start // group + iu.group_count(k_size, group)]
-        offset = sum(s[2] for s in _shards(layer)[:index])
+        offset = sum(s[2] for s in row_shards(layer)[:index])
         target = param.data[offset : offset + size]
         if tuple(part.shape) != tuple(target.shape):
             raise ValueError(f"{self.name}: checkpoint {name} gives {tuple(part.shape)} for this layer's "
@@ -147,7 +135,7 @@ class IntWeightMethod(QuantMethod):
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """GPTQ's desc_act: input column k belongs to group g_idx[k], in no order. The codes' columns are sorted by
         group (so groups are contiguous again) and the activations' columns gathered the same way."""
-        k_rows, k_start, k_size = _columns(layer)
+        k_rows, k_start, k_size = input_columns(layer)
         local = g_idx.long() - k_start // group
         plain = torch.arange(k_size, device=g_idx.device) // group
         if torch.equal(local, plain):

@@ -15,7 +15,7 @@ import time
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from pagedllm.kernels import activation, gemv, int_gemm, norm, paged_attention, rope_kv_write, sampling
+from pagedllm.kernels import activation, gemv, gguf_gemm, int_gemm, norm, paged_attention, rope_kv_write, sampling
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -103,6 +103,7 @@ def other_builds() -> list[tuple[str, callable]]:
         builds.append((f"gemv split sums {dt}", lambda d=dt: build(
             gemv._sum_splits_kernel, {"part_ptr": "*fp32", "b_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4)))
     builds += int_weight_builds()
+    builds += gguf_builds()
     for dt, shift in (("bf16", 16), ("fp32", 0)):  # raw bf16 logits, or the float32 copy after logit edits
         types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
                  "min_p_ptr": "*fp32", "thresh_ptr": "*fp32"}
@@ -134,6 +135,31 @@ def int_weight_builds() -> list[tuple[str, callable]]:
                               BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PREC="tf32", UPCAST=False)
                 builds.append((f"int gemm {dt} x int{bits} weight {bm}x{bn}x{bk} group mode {mode}", lambda t=types,
                                c=consts, w=warps, st=stages: build(int_gemm._int_gemm_kernel, t, c, w, st)))
+    return builds
+
+
+def gguf_builds() -> list[tuple[str, callable]]:
+    """GGUF blocks (pagedllm/kernels/gguf_gemm.py), bf16 rows: every type's GEMV at one row (FMAs) and at several (the
+    dot) and its decode-sized GEMM tile; Q4_K and Q6_K (Q4_K_M files' types) also the prefill tile, and Q4_K fp16 rows
+    and a ragged K (masked block loads)."""
+    builds = []
+    for qtype in gguf_gemm._SHAPES:
+        consts = gguf_gemm._consts(qtype)
+        qk, name = consts["QK"], gguf_gemm.NAMES[qtype]
+        main = name in ("Q4_K", "Q6_K")
+        for dt in ("bf16", "fp16") if name == "Q4_K" else ("bf16",):
+            types = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
+            gemvs = ((1, 16, 1024, 8, True), (4, 32, 256, 4, True), (1, 8, 512, 4, False))
+            for rows, bn, bk, warps, even in gemvs if name == "Q4_K" else gemvs[:2]:
+                c = dict(consts, M_PAD=1 if rows == 1 else 16, HAS_BIAS=True, EVEN_K=even, BLOCK_N=bn,
+                         NB=max(bk, qk) // qk, PREC="tf32", UPCAST=False)
+                builds.append((f"gguf gemv {dt} x {name} {rows} rows BLOCK_K {bk}" + ("" if even else " ragged K"),
+                               lambda t=types, c=c, w=warps: build(gguf_gemm._gguf_gemv_kernel, t, c, w)))
+            for bm, bn, bk, warps in ((16, 64, 256, 4), (128, 64, 256, 8))[: 2 if main and dt == "bf16" else 1]:
+                c = dict(consts, HAS_BIAS=True, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, NB=max(bk, qk) // qk, GROUP_M=8,
+                         PREC="tf32", UPCAST=False)
+                builds.append((f"gguf gemm {dt} x {name} {bm}x{bn}x{bk}",
+                               lambda t=types, c=c, w=warps: build(gguf_gemm._gguf_gemm_kernel, t, c, w)))
     return builds
 
 

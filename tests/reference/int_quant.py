@@ -43,6 +43,7 @@ FORMATS = {
     "ct-w8a16": Format("ct-pack", 8, -1, True),
     "ct-w8a8": Format("ct-int8", 8, -1, True),
     "gptq-g128": Format("gptq", 4, 128, True),  # SmolLM2's quality runs: 576 = 4.5 groups
+    "gptq-g128-asym": Format("gptq", 4, 128, False),
     "ct-w4a16-g128": Format("ct-pack", 4, 128, True),
 }
 
@@ -94,10 +95,18 @@ def _groups(k: int, fmt: Format, seed: int) -> tuple[torch.Tensor, bool]:
     return group_of, fmt.kind == "gptq"
 
 
-def _write_linear(out: dict[str, torch.Tensor], module: str, w: torch.Tensor, fmt: Format, seed: int) -> torch.Tensor:
-    """Writes one linear's tensors; returns the float32 weight its codes stand for."""
+def _write_linear(out: dict[str, torch.Tensor], module: str, w: torch.Tensor, fmt: Format, seed: int,
+                  hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """Writes one linear's tensors (GPTQ's codes where the inputs' `hessian` is given, else rounded to nearest);
+    returns the float32 weight its codes stand for."""
     group_of, with_g_idx = _groups(w.shape[1], fmt, seed)
-    codes, scales, zeros = quantize(w, fmt, group_of)
+    if hessian is not None:
+        from tests.reference.calibrated import gptq
+
+        assert not fmt.act_order, "calibrated checkpoints keep their columns in order"
+        codes, scales, zeros = gptq(w, hessian, fmt)
+    else:
+        codes, scales, zeros = quantize(w, fmt, group_of)
     bits = fmt.bits
     if fmt.kind in ("gptq", "awq"):
         scales = scales.half().double()  # their scales are float16 in the checkpoint
@@ -160,15 +169,17 @@ def _copy_rest(src: str, dst: str, tensors: dict[str, torch.Tensor], qc: dict[st
     return dst
 
 
-def make_int_checkpoint(src: str, dst: str, name: str) -> tuple[str, str]:
-    """Writes `src`'s float model to `dst` in format `name`, and the float model its codes stand for to
-    `dst`-dequantized; returns both paths."""
+def make_int_checkpoint(src: str, dst: str, name: str, tensors: dict[str, torch.Tensor] | None = None,
+                        hessians: dict[str, torch.Tensor] | None = None) -> tuple[str, str]:
+    """Writes `src`'s float model (or `tensors`, its state dict changed: smoothed, say) to `dst` in format `name`,
+    and the float model its codes stand for to `dst`-dequantized; returns both paths. `hessians`: per module,
+    for GPTQ's codes (tests/reference/calibrated.py)."""
     fmt, ref = FORMATS[name], dst + "-dequantized"
     if os.path.exists(os.path.join(dst, "config.json")):
         return dst, ref
     os.makedirs(dst, exist_ok=True)
     os.makedirs(ref, exist_ok=True)
-    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors = tensors if tensors is not None else load_file(os.path.join(src, "model.safetensors"))
     out, deq = {}, {}
     for name_, t in sorted(tensors.items()):
         module, _, leaf = name_.rpartition(".")
@@ -177,7 +188,8 @@ def make_int_checkpoint(src: str, dst: str, name: str) -> tuple[str, str]:
             continue
         # act order sorts a layer's input columns by its Hessian, which q/k/v (and gate/up) share: one order each
         shared_input = module.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
-        deq[name_] = _write_linear(out, module, t.float(), fmt, seed=zlib.crc32(shared_input.encode()))
+        deq[name_] = _write_linear(out, module, t.float(), fmt, seed=zlib.crc32(shared_input.encode()),
+                                   hessian=None if hessians is None else hessians[module])
     _copy_rest(src, ref, deq, None)
     return _copy_rest(src, dst, out, quantization_config(fmt)), ref
 
