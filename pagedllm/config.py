@@ -47,6 +47,9 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # how ranks 1.. start: mp (default, one node) | ray
+    # Models that think in <think>...</think>: qwen3 | deepseek_r1. Structured outputs apply after the reasoning,
+    # and the server returns it as `reasoning_content`.
+    reasoning_parser: str | None = None
     # Filled in when the engine starts.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -96,6 +99,10 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1.")
         self._check_parallel()
+        if self.reasoning_parser is not None:
+            from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
+
+            get_reasoning_parser(self.reasoning_parser)  # an unknown name fails now
 
     def _check_quantization(self) -> None:
         """Resolves the method now, so that an unsupported one fails before any rank starts."""

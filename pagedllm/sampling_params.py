@@ -17,6 +17,45 @@ _GREEDY_EPS = 1e-5
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text, as vLLM's: exactly one of json (a JSON schema, dict or string), regex,
+    choice, grammar (EBNF/GBNF or Lark), json_object (any JSON object) or structural_tag (a JSON string)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False  # accepted for vLLM compatibility: xgrammar is the only backend
+    disable_any_whitespace: bool = False  # JSON: no free whitespace between tokens (compact output)
+    disable_additional_properties: bool = False  # JSON: objects get additionalProperties: false unless set
+    whitespace_pattern: str | None = None  # accepted for vLLM compatibility; xgrammar ignores it
+    structural_tag: str | None = None
+
+    _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self._KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs needs exactly one kind of constraint ({', '.join(self._KINDS)}); "
+                f"{'none' if not given else ', '.join(given)} given."
+            )
+        if self.choice is not None and (not self.choice or any(not isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings.")
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string.")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text).")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self._KINDS if getattr(self, k) not in (None, False))
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -39,6 +78,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (pagedllm/structured_output/)
     # Filled in by the engine: the model's EOS ids, which also stop the request unless ignore_eos.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -86,6 +126,8 @@ class SamplingParams:
             fail("stop", "must hold only non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             fail("seed", "must be an integer")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            fail("structured_outputs", "must be a StructuredOutputsParams")
 
     def verify_token_ids(self, vocab_size: int) -> None:
         """Checks the token ids the request names against the model's vocabulary."""

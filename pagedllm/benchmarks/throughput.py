@@ -26,11 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-len", type=int, default=None, help="random tokens shared by every prompt, before its own --input-len (default 0)")
     parser.add_argument("--compare-prefix-caching", action="store_true",
                         help="also run pagedllm with prefix caching flipped (off if on), in this process, and report the speed-up")
+    parser.add_argument("--structured-output", choices=["json"], default=None,
+                        help="run the batch with every request held to a JSON schema, then free with the same output "
+                             "lengths; report the tokens/s ratio and grammar compile times")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch size of the hf backend (default: 256, the largest that fits an 8B model on an 80 GB GPU)")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup = prepare(args, "throughput")
+    if args.structured_output:
+        from pagedllm.benchmarks.structured import run_structured
+
+        print(describe(setup))
+        figures = run_structured(setup, args.num_prompts, args.output_len, args.temperature)
+        return finish("throughput", args, setup, {"structured_output": figures})
     requests = make_requests(args.num_prompts, args.input_len, args.output_len, setup.token_pool, args.seed, args.prefix_len)
     print(describe(setup))
     print(_describe_workload(args, requests))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.engine.request import Request, RequestStatus
@@ -29,6 +30,7 @@ class SchedulerOutput:
     # steps (decodes) first, then prompt chunks.
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    grammar_bitmask: Any = None  # GrammarBitmask of the constrained sampled rows, set by the engine; None: none
 
     @property
     def num_tokens(self) -> int:
@@ -80,8 +82,12 @@ class Scheduler:
                 budget -= num_new
                 i += 1
             # else: `request` itself was preempted (it was the newest), and the loop ends.
+        skipped: list[Request] = []  # grammars still compiling: they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             request = self.waiting[0]
+            if request.structured_output is not None and not request.structured_output.ready:
+                skipped.append(self.waiting.popleft())
+                continue
             if request.num_pending:  # preempted with a token in flight: wait until it lands
                 break
             cached = self.kv_cache.find_cached_blocks(request)  # it holds no blocks: computed == 0
@@ -104,6 +110,8 @@ class Scheduler:
             self.running.append(request)
             (decodes if num_new == 1 else chunks).append((request, num_new))
             budget -= num_new
+        if skipped:
+            self.waiting.extendleft(reversed(skipped))
         out.scheduled = decodes + chunks
         return out
 

@@ -41,6 +41,7 @@ from pagedllm.executor.workers import FailureCallback, Workers, start_workers
 from pagedllm.logger import get_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.structured_output import StructuredOutputManager
 from pagedllm.worker.model_runner import ModelRunner
 from pagedllm.worker.step_output import StepHandle
 
@@ -124,6 +125,11 @@ class LLMEngine:
         self.prompt_tokens = self.generation_tokens = 0
         self._inflight: deque[StepHandle] = deque()  # launched steps whose tokens are not yet processed, oldest first
         self._num_penalized = 0  # unfinished requests with penalties: while any, steps run synchronously
+        # Constrained decoding: a matcher must see a row's token before the next step's mask, so such steps run
+        # synchronously too (like penalties); steps without constrained rows are untouched.
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                                         config.max_num_seqs, config.reasoning_parser)
+        self._num_constrained = 0
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
@@ -140,6 +146,8 @@ class LLMEngine:
         if salt is not None and not isinstance(salt, str):
             raise ValueError("cache_salt must be a string.")
         max_tokens = self._validate(token_ids, params)
+        # Parsed now (an invalid schema is this ValueError); compiled on a worker while the request waits.
+        grammar = None if params.structured_outputs is None else self.structured_output.validate(params.structured_outputs)
         children = []
         for i in range(params.n):
             child_params = params.clone()
@@ -160,6 +168,9 @@ class LLMEngine:
         for request in children:
             self.requests[request.request_id] = request
             self._num_penalized += request.params.needs_penalties
+            if grammar is not None:
+                self.structured_output.add_request(request, grammar)  # each sample has its own matcher
+                self._num_constrained += 1
             self.scheduler.add_request(request)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -225,7 +236,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         touched: dict[str, _Group] = {g.request_id: g for g in self._aborted}
         self._aborted = []
-        overlap = bool(self.config.async_scheduling) and not self._num_penalized
+        if self._num_constrained:
+            self._fail_grammars(touched)
+        overlap = bool(self.config.async_scheduling) and not self._num_penalized and not self._num_constrained
         depth = self.config.steps_in_flight if overlap else 0  # launched steps left unprocessed when step() returns
         inflight = self._inflight
         while len(inflight) > depth:
@@ -235,6 +248,8 @@ class LLMEngine:
             inflight.append(self._launch(sched))
         elif inflight:  # all that can run is in flight
             self._process(inflight.popleft(), touched)
+        elif self.structured_output.num_waiting:  # only grammars still compiling: wait for one, do not spin
+            self.structured_output.wait(0.05)
         # The oldest step's tokens, while the newer ones run (at once if nothing is left to wait for).
         while len(inflight) > depth or (inflight and not self.requests):
             self._process(inflight.popleft(), touched)
@@ -253,6 +268,8 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.check_alive()
         prev = self._inflight[-1] if self._inflight and not self.scheduler.disjoint_steps else None  # tokens in flight come from it
+        if self._num_constrained:
+            sched.grammar_bitmask = self.structured_output.grammar_bitmask(sched)
         handle = self.runner.execute(sched, self.kv_cache, prev)
         for request, num_new in sched.scheduled:
             computed = request.num_computed_tokens
@@ -292,12 +309,23 @@ class LLMEngine:
             request.logprobs.append(logprobs)
             request.cumulative_logprob += logprobs[token].logprob
         stop = self._check_stop(request, token)
+        if request.structured_output is not None and self.structured_output.accept(request, token) and stop is None:
+            stop = RequestStatus.FINISHED_STOPPED  # the grammar has ended (a stop token, or ignore_eos past the end)
         if request.detokenizer is not None:
             stop_string = request.detokenizer.update([token], stop is RequestStatus.FINISHED_STOPPED)
             if stop_string is not None and stop is None:
                 request.stop_reason, stop = stop_string, RequestStatus.FINISHED_STOPPED
         if stop is not None:
             self._finish(request, stop)
+
+    def _fail_grammars(self, touched: dict[str, _Group]) -> None:
+        """Ends the requests whose grammar failed to compile (their constraint had parsed, so this is rare)."""
+        for request in self.structured_output.update():
+            logger.error("request %s: grammar compilation failed: %s", request.request_id, request.structured_output.error)
+            request.stop_reason = f"grammar compilation failed: {request.structured_output.error}"
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            key = request.parent_id or request.request_id
+            touched[key] = self.groups[key]
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params, num_output = request.params, len(request.output_token_ids)
@@ -318,6 +346,7 @@ class LLMEngine:
         self.scheduler.finish_request(request, status)
         request.metrics.finished_time = time.time()
         self._num_penalized -= request.params.needs_penalties
+        self._num_constrained -= request.structured_output is not None
         self.groups[request.parent_id or request.request_id].num_unfinished -= 1
 
     # ---- outputs --------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class Request:
     logprobs: list[LogprobsDict] | None = None
     prompt_logprobs: list[LogprobsDict | None] | None = None
     detokenizer: Any = None
+    structured_output: Any = None  # StructuredOutputRequest: the sample's grammar and matcher, when constrained
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
 
     def __post_init__(self) -> None:

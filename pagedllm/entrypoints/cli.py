@@ -18,7 +18,9 @@ _HELP = {
     "dtype": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16",
     "kv_cache_memory": "bytes for the KV cache (default: 4 GiB on CPU, --gpu-memory-utilization on CUDA)",
     "load_format": "auto | safetensors | dummy (random weights of the model's shape)",
-    "quantization": "fp8: quantize a 16-bit checkpoint's weights at load (default: as the checkpoint's config.json says)",
+    "quantization": "fp8: quantize a 16-bit checkpoint's weights at load; gptq, awq, compressed-tensors, gguf: the "
+                    "checkpoint's format, read from its config.json without the flag (with --load-format dummy: random "
+                    "weights quantized at load into that layout)",
     "kv_cache_dtype": "auto (the model's dtype) | fp8 | fp8_e4m3: the KV cache in float8, twice the blocks of bf16",
     "max_num_seqs": "most sequences in one step (default 512 on CUDA, 256 on CPU)",
     "max_num_batched_tokens": "token budget of one step (default 16384 on CUDA, 2048 on CPU)",
@@ -28,6 +30,7 @@ _HELP = {
     "pipeline_parallel_size": "split the layers into M contiguous stages, one per rank group",
     "data_parallel_size": "serve with K engine replicas (each with its own TP x PP world), requests balanced by load",
     "disable_custom_all_reduce": "NCCL for every tensor-parallel all-reduce (default: small ones go one-shot through NVLink symmetric memory)",
+    "reasoning_parser": "qwen3 | deepseek_r1: the model reasons in <think>...</think> (reasoning_content; grammars apply after it)",
     "distributed_executor_backend": "how ranks 1.. of a parallel engine start: mp (default) | ray (actors on a Ray cluster)",
 }
 

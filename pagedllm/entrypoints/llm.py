@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -134,8 +135,10 @@ class LLM:
 def render_chat(
     tokenizer: Any, messages: Conversation, chat_template: str | None = None,
     add_generation_prompt: bool = True, continue_final_message: bool = False,
+    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any,
 ) -> dict[str, Any]:
-    """A conversation as a token prompt; the template already holds any BOS, so none is added again."""
+    """A conversation as a token prompt; the template already holds any BOS, so none is added again. `tools` (OpenAI
+    function specs) and `template_kwargs` (e.g. enable_thinking) go to the template as variables."""
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer; this engine was started with skip_tokenizer_init=True.")
     if not messages:
@@ -143,7 +146,25 @@ def render_chat(
     if continue_final_message and add_generation_prompt:
         add_generation_prompt = False
     text = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False,
-        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+        [_template_message(m) for m in messages], chat_template=chat_template, tokenize=False, tools=tools or None,
+        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message, **template_kwargs,
     )
     return {"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Assistant tool calls with their arguments as objects, as templates (Llama 3, Qwen) iterate them; OpenAI sends
+    them as JSON text."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    fixed = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except ValueError:
+                pass  # left as text: the template gets what the client sent
+        fixed.append({**call, "function": function})
+    return {**message, "tool_calls": fixed}

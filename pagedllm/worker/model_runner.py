@@ -236,6 +236,8 @@ class ModelRunner:
         logprobs = None
         if requests:
             logits = self.compute_logits(rows)
+            if sched.grammar_bitmask is not None:  # constrained rows: tokens their grammar forbids -> -inf
+                sched.grammar_bitmask.apply(logits)
             # The raw logits, in the model's dtype: the sampler upcasts only where it must.
             if all(r.plain_greedy for r in requests):
                 result = self.sampler(logits, SamplingBatch(len(requests), self.vocab_size, all_greedy=True))

@@ -44,6 +44,7 @@ FORMATS = {
     "ct-w8a8": Format("ct-int8", 8, -1, True),
     "gptq-g128": Format("gptq", 4, 128, True),  # SmolLM2's quality runs: 576 = 4.5 groups
     "gptq-g128-asym": Format("gptq", 4, 128, False),
+    "gptq-g32-asym": Format("gptq", 4, 32, False),
     "ct-w4a16-g128": Format("ct-pack", 4, 128, True),
 }
 

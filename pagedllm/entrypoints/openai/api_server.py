@@ -54,6 +54,9 @@ class ServerSettings(BaseModel):
     api_key: str | None = None
     max_n: int = 16
     max_request_body_bytes: int = 8 << 20
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 class _Guard:
@@ -96,7 +99,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     app.state.engine = engine
     app.add_middleware(_Guard, api_key=settings.api_key, fastapi_app=app)
     completions = CompletionServing(engine, settings.model_names, settings.max_n)
-    chats = ChatServing(engine, settings.model_names, settings.max_n)
+    chats = ChatServing(engine, settings.model_names, settings.max_n, settings.enable_auto_tool_choice,
+                        settings.tool_call_parser, settings.reasoning_parser)
     base = OpenAIServing(engine, settings.model_names, settings.max_n)
     max_model_len = engine.config.max_model_len or 0
 
@@ -237,6 +241,8 @@ def run_server(args: argparse.Namespace) -> None:
     settings = ServerSettings(
         model_names=names, model_path=engine_config.model_path, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         max_n=args.max_n, max_request_body_bytes=args.max_request_body_bytes,
+        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=engine_config.reasoning_parser,
     )
     app = build_app(async_engine, settings, metrics)
     config = uvicorn.Config(

@@ -23,12 +23,20 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     group.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     group.add_argument("--max-request-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    group.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                       help="how the model writes tool calls: hermes (Qwen2.5/Qwen3 <tool_call>), llama3_json")
+    group.add_argument("--structured-outputs-backend", default="xgrammar", choices=["xgrammar", "auto"],
+                       help="constrained-decoding backend (xgrammar; auto = xgrammar)")
     group.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.set_defaults(func=_run)
     return parser
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json).")
     from pagedllm.entrypoints.openai.api_server import run_server  # heavy imports only when serving
 
     run_server(args)

@@ -20,7 +20,7 @@ from pagedllm.engine.detokenizer import decode_token
 from pagedllm.engine.llm_engine import PromptType
 from pagedllm.entrypoints.openai.protocol import PROMPT_FORMS, ErrorInfo, ErrorResponse, SamplingRequest
 from pagedllm.outputs import LogprobsDict
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -62,9 +62,10 @@ _PARAM_ALIASES = {"prompt_token_ids": "prompt"}
 
 def value_error(error: ValueError, aliases: dict[str, str] | None = None) -> APIError:
     match = _PARAM_RE.match(str(error))
-    param = match.group(1) if match else None
-    param = {**_PARAM_ALIASES, **(aliases or {})}.get(param or "", param)
-    return APIError(str(error), 400, param=param)
+    named = match.group(1) if match else None
+    param = {**_PARAM_ALIASES, **(aliases or {})}.get(named or "", named)
+    message = str(error) if param == named else str(error).replace(named, param, 1)  # the field the client sent
+    return APIError(message, 400, param=param)
 
 
 def engine_error(error: BaseException, aliases: dict[str, str] | None = None) -> APIError:
@@ -140,7 +141,8 @@ class OpenAIServing:
             raise APIError(f"n must be at most {self.max_n}, got {request.n}.", 400, param="n")
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         bias = None
         if request.logit_bias:
             try:
@@ -158,7 +160,7 @@ class OpenAIServing:
                 repetition_penalty=request.repetition_penalty, logit_bias=bias, ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 include_stop_str_in_output=request.include_stop_str_in_output,
-                skip_special_tokens=request.skip_special_tokens,
+                skip_special_tokens=request.skip_special_tokens, structured_outputs=structured_outputs,
             )
         except ValueError as error:
             raise value_error(error) from None

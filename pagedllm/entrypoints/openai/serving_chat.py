@@ -18,14 +18,19 @@ from pagedllm.entrypoints.openai.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatLogprobToken, ChatMessage, ChatStreamChoice, DeltaMessage, TopLogprob, UsageInfo, random_id,
 )
+from pagedllm.entrypoints.openai.choice_parsers import ChoiceParsers, merge_delta
+from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
 from pagedllm.entrypoints.openai.serving_base import (
     APIError, OpenAIServing, SSEResponse, clamp, json_response, token_text, top_entries,
 )
+from pagedllm.entrypoints.openai.structured import named_tool, structured_outputs_of, tool_choice_mode, tool_constraint
+from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser
 from pagedllm.outputs import CompletionOutput, LogprobsDict, RequestOutput
 
 
 def render_messages(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
-                    continue_final_message: bool) -> dict[str, Any]:
+                    continue_final_message: bool, tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The conversation as a token prompt, or a 400 naming what is wrong with it."""
     if tokenizer is None:
         raise APIError("chat needs a tokenizer; this server was started with --skip-tokenizer-init.", 400, param="messages")
@@ -38,7 +43,8 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage], add_generation_
     if continue_final_message and rendered[-1].get("role") != "assistant":
         raise APIError("continue_final_message needs the last message to be the assistant's.", 400, param="continue_final_message")
     try:
-        return render_chat(tokenizer, rendered, None, add_generation_prompt, continue_final_message)
+        return render_chat(tokenizer, rendered, None, add_generation_prompt, continue_final_message, tools,
+                           **(template_kwargs or {}))
     except Exception as error:  # noqa: BLE001 - template errors (jinja, a missing role...) are the request's fault
         raise APIError(f"messages could not be rendered with the chat template: {error}", 400, param="messages") from None
 
@@ -47,6 +53,7 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage], add_generation_
 class _Accumulator:
     request: ChatCompletionRequest
     tokenizer: Any
+    parsers: ChoiceParsers | None = None  # reasoning / tool-call parsing; None: content as generated
     started: set[int] = field(default_factory=set)
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -64,8 +71,16 @@ class _Accumulator:
         logprobs = None
         if self.request.logprobs:
             logprobs = ChatLogprobs(content=self._logprobs(completion.logprobs or [], completion.token_ids))
-        return ChatStreamChoice(index=completion.index, delta=DeltaMessage(role=role, content=completion.text),
-                                logprobs=logprobs, finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+        finish_reason = completion.finish_reason
+        if self.parsers is None:
+            delta = DeltaMessage(role=role, content=completion.text)
+        else:
+            delta = self.parsers.delta(completion.index, completion.text, finish_reason is not None)
+            delta.role = role
+            if finish_reason == "stop" and self.parsers.tool_calls_finish(completion.index):
+                finish_reason = "tool_calls"
+        return ChatStreamChoice(index=completion.index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                stop_reason=completion.stop_reason)
 
     def _logprobs(self, entries: list[LogprobsDict], token_ids: list[int]) -> list[ChatLogprobToken]:
         out = []
@@ -84,19 +99,46 @@ class _Accumulator:
 
 
 class ChatServing(OpenAIServing):
+    def __init__(self, engine: Any, model_names: list[str], max_n: int, enable_auto_tools: bool = False,
+                 tool_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+        super().__init__(engine, model_names, max_n)
+        self.enable_auto_tools = enable_auto_tools
+        self.tool_parser = None if tool_parser is None else get_tool_parser(tool_parser)(self.tokenizer)
+        self.reasoning_parser = None if reasoning_parser is None else get_reasoning_parser(reasoning_parser)(self.tokenizer)
+
+    def _tool_mode(self, request: ChatCompletionRequest) -> str:
+        mode = tool_choice_mode(request)
+        if mode != "none" and not request.tools:
+            raise APIError("tool_choice needs tools: give the functions the model may call.", 400, param="tool_choice")
+        if mode == "auto" and (not self.enable_auto_tools or self.tool_parser is None):
+            raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                           400, param="tool_choice")
+        return mode
+
     async def create(self, request: ChatCompletionRequest, arrival_time: float) -> Response:
         self.check_request(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs=true.", 400, param="top_logprobs")
-        prompt = render_messages(self.tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message)
+        mode = self._tool_mode(request)
+        constraint, constraint_field = structured_outputs_of(request)
+        forced = tool_constraint(request, mode)
+        if forced is not None and constraint is not None:
+            raise APIError(f"{constraint_field} cannot be combined with tool_choice {mode!r}.", 400, param=constraint_field)
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+        prompt = render_messages(self.tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message,
+                                 tools, request.chat_template_kwargs)
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens, logprobs)
+        params = self.sampling_params(request, max_tokens, logprobs, structured_outputs=forced or constraint)
         request_id = random_id("chatcmpl")
-        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, {"prompt": "messages", "max_tokens": max_field},
-                                      request.cache_salt)
-        acc = _Accumulator(request, self.tokenizer)
+        aliases = {"prompt": "messages", "max_tokens": max_field, "structured_outputs": constraint_field or "tools"}
+        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, aliases, request.cache_salt)
+        parsers = None
+        if self.reasoning_parser is not None or mode != "none":
+            named = named_tool(request).function.name if mode == "named" else None
+            parsers = ChoiceParsers(self.reasoning_parser, prompt.get("prompt"), mode, self.tool_parser, named)
+        acc = _Accumulator(request, self.tokenizer, parsers)
         created = int(time.time())
         if request.stream:
             def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
@@ -119,9 +161,12 @@ class ChatServing(OpenAIServing):
                     index=delta.index, message=AssistantMessage(content=""),
                     logprobs=ChatLogprobs(content=[]) if acc.request.logprobs else None,
                 )
-            choice.message.content += delta.delta.content or ""
+            merge_delta(choice.message, delta.delta)
             if choice.logprobs is not None and delta.logprobs is not None:
                 choice.logprobs.content = (choice.logprobs.content or []) + (delta.logprobs.content or [])
             if delta.finish_reason is not None:
                 choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+        if acc.parsers is not None:  # parsed replies say null, not "", where a part is empty (as vLLM)
+            for choice in choices.values():
+                choice.message.content = choice.message.content or None
         return choices

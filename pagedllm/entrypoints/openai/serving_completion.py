@@ -21,6 +21,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_base import (
     APIError, OpenAIServing, SSEResponse, clamp, engine_error, json_response, token_text, with_cache_salt,
 )
+from pagedllm.entrypoints.openai.structured import structured_outputs_of
 from pagedllm.outputs import LogprobsDict, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams
 
@@ -107,9 +108,11 @@ class CompletionServing(OpenAIServing):
         if request.use_beam_search:
             return await self._beam_search(request, prompts)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = self.sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs)
+        constraint, field = structured_outputs_of(request)
+        params = self.sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs, constraint)
         request_id = random_id("cmpl")
-        stream, ids = await self.submit(request_id, prompts, params, arrival_time, cache_salt=request.cache_salt)
+        stream, ids = await self.submit(request_id, prompts, params, arrival_time, {"structured_outputs": field or "structured_outputs"},
+                                        cache_salt=request.cache_salt)
         acc = _Accumulator(request, ids, self.tokenizer)
         created = int(time.time())
         if request.stream:
