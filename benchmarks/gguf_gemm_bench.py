@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-from gemm_bench import layer_shapes, time_graph
+import _kernel_bench as kb
 from pagedllm.kernels.gguf_gemm import GEMV_ROWS, gguf_gemm, gguf_gemm_config, gguf_gemv, gguf_gemv_config
-from pagedllm.kernels.norm import rms_norm
 from pagedllm.quantization import gguf as g
 
 # GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages, splits); GEMM: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
@@ -36,100 +34,37 @@ SWEEPS = {
 }
 
 
-def sweep_configs(rows: int) -> list[tuple[int, ...]]:
-    if rows == 1:
-        return SWEEPS["gemv 1"]
-    if rows <= GEMV_ROWS:
-        return SWEEPS["gemv 16"]
-    if rows <= 64:
-        bm = max(16, 1 << (rows - 1).bit_length())
-        return [(bm, *c[1:]) for c in SWEEPS["gemm 64"]]
-    return SWEEPS["gemm big"]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="llama3-8b")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256, 1024, 4096])
-    parser.add_argument("--layers", nargs="+", default=["qkv", "o", "gate_up", "down"])
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K", "Q8_0"], choices=list(g.NAMES.values()))
-    parser.add_argument("--sweep", action="store_true", help="time every tile of the SWEEPS lists too")
-    args = parser.parse_args()
-    from transformers import AutoConfig
-
-    from pagedllm.benchmarks.workloads import shape_dir
-
-    config = AutoConfig.from_pretrained(shape_dir(args.model))
-    for name in args.layers:
-        bench_layer(args, *layer_shapes(config)[name], name)
 
 
 def bench_layer(args: argparse.Namespace, k: int, n: int, name: str) -> None:
     """Every row count and kernel of one [n, k] layer (its weights freed on return)."""
     dt = torch.bfloat16
     by_name = {v: t for t, v in g.NAMES.items()}
-
-    def copies(bytes_per_weight: float) -> int:  # > 400 MB of weights per replay: several times the L2
-        return max(2, -(-400_000_000 // int(bytes_per_weight * n * k)))
-
-    weights = [torch.randn(n, k, device="cuda", dtype=dt) * k**-0.5 for _ in range(copies(2))]
+    weights = [torch.randn(n, k, device="cuda", dtype=dt) * k**-0.5 for _ in range(kb.copies(2, n, k))]
     blocks = {}  # type -> (raw copies, the dequantized bf16 weight for the reference, bytes per weight)
     for type_name in args.types:
         qtype = by_name[type_name]
         raw = g.random_blocks(qtype, n, k, torch.Generator(device="cuda").manual_seed(qtype), "cuda")
         per_weight = g.BLOCKS[qtype][1] / g.BLOCKS[qtype][0]
-        blocks[qtype] = ([raw.clone() for _ in range(copies(per_weight))], g.dequantize(raw, qtype, k).to(dt),
+        blocks[qtype] = ([raw.clone() for _ in range(kb.copies(per_weight, n, k))], g.dequantize(raw, qtype, k).to(dt),
                          per_weight)
-    norm_w = torch.ones(k, device="cuda", dtype=dt)
-    for rows in args.rows:
-        x = torch.randn(rows, k, device="cuda", dtype=dt)
-        out = torch.empty(rows, n, device="cuda", dtype=dt)
-        norm_us = time_graph(lambda: rms_norm(x, norm_w, 1e-6), iters=4, seconds=0.2) * 1e6
-        h = rms_norm(x, norm_w, 1e-6).float()
-        kernel = "gemv" if rows <= GEMV_ROWS else "gemm"
-        runs: list[tuple[str, int | None, tuple | None]] = [("cublas bf16", None, None)]
-        for qtype in blocks:
-            default = (gguf_gemv_config if rows <= GEMV_ROWS else gguf_gemm_config)(rows, n, k, qtype)
-            runs.append((f"{g.NAMES[qtype]} {kernel}", qtype, default))
+
+    def runs(rows: int, out: torch.Tensor) -> list[kb.Run]:
+        kernel, config, product = ("gemv", gguf_gemv_config, gguf_gemv) if rows <= GEMV_ROWS else \
+            ("gemm", gguf_gemm_config, gguf_gemm)
+        found = []
+        for qtype, (raws, ref_w, w_bytes) in blocks.items():
+            tiles = [(f"{g.NAMES[qtype]} {kernel}", config(rows, n, k, qtype))]
             if args.sweep:
-                runs += [(f"{g.NAMES[qtype]} {kernel} {c}", qtype, c) for c in sweep_configs(rows)]
-        for label, qtype, tile in runs:
-            if qtype is None:
-                ref_w, w_bytes, n_copies = weights[-1], 2.0, len(weights)
+                tiles += [(f"{g.NAMES[qtype]} {kernel} {c}", c) for c in kb.sweep_configs(SWEEPS, rows, GEMV_ROWS)]
+            found += [kb.Run(label, raws, partial(product, qtype=qtype, out=out, config=tile), ref_w, w_bytes)
+                      for label, tile in tiles]
+        return found
 
-                def step() -> None:
-                    for w in weights:
-                        F.linear(rms_norm(x, norm_w, 1e-6), w, out=out)
-            else:
-                raws, ref_w, w_bytes = blocks[qtype]
-                n_copies = len(raws)
-
-                def step(raws=raws, qtype=qtype, tile=tile) -> None:
-                    for raw in raws:
-                        hh = rms_norm(x, norm_w, 1e-6)
-                        if rows <= GEMV_ROWS:
-                            gguf_gemv(hh, raw, qtype, out=out, config=tile)
-                        else:
-                            gguf_gemm(hh, raw, qtype, out=out, config=tile)
-            try:
-                step()  # the last copy's product, checked before it is timed
-                torch.cuda.synchronize()
-                ref = h @ ref_w.float().T
-                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                if not err < 2e-2:
-                    raise RuntimeError(f"wrong result: relative error {err:.3g}")
-                us = time_graph(step, iters=1, seconds=0.1) / n_copies * 1e6
-            except Exception as exc:  # a tile too large for shared memory, say
-                print(json.dumps({"model": args.model, "layer": name, "rows": rows, "kernel": label,
-                                  "error": str(exc)[:160]}), flush=True)
-                continue
-            lin = max(us - norm_us, 1e-3)
-            print(json.dumps({"model": args.model, "layer": name, "rows": rows, "kernel": label, "n": n, "k": k,
-                              "norm_plus_linear_us": round(us, 2), "linear_us": round(lin, 2),
-                              "TFLOPs": round(2 * rows * n * k / lin / 1e6, 1),
-                              "weight_TBps": round(w_bytes * n * k / lin / 1e6, 2), "rel_err": round(err, 5)}),
-                  flush=True)
+    kb.bench_rows(args, name, n, k, weights, runs)
 
 
 if __name__ == "__main__":
-    main()
+    kb.main(add_args, bench_layer)

@@ -7,6 +7,8 @@
 #   gguf-gemm (GGUF Q4_K/Q6_K/Q8_0 block GEMV and GEMM against cuBLAS bf16 at Llama-3-8B's shapes; gguf-gemm-sweep
 #   also times every tile), gguf-L1 (L1 decode latency on the 8B shape, random Q4_K_M blocks against bf16; the issue's
 #   target is >= 1.8x),
+#   moe (fused MoE kernel tests, then benchmarks/moe_bench.py at the qwen3-30b-a3b and mixtral-8x7b shapes; moe-sweep
+#   also times every tile and prints TUNED entries for pagedllm/kernels/fused_moe.py),
 #   serve-curve (`pagedllm serve` on the 8B shape, random weights, SmolLM2's tokenizer: TTFT/TPOT at 10-40 req/s
 #   and all at once, plot in $out/serve-curve.html)
 # Each stage prints its figures; with $OUT set, JSON results land there too.
@@ -21,6 +23,31 @@ mkdir -p "$out"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(kernels identity W1 W2 L1 P1 cache-cost)
 bench() { python -m pagedllm.entrypoints.cli bench "$@"; }
+# The int-gemm and gguf-gemm stages' summary of their bench's JSON lines (file, then the weight formats' label
+# prefixes): per layer and row count, cuBLAS's time, each default kernel's and its speed-up, each format's best tile.
+gemm_summary() {
+  python - "$@" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:
+    if "error" in r and "(" not in r["kernel"]:  # a default kernel failed (sweep tiles may, e.g. out of shared memory)
+        print("FAILED", r["layer"], r["rows"], r["kernel"], r["error"])
+ok = [r for r in rows if "linear_us" in r]
+for key in dict.fromkeys((r["layer"], r["rows"]) for r in ok):
+    runs = {r["kernel"]: r for r in ok if (r["layer"], r["rows"]) == key}
+    cublas = runs["cublas bf16"]["linear_us"]
+    line = [f"{key[0]:8} rows {key[1]:5}: cublas bf16 {cublas} us"]
+    for label, r in runs.items():
+        if label != "cublas bf16" and "(" not in label:
+            line.append(f"{label} {r['linear_us']} us ({cublas / r['linear_us']:.2f}x, {r['weight_TBps']} TB/s)")
+    for prefix in sys.argv[2:]:
+        tiles = [r for label, r in runs.items() if label.startswith(prefix) and "(" in label]
+        if tiles:
+            best = min(tiles, key=lambda r: r["linear_us"])
+            line.append(f"best {prefix} tile {best['kernel'].split(' ', 2)[2]} {best['linear_us']} us")
+    print("; ".join(line) + f"; max rel err {max(r['rel_err'] for r in runs.values())}")
+PY
+}
 for stage in "${stages[@]}"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -51,56 +78,20 @@ for key in dict.fromkeys((r["model"], r["layer"], r["rows"]) for r in rows):
     print(*key, f"cublas {cublas} us; gemv {gemv} us; best {ok[0]['kernel']} {ok[0]['linear_us']} us; max rel err {max(r['rel_err'] for r in ok)}")
 PY
       ;;
+    moe|moe-sweep)  # the fused MoE kernel's tests, then its time/bytes/FLOPs at both MoE shapes against a torch loop
+      python -m pytest tests/kernels/test_fused_moe.py tests/test_moe.py -q -x 2>&1 | tail -3
+      sweep=$([ "$stage" = moe-sweep ] && echo --sweep)
+      python benchmarks/moe_bench.py $sweep | tee "$out/$stage.jsonl" | grep -v '"tile ' ;;
     int-gemm|int-gemm-sweep)
       sweep=$([ "$stage" = int-gemm-sweep ] && echo --sweep)
       python benchmarks/int_gemm_bench.py --model llama3-8b $sweep > "$out/$stage.jsonl"
-      python - "$out/$stage.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-for r in rows:
-    if "error" in r and "(" not in r["kernel"]:  # a default kernel failed (sweep tiles may, e.g. out of shared memory)
-        print("FAILED", r["layer"], r["rows"], r["kernel"], r["error"])
-ok = [r for r in rows if "linear_us" in r]
-for key in dict.fromkeys((r["layer"], r["rows"]) for r in ok):
-    runs = {r["kernel"]: r for r in ok if (r["layer"], r["rows"]) == key}
-    cublas = runs["cublas bf16"]["linear_us"]
-    line = [f"{key[0]:8} rows {key[1]:5}: cublas bf16 {cublas} us"]
-    for label, r in runs.items():
-        if label != "cublas bf16" and "(" not in label:
-            line.append(f"{label} {r['linear_us']} us ({cublas / r['linear_us']:.2f}x)")
-    for bits in (4, 8):
-        tiles = [r for label, r in runs.items() if label.startswith(f"w{bits}a16") and "(" in label]
-        if tiles:
-            best = min(tiles, key=lambda r: r["linear_us"])
-            line.append(f"best w{bits} tile {best['kernel'].split(' ', 2)[2]} {best['linear_us']} us")
-    print("; ".join(line) + f"; max rel err {max(r['rel_err'] for r in runs.values())}")
-PY
+      gemm_summary "$out/$stage.jsonl" w4 w8
       ;;
     gguf-gemm|gguf-gemm-sweep)
       python -m pytest tests/kernels/test_gguf_gemm.py -q -x 2>&1 | tail -3
       sweep=$([ "$stage" = gguf-gemm-sweep ] && echo --sweep)
       python benchmarks/gguf_gemm_bench.py --model llama3-8b $sweep > "$out/$stage.jsonl"
-      python - "$out/$stage.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-for r in rows:
-    if "error" in r and "(" not in r["kernel"]:  # a default kernel failed (sweep tiles may, e.g. out of shared memory)
-        print("FAILED", r["layer"], r["rows"], r["kernel"], r["error"])
-ok = [r for r in rows if "linear_us" in r]
-for key in dict.fromkeys((r["layer"], r["rows"]) for r in ok):
-    runs = {r["kernel"]: r for r in ok if (r["layer"], r["rows"]) == key}
-    cublas = runs["cublas bf16"]["linear_us"]
-    line = [f"{key[0]:8} rows {key[1]:5}: cublas bf16 {cublas} us"]
-    for label, r in runs.items():
-        if label != "cublas bf16" and "(" not in label:
-            line.append(f"{label} {r['linear_us']} us ({cublas / r['linear_us']:.2f}x, {r['weight_TBps']} TB/s)")
-    for qtype in ("Q4_K", "Q6_K", "Q8_0"):
-        tiles = [r for label, r in runs.items() if label.startswith(qtype) and "(" in label]
-        if tiles:
-            best = min(tiles, key=lambda r: r["linear_us"])
-            line.append(f"best {qtype} tile {best['kernel'].split(' ', 2)[2]} {best['linear_us']} us")
-    print("; ".join(line) + f"; max rel err {max(r['rel_err'] for r in runs.values())}")
-PY
+      gemm_summary "$out/$stage.jsonl" Q4_K Q6_K Q8_0
       ;;
     gguf-L1)
       bench latency --workload L1 --model llama3-8b --output-json "$out/L1-llama3-8b-bf16.json" | tail -4

@@ -88,10 +88,13 @@ class AttentionBackend(Protocol):
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
         out: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+        sliding_window: int | None = None, soft_cap: float | None = None,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over each request's
         cached context (this step's keys included); returns [num_tokens, num_heads, head_dim],
-        in `out` when given. k_scale, v_scale: a float8 cache's scales (1.0 for any other)."""
+        in `out` when given. k_scale, v_scale: a float8 cache's scales (1.0 for any other).
+        sliding_window W: the query at position p sees only keys in (p - W, p]; soft_cap c: scores s
+        become c * tanh(s / c) before masking and softmax (the layer's options; None: off)."""
 
 
 def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:

@@ -4,6 +4,8 @@ Keys and values are read through the block tables at every step (a gather into a
 nothing contiguous is kept per request between steps. Decodes are batched into one SDPA call;
 each prefill chunk gets its own call with a causal mask offset by its cached context. A float8 cache's
 gathered blocks are widened to the query's dtype; k_scale goes into the softmax scale, v_scale onto the output.
+A sliding window (Mistral, Gemma's local layers) narrows each query's mask to its last `window` keys; a soft cap
+(Gemma 2) squashes the scores before the mask, which SDPA cannot do, so those calls take an explicit softmax.
 """
 
 from __future__ import annotations
@@ -41,31 +43,37 @@ class TorchAttentionBackend:
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
-        k_scale: float = 1.0, v_scale: float = 1.0,
+        k_scale: float = 1.0, v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(query) if out is None else out
         scale *= k_scale
         n = meta.num_decodes
         if n:
-            out[:n] = self._decode(query[:n], kv_cache, meta, scale)
+            out[:n] = self._decode(query[:n], kv_cache, meta, scale, sliding_window, soft_cap)
         starts, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for i in range(n, meta.num_reqs):
             q = query[starts[i] : starts[i + 1]]
             k, v = _gather(kv_cache, meta.block_tables[i : i + 1], lens[i], q.dtype)
-            out[starts[i] : starts[i + 1]] = _attend(q.unsqueeze(0), k, v, _causal_mask(q.shape[0], lens[i], q.device), scale)[0]
+            mask = _causal_mask(q.shape[0], lens[i], q.device, sliding_window)
+            out[starts[i] : starts[i + 1]] = _attend(q.unsqueeze(0), k, v, mask, scale, soft_cap)[0]
         if v_scale != 1.0:
             out.mul_(v_scale)
         return out
 
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
         n = meta.num_decodes
         seq_lens = meta.seq_lens[:n]
         max_len = max(meta.seq_lens_cpu[:n])
         k, v = _gather(kv_cache, meta.block_tables[:n], max_len, query.dtype)
         mask = None
+        keys = torch.arange(max_len, device=query.device)[None, :]
         if min(meta.seq_lens_cpu[:n]) != max_len:  # pad keys past each sequence's end
-            mask = (torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None].to(torch.long))[:, None, None, :]
-        return _attend(query.unsqueeze(1), k, v, mask, scale)[:, 0]
+            mask = keys < seq_lens[:, None].to(torch.long)
+        if sliding_window is not None and max_len > sliding_window:  # the query at seq_len - 1 sees the last W keys
+            in_window = keys >= seq_lens[:, None].to(torch.long) - sliding_window
+            mask = in_window if mask is None else mask & in_window
+        return _attend(query.unsqueeze(1), k, v, None if mask is None else mask[:, None, None, :], scale, soft_cap)[:, 0]
 
 
 def _gather(
@@ -82,18 +90,39 @@ def _gather(
     return k.to(dtype), v.to(dtype)
 
 
-def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
-    """Query i sits at position seq_len - query_len + i and sees keys up to it."""
-    if query_len == 1:
+def _causal_mask(query_len: int, seq_len: int, device: torch.device, sliding_window: int | None = None) -> torch.Tensor | None:
+    """Query i sits at position p = seq_len - query_len + i and sees keys up to it; with a sliding window W,
+    only keys in (p - W, p] (transformers' convention, the same for every family)."""
+    windowed = sliding_window is not None and seq_len > sliding_window
+    if query_len == 1 and not windowed:
         return None
     q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
-    return q_pos >= torch.arange(seq_len, device=device)[None, :]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = q_pos >= k_pos
+    return mask & (k_pos > q_pos - sliding_window) if windowed else mask
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+            soft_cap: float | None = None) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D]. GQA without copying K/V per query head."""
+    if soft_cap is not None:
+        return _attend_soft_capped(q, k, v, mask, scale, soft_cap)
     gqa = q.shape[2] != k.shape[2]
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=gqa
     )
     return o.transpose(1, 2)
+
+
+def _attend_soft_capped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                        soft_cap: float) -> torch.Tensor:
+    """_attend with the scores squashed to cap * tanh(s / cap) before masking (Gemma 2), softmax in float32."""
+    qpk = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).unflatten(1, (k.shape[2], qpk))  # [B, Hkv, QPK, Lq, D]: GQA groups, no K/V copies
+    scores = torch.einsum("bgjqd,bkgd->bgjqk", qh, k) * scale
+    scores = torch.tanh(scores / soft_cap) * soft_cap
+    if mask is not None:  # [Lq, Lk] or [B, 1, 1, Lk]
+        scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, :, None]), float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    o = torch.einsum("bgjqk,bkgd->bgjqd", probs, v)
+    return o.flatten(1, 2).transpose(1, 2)

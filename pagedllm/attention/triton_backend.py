@@ -64,8 +64,9 @@ class TritonAttentionBackend:
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
-        k_scale: float = 1.0, v_scale: float = 1.0,
+        k_scale: float = 1.0, v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None,
     ) -> torch.Tensor:
+        opts = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window, soft_cap=soft_cap)
         if query.stride(-1) != 1:
             query = query.contiguous()
         if out is None:
@@ -75,29 +76,26 @@ class TritonAttentionBackend:
         num_kv_heads = kv_cache.shape[3]
         if use_split_kv(meta, num_kv_heads, sm_count(query.device)):
             n = meta.num_decodes  # rows past n (padding) are left unwritten
-            split_kv_decode(query[:n], kv_cache, out[:n], meta.seq_lens, meta.block_tables, scale,
-                            k_scale=k_scale, v_scale=v_scale)
+            split_kv_decode(query[:n], kv_cache, out[:n], meta.seq_lens, meta.block_tables, scale, **opts)
             return out
         if meta.common_prefix is not None and meta.num_decodes == meta.num_reqs:
             return shared_prefix_decode(query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                        meta.common_prefix, scale, sm_count(query.device),
-                                        k_scale=k_scale, v_scale=v_scale)
+                                        meta.common_prefix, scale, sm_count(query.device), **opts)
         nd = meta.num_decodes
         if 0 < nd < meta.num_reqs and meta.max_query_len > 1:
             # A mixed batch: its decodes (first) in one-token tiles, its prompt chunks in large ones, as
             # one launch would give every request the large tiles, and decodes would waste most rows.
             unified_attention(query[:nd], kv_cache, out[:nd], meta.query_start_loc[: nd + 1], meta.seq_lens[:nd],
-                              meta.block_tables[:nd], 1, scale, k_scale=k_scale, v_scale=v_scale)
+                              meta.block_tables[:nd], 1, scale, **opts)
             rest = out[nd:]
             dst = rest if _aligned(rest) else torch.empty_like(rest)
             unified_attention(_realigned(query[nd:]), kv_cache, dst, *self._prompts_of(meta), meta.max_query_len, scale,
-                              k_scale=k_scale, v_scale=v_scale)
+                              **opts)
             if dst is not rest:
                 rest.copy_(dst)
             return out
         return unified_attention(
-            query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale,
-            k_scale=k_scale, v_scale=v_scale,
+            query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale, **opts,
         )
 
     def _prompts_of(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

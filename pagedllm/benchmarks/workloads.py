@@ -15,7 +15,8 @@ from typing import Any, Iterable, Sequence
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # Model shapes bundled as config.json only, for `--load-format dummy` (random weights).
-SHAPES = ("llama3-8b", "qwen3-0.6b", "llama3-70b", "llama3.1-405b", "llama3-8b-w8a8")  # the last: W8A8 int8 layout
+SHAPES = ("llama3-8b", "qwen3-0.6b", "llama3-70b", "llama3.1-405b", "llama3-8b-w8a8",  # W8A8: int8 layout
+          "qwen3-30b-a3b", "mixtral-8x7b")  # mixture-of-experts shapes
 
 Length = int | tuple[int, int]  # fixed, or uniform in [lo, hi] (inclusive)
 

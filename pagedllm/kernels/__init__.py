@@ -73,6 +73,18 @@ def pdl_prologue(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile program_id(0) of the GEMMs: GROUP_M consecutive programs share an N column,
+    so its weight tiles are read from memory once per group of M tiles (and stay in L2 meanwhile)."""
+    t = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (t // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (t % per_group) % group_rows, (t % per_group) // group_rows
+
+
 # 2**23 as a float32's bits: OR-ing a code below 2**23 into its mantissa gives the float 2**23 + code exactly, a
 # bitwise op and a later subtraction instead of an int -> float conversion (a quarter-rate instruction on the GPU)
 _MAGIC = tl.constexpr(0x4B000000)

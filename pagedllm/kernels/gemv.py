@@ -151,6 +151,31 @@ def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, N, stride_split, stride_o, SPLI
     tl.store(out_ptr + m * stride_o + n, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def split_width(k: int, bk: int, splits: int, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """(K_SPLIT, splits, partial-sum buffer) for an input width k in `splits` parts of whole BLOCK_K tiles (fewer
+    where the tiles run out), so each split's tiles start at its own multiple of BLOCK_K. The buffer is `out` for one
+    part (the first kernel writes the result), else float32 [splits, M, N] for `sum_splits`."""
+    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    splits = triton.cdiv(k, k_split)
+    part = out if splits == 1 else torch.empty(splits, *out.shape, device=out.device, dtype=torch.float32)
+    return k_split, splits, part
+
+
+def sum_splits(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, spare: torch.Tensor,
+               pdl: dict[str, bool]) -> None:
+    """The second kernel of a product whose input width was split (gemv, int_gemm, gguf_gemm): out = the float32
+    partial sums part [splits, M, N] added in split order, + bias. Nothing when `part` is `out` (one split: the first
+    kernel wrote out, bias included). `spare` stands in for a missing bias (never read); each caller passes the
+    tensor it always passed, so its launches keep their compiled variant."""
+    if part is out:
+        return
+    rows, n = out.shape
+    _sum_splits_kernel[(triton.cdiv(n, 1024), rows)](
+        part, spare if bias is None else bias, out, n, part.stride(0), out.stride(0),
+        SPLITS=part.shape[0], HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4, **pdl,
+    )
+
+
 def gemv_config(rows: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, splits) for a row-major [n, k] weight, from sweeps at
     Llama-3-8B's and Qwen3-0.6B's layer shapes on an H200 (benchmarks/gemv_bench.py --sweep; RESULTS.md,
@@ -231,9 +256,7 @@ def gemv(
     if int_weight is not None:
         bk = max(bk, 16)  # whole words, and the dot's least width
         gs, mode = group_mode(k, group_size, bk)
-    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # whole tiles per split
-    splits = triton.cdiv(k, k_split)
-    part = out if splits == 1 else torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
+    k_split, splits, part = split_width(k, bk, splits, out)
     prec, upcast = dot_precision(x.dtype)
     pdl = pdl_options(x.device)
     own_bias = bias if splits == 1 else None  # with splits, the bias is added once, to the summed splits
@@ -247,9 +270,5 @@ def gemv(
         EVEN_K=k % bk == 0,
         BLOCK_N=bn, BLOCK_K=bk, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl, **extra,
     )
-    if splits > 1:
-        _sum_splits_kernel[(triton.cdiv(n, 1024), rows)](
-            part, weight if bias is None else bias, out, n, part.stride(0), out.stride(0),
-            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4, **pdl,
-        )
+    sum_splits(part, out, bias, weight, pdl)
     return out

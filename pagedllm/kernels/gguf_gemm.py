@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.kernels import dot_precision, pdl_options, pdl_prologue, sm_count, tile_dot
-from pagedllm.kernels.gemv import _sum_splits_kernel
+from pagedllm.kernels import dot_precision, grouped_tile, pdl_options, pdl_prologue, sm_count, tile_dot
+from pagedllm.kernels.gemv import split_width, sum_splits
 from pagedllm.quantization.gguf import BLOCKS, NAMES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0
 
 GEMV_ROWS = 16
@@ -144,7 +144,7 @@ def _accumulate(acc, w, x_ptr, stride_x, cols, K, M, M_PAD: tl.constexpr, PREC: 
 
 @triton.jit(do_not_specialize=["M"])
 def _gguf_gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, N, K, K_SPLIT, stride_x, stride_w, stride_o, stride_split, M,
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT, stride_x, stride_w, stride_o, stride_split,
     QTYPE: tl.constexpr, QK: tl.constexpr, BS: tl.constexpr, GPB: tl.constexpr, L: tl.constexpr, H: tl.constexpr,
     M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
@@ -192,14 +192,7 @@ def _gguf_gemm_kernel(
     """int_gemm's `_int_gemm_kernel` for GGUF blocks: out.T tile [BLOCK_N, BLOCK_M] = w @ x.T, GROUP_M M tiles per
     N column in a row, splits of the input width into float32 partial sums."""
     BLOCK_K: tl.constexpr = NB * QK
-    t = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (t // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (t % per_group) % group_rows
-    pid_n = (t % per_group) // group_rows
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     k_first = split * K_SPLIT
     k_end = tl.minimum(K, k_first + K_SPLIT)
@@ -276,75 +269,51 @@ def gguf_gemm_config(m: int, n: int, k: int, qtype: int, sms: int = 132) -> tupl
     return bm, bn, bk, warps, stages, splits
 
 
-def _launch_splits(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, splits: int, pdl: dict) -> None:
-    if splits > 1:
-        n = out.shape[1]
-        _sum_splits_kernel[(triton.cdiv(n, 1024), out.shape[0])](
-            part, part if bias is None else bias, out, n, part.stride(0), out.stride(0),
-            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4, **pdl,
-        )
-
-
-def _plan(x: torch.Tensor, n: int, bk: int, splits: int, qk: int, out: torch.Tensor | None
-          ) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
-    """(BLOCK_K, K_SPLIT, splits, out, partial-sum buffer or out) for an input width split into whole tiles."""
-    rows, k = x.shape
-    bk = max(qk, min(bk, triton.next_power_of_2(k)) // qk * qk)
-    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-    splits = triton.cdiv(k, k_split)
-    out = torch.empty(rows, n, device=x.device, dtype=x.dtype) if out is None else out
-    part = out if splits == 1 else torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
-    return bk, k_split, splits, out, part
-
-
-def gguf_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M <= 16, K] times the GGUF weight raw [N, row bytes]; `config` instead of gguf_gemv_config's."""
+def _product(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tensor | None, out: torch.Tensor | None,
+             config: tuple[int, ...] | None, gemm: bool) -> torch.Tensor:
+    """The GEMV's or the GEMM's launches (one path: the two kernels take the same arguments but for their tiles):
+    config (BLOCK_M only for the GEMM, BLOCK_N, BLOCK_K, num_warps, num_stages, splits) or the config function's."""
     _check(x, raw, qtype, out)
     rows, k = x.shape
     n = raw.shape[0]
-    bn, bk, warps, stages, splits = config or gguf_gemv_config(rows, n, k, qtype, sm_count(x.device))
+    config = config or (gguf_gemm_config if gemm else gguf_gemv_config)(rows, n, k, qtype, sm_count(x.device))
+    bm, bn, bk, warps, stages, splits = config if gemm else (0, *config)
     consts = _consts(qtype)
-    bk, k_split, splits, out, part = _plan(x, n, bk, splits, consts["QK"], out)
+    qk = consts["QK"]
+    bk = max(qk, min(bk, triton.next_power_of_2(k)) // qk * qk)  # whole blocks
+    out = torch.empty(rows, n, device=x.device, dtype=x.dtype) if out is None else out
+    k_split, splits, part = split_width(k, bk, splits, out)
     if rows == 0:
         return out
     prec, upcast = dot_precision(x.dtype)
     pdl = pdl_options(x.device)
     own_bias = bias if splits == 1 else None
-    _gguf_gemv_kernel[(triton.cdiv(n, bn), splits)](
-        x, raw, raw if own_bias is None else own_bias, part, n, k, k_split, x.stride(0), raw.stride(0),
-        part.stride(-2), part.stride(0) if splits > 1 else 0, rows, **consts,
-        M_PAD=1 if rows == 1 else 16, HAS_BIAS=own_bias is not None, EVEN_K=k % bk == 0,
-        BLOCK_N=bn, NB=bk // consts["QK"], PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl,
+    if gemm:
+        kernel, grid = _gguf_gemm_kernel, (triton.cdiv(rows, bm) * triton.cdiv(n, bn), splits)
+        tile = dict(BLOCK_M=bm, GROUP_M=8)
+    else:
+        kernel, grid, tile = _gguf_gemv_kernel, (triton.cdiv(n, bn), splits), dict(M_PAD=1 if rows == 1 else 16)
+    kernel[grid](
+        x, raw, raw if own_bias is None else own_bias, part, rows, n, k, k_split, x.stride(0), raw.stride(0),
+        part.stride(-2), part.stride(0) if splits > 1 else 0, **consts, **tile, HAS_BIAS=own_bias is not None,
+        EVEN_K=k % bk == 0, BLOCK_N=bn, NB=bk // qk, PREC=prec, UPCAST=upcast, num_warps=warps,
+        num_stages=stages, **pdl,
     )
-    _launch_splits(part, out, bias, splits, pdl)
+    sum_splits(part, out, bias, part, pdl)
     return out
+
+
+def gguf_gemv(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M <= 16, K] times the GGUF weight raw [N, row bytes]; `config` instead of gguf_gemv_config's."""
+    return _product(x, raw, qtype, bias, out, config, gemm=False)
 
 
 def gguf_gemm(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tensor | None = None,
               out: torch.Tensor | None = None, config: tuple[int, int, int, int, int, int] | None = None
               ) -> torch.Tensor:
     """x [M, K] times the GGUF weight raw [N, row bytes]; `config` instead of gguf_gemm_config's."""
-    _check(x, raw, qtype, out)
-    rows, k = x.shape
-    n = raw.shape[0]
-    bm, bn, bk, warps, stages, splits = config or gguf_gemm_config(rows, n, k, qtype, sm_count(x.device))
-    consts = _consts(qtype)
-    bk, k_split, splits, out, part = _plan(x, n, bk, splits, consts["QK"], out)
-    if rows == 0:
-        return out
-    prec, upcast = dot_precision(x.dtype)
-    pdl = pdl_options(x.device)
-    own_bias = bias if splits == 1 else None
-    grid = (triton.cdiv(rows, bm) * triton.cdiv(n, bn), splits)
-    _gguf_gemm_kernel[grid](
-        x, raw, raw if own_bias is None else own_bias, part, rows, n, k, k_split, x.stride(0), raw.stride(0),
-        part.stride(-2), part.stride(0) if splits > 1 else 0, **consts,
-        HAS_BIAS=own_bias is not None, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn,
-        NB=bk // consts["QK"], GROUP_M=8, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl,
-    )
-    _launch_splits(part, out, bias, splits, pdl)
-    return out
+    return _product(x, raw, qtype, bias, out, config, gemm=True)
 
 
 def gguf_linear_cuda(x: torch.Tensor, raw: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None,

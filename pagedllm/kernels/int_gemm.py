@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.kernels import dequantize_tile, dot_precision, group_mode, pdl_options, pdl_prologue, sm_count, tile_dot
-from pagedllm.kernels.gemv import _sum_splits_kernel, check_int_weight, gemv
+from pagedllm.kernels import (dequantize_tile, dot_precision, group_mode, grouped_tile, pdl_options, pdl_prologue,
+                              sm_count, tile_dot)
+from pagedllm.kernels.gemv import check_int_weight, gemv, split_width, sum_splits
 
 GEMV_ROWS = 16  # products of up to this many rows go through the GEMV (as pagedllm.layers.linear's 16-bit ones)
 
@@ -40,15 +41,7 @@ def _int_gemm_kernel(
     """Program (t, s): output tile t over input columns s * K_SPLIT..; with several splits `out_ptr` is a float32
     [splits, M, N] buffer of partial sums (stride_split apart) and the bias is added by the second kernel."""
     PER: tl.constexpr = 32 // BITS
-    # tile t -> (pid_m, pid_n): GROUP_M consecutive programs share an N column (its weight tiles stay in L2)
-    t = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (t // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (t % per_group) % group_rows
-    pid_n = (t % per_group) // group_rows
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     groups = tl.cdiv(K, GROUP_SIZE)  # scales' and zeros' row length
     k_first = split * K_SPLIT
@@ -120,9 +113,7 @@ def int_gemm(
     bm, bn, bk, warps, stages, splits = config or int_gemm_config(rows, n, k, bits, group_size, sm_count(x.device))
     bk = max(min(bk, triton.next_power_of_2(k)), 16)
     gs, mode = group_mode(k, group_size, bk)
-    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk  # whole tiles per split
-    splits = triton.cdiv(k, k_split)
-    part = out if splits == 1 else torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
+    k_split, splits, part = split_width(k, bk, splits, out)
     prec, upcast = dot_precision(x.dtype)
     pdl = pdl_options(x.device)
     own_bias = bias if splits == 1 else None
@@ -134,11 +125,7 @@ def int_gemm(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages,
         **pdl,
     )
-    if splits > 1:
-        _sum_splits_kernel[(triton.cdiv(n, 1024), rows)](
-            part, packed if bias is None else bias, out, n, part.stride(0), out.stride(0),
-            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4, **pdl,
-        )
+    sum_splits(part, out, bias, packed, pdl)
     return out
 
 

@@ -31,6 +31,14 @@ A float8 cache (--kv-cache-dtype fp8; the kernels see it in the cache pointer's 
 before) holds K / k_scale and V / v_scale: tiles are loaded in float8 and widened to q's dtype for the dots, k_scale is
 folded into the softmax scale and v_scale into the output (or the split-KV partials), once per row rather than per key.
 
+Per-layer score options, compile-time constants so that a kernel without them keeps its code:
+- WINDOW (a sliding window, Mistral / Gemma's local layers; 0: none): the row at position p sees keys (p - W, p].
+  Programs start their key walk at the first key their earliest row sees, so windowed layers read O(W) keys per
+  row however long the context: the unified kernel from its tile's first row's window, split-KV partitions the
+  window instead of the whole sequence, the shared-prefix kernel skips prefix tiles outside every row's window.
+  Windowed prompt tiles give up the mask-free FULL_TILES pass (no tile is whole for every row).
+- SOFT_CAP (Gemma 2's tanh cap on the scores; 0: none): s -> cap * tanh(s / cap), before masking, in log2 units.
+
 Every kernel has a float64 torch reference (`*_ref`) beside it.
 """
 
@@ -67,11 +75,12 @@ def _attend_tiles(
     q, acc, m_i, l_i, k_cache, bt_row, kvh, q_pos, kv_start, kv_end, qk_scale,
     stride_kv, stride_kb, stride_ko, stride_kh,
     HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr, WINDOW: tl.constexpr = 0, SOFT_CAP: tl.constexpr = 0.0,
 ):
     """Online-softmax accumulation over keys [kv_start, kv_end); qk_scale = scale * log2(e).
     MASK: FULL_TILES (whole tiles every row sees: no masks to compute), KEY_RANGE (keys past kv_end
-    hidden) or CAUSAL (also keys after the row's position q_pos).
+    hidden) or CAUSAL (also keys after the row's position q_pos, and with WINDOW keys at or before q_pos - WINDOW).
+    SOFT_CAP: scores capped by tanh (see the module docstring).
     V sits stride_kv elements after K, so one pointer tensor (the costly part, in registers) serves both."""
     d = tl.arange(0, HEAD_D_PAD)
     d_ok = d < HEAD_D
@@ -96,7 +105,12 @@ def _attend_tiles(
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         s = tile_dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # scaled in fp32: pre-scaling bf16 q would round
-        if MASK == CAUSAL:
+        if SOFT_CAP > 0:  # s is in log2 units: cap * tanh(raw / cap) * log2(e) == c * tanh(s / c), c = cap * log2(e)
+            s = (2.0 * tl.sigmoid(s * (2.0 / (SOFT_CAP * 1.4426950408889634))) - 1.0) * (SOFT_CAP * 1.4426950408889634)
+        if MASK == CAUSAL and WINDOW > 0:
+            visible = (k_idx[None, :] <= q_pos[:, None]) & (k_idx[None, :] > q_pos[:, None] - WINDOW)
+            s = tl.where(visible & k_ok[None, :], s, float("-inf"))
+        elif MASK == CAUSAL:
             s = tl.where((k_idx[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
         elif MASK == KEY_RANGE:
             s = tl.where(k_ok[None, :] & (q_pos[:, None] >= 0), s, float("-inf"))
@@ -121,6 +135,7 @@ def _unified_attention_kernel(
     QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, AFTER_PREFIX: tl.constexpr, USE_PDL: tl.constexpr,
+    WINDOW: tl.constexpr = 0, SOFT_CAP: tl.constexpr = 0.0,
 ):
     """AFTER_PREFIX (decode-only batches): the first common_prefix[0] keys were attended by the
     shared-prefix kernel, whose prefix_splits partials per row seed the softmax."""
@@ -157,18 +172,22 @@ def _unified_attention_kernel(
         kv_full = tl.load(common_prefix)
         acc, m_i, l_i = _merge_partials(
             part_m, part_l, part_acc, q_tok * (QPK * tl.num_programs(1)) + row_h, row_ok, prefix_splits, BLOCK_M, HEAD_D_PAD)
-    if BLOCK_Q > 1:
+    if WINDOW > 0:
+        # No row of the tile sees keys before its first row's window (later rows' windows start later).
+        kv_full = tl.maximum(kv_full, ctx_len + q_off - (WINDOW - 1))
+    elif BLOCK_Q > 1:
         # Prompt tiles: every row sees the keys up to the first row's position, so those whole tiles
         # go without masks (-10 % time for 32 prompts of 512 tokens on an H200). Decode tiles keep one
         # loop: a second pipelined loop costs them more than the masks (+3 % at 256 x 600).
         kv_full = tl.minimum((ctx_len + q_off + 1) // TILE_N * TILE_N, kv_end)
         acc, m_i, l_i = _attend_tiles(
             q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, 0, kv_full, qk_scale, stride_kv, stride_kb, stride_ko,
-            stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES,
+            stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES, 0, SOFT_CAP,
         )
     acc, m_i, l_i = _attend_tiles(
         q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, kv_full, kv_end, qk_scale,
         stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, CAUSAL,
+        WINDOW, SOFT_CAP,
     )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if kv_cache.dtype.element_ty == tl.float8e4nv:
@@ -189,6 +208,19 @@ def _qk_scale(kv_cache: torch.Tensor, scale: float, k_scale: float, v_scale: flo
     return scale * k_scale * 1.4426950408889634
 
 
+def _score_options(sliding_window: int | None, soft_cap: float | None) -> dict[str, int | float]:
+    """The kernels' WINDOW / SOFT_CAP constants; left at their defaults when off, so those variants compile as
+    they did before the options existed."""
+    options: dict[str, int | float] = {}
+    if sliding_window is not None:
+        assert sliding_window > 0
+        options["WINDOW"] = int(sliding_window)
+    if soft_cap is not None:
+        assert soft_cap > 0
+        options["SOFT_CAP"] = float(soft_cap)
+    return options
+
+
 def _head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot wants every dim >= 16
 
@@ -205,9 +237,10 @@ def unified_attention(
     block_m: int | None = None, tile_n: int | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     num_warps: int | None = None, num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    sliding_window: int | None = None, soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out. k_scale, v_scale:
-    a float8 cache's dequantization scales.
+    a float8 cache's dequantization scales; sliding_window, soft_cap: the layer's score options (None: off).
     block_m, tile_n, num_warps and num_stages override the defaults (benchmarks/attention_bench.py). prefix: (common
     prefix length, partial max, sum, acc) from the shared-prefix kernel (decode-only batches)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -237,7 +270,7 @@ def unified_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
-        AFTER_PREFIX=prefix is not None,
+        AFTER_PREFIX=prefix is not None, **_score_options(sliding_window, soft_cap),
         num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
         **pdl_options(q.device),
     )
@@ -272,9 +305,11 @@ def _shared_prefix_kernel(
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh,
     QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+    seq_lens=None, WINDOW: tl.constexpr = 0, SOFT_CAP: tl.constexpr = 0.0,
 ):
     """Rows (token t, query head kvh * QPK + j) of every decode, BLOCK_M per program, against one split
-    of the prefix keys [0, common_prefix[0]) in request 0's blocks (every request has the same ones)."""
+    of the prefix keys [0, common_prefix[0]) in request 0's blocks (every request has the same ones).
+    With WINDOW, row t's query sits at seq_lens[t] - 1 and sees only the prefix keys inside its window."""
     pdl_prologue(USE_PDL)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -293,15 +328,26 @@ def _shared_prefix_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
-    acc, m_i, l_i = _attend_tiles(
-        q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_start, kv_full, qk_scale,
-        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES,
-    )
-    acc, m_i, l_i = _attend_tiles(
-        q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_full, kv_end, qk_scale,
-        stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
-    )
+    if WINDOW > 0:  # rows' windows differ: masks throughout, from the first key any row of the program sees
+        q_pos = tl.load(seq_lens + tok, mask=row_ok, other=0) - 1
+        first_seen = tl.min(tl.where(row_ok, q_pos, prefix_len + WINDOW), 0) - (WINDOW - 1)
+        acc, m_i, l_i = _attend_tiles(
+            q, acc, m_i, l_i, kv_cache, block_tables, kvh, q_pos, tl.maximum(kv_start, first_seen), kv_end, qk_scale,
+            stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, CAUSAL,
+            WINDOW, SOFT_CAP,
+        )
+    else:
+        kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
+        acc, m_i, l_i = _attend_tiles(
+            q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_start, kv_full, qk_scale,
+            stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES,
+            0, SOFT_CAP,
+        )
+        acc, m_i, l_i = _attend_tiles(
+            q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_full, kv_end, qk_scale,
+            stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
+            0, SOFT_CAP,
+        )
     off = (tok * (QPK * tl.num_programs(1)) + head) * num_splits + split
     tl.store(part_m + off, m_i, mask=row_ok)
     tl.store(part_l + off, l_i, mask=row_ok)
@@ -320,7 +366,7 @@ def _partials(rows: int, heads: int, parts: int, d_pad: int, device: torch.devic
 def shared_prefix_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, common_prefix: torch.Tensor, scale: float, num_sms: int, num_splits: int | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Decode-only attention (token r belongs to request r) whose requests all hold the same first
     common_prefix[0] keys (whole blocks, shorter than every context) at the start of their block
@@ -343,14 +389,25 @@ def shared_prefix_decode(
         q.stride(0), q.stride(1), *_cache_strides(kv_cache),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n,
         PREC=prec, UPCAST=upcast, num_warps=8, **pdl_options(q.device),
+        **({"seq_lens": seq_lens} if sliding_window is not None else {}), **_score_options(sliding_window, soft_cap),
     )
     # Its partials are in unscaled V: the decode kernel applies v_scale to the merged result.
     return unified_attention(q, kv_cache, out, query_start_loc, seq_lens, block_tables, 1, scale,
-                             prefix=(common_prefix, part_m, part_l, part_acc), k_scale=k_scale, v_scale=v_scale)
+                             prefix=(common_prefix, part_m, part_l, part_acc), k_scale=k_scale, v_scale=v_scale,
+                             sliding_window=sliding_window, soft_cap=soft_cap)
 
 
 SPLIT_KV_PARTS = 16  # partitions per sequence at most (1 x 8 KV heads x 16 = ~one wave on 132 SMs)
 _MIN_PARTITION = 64  # keys: shorter partitions would cost more in partials and merging than they save
+
+
+@triton.jit
+def _window_start(seq_len, WINDOW: tl.constexpr):
+    """The first key a decode (at position seq_len - 1) sees: 0 without a window."""
+    if WINDOW > 0:
+        return tl.maximum(seq_len - WINDOW, 0)
+    else:
+        return 0
 
 
 @triton.jit
@@ -366,15 +423,17 @@ def _split_kv_decode_kernel(
     stride_qt, stride_qh, stride_kv, stride_kb, stride_ko, stride_kh, stride_bt,
     NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, WINDOW: tl.constexpr = 0, SOFT_CAP: tl.constexpr = 0.0,
 ):
+    """With WINDOW the partitions split the window's keys, all of which the decode sees: no per-key window mask."""
     pdl_prologue(USE_PDL)
     req = tl.program_id(0)  # decodes come first, so request r's query is token r
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens + req)
-    partition = _partition_len(seq_len, num_parts, TILE_N, MIN_PARTITION)
-    kv_start = part * partition
+    kv_low = _window_start(seq_len, WINDOW)
+    partition = _partition_len(seq_len - kv_low, num_parts, TILE_N, MIN_PARTITION)
+    kv_start = kv_low + part * partition
     if kv_start >= seq_len:
         return  # the merge kernel ignores partitions past the sequence's end
     rows = tl.arange(0, BLOCK_M)
@@ -390,6 +449,7 @@ def _split_kv_decode_kernel(
     acc, m_i, l_i = _attend_tiles(
         q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, rows, kv_start, kv_end, qk_scale,
         stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
+        0, SOFT_CAP,
     )
     if kv_cache.dtype.element_ty == tl.float8e4nv:  # partials are linear in V: the merge needs no scale
         acc = acc * v_scale
@@ -403,13 +463,14 @@ def _split_kv_decode_kernel(
 def _split_kv_merge_kernel(
     part_m, part_l, part_acc, seq_lens, out_ptr, stride_ot, stride_oh, num_parts,
     NUM_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, TILE_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, WINDOW: tl.constexpr = 0,
 ):
     pdl_prologue(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens + req)
-    n_valid = tl.cdiv(seq_len, _partition_len(seq_len, num_parts, TILE_N, MIN_PARTITION))  # later ones were never written
+    span = seq_len - _window_start(seq_len, WINDOW)  # the keys the partitions split
+    n_valid = tl.cdiv(span, _partition_len(span, num_parts, TILE_N, MIN_PARTITION))  # later ones were never written
     base = (req * NUM_HEADS + head) * num_parts
     # One partition at a time keeps registers at O(head_dim) however many partitions there are.
     m_max = tl.full([], float("-inf"), dtype=tl.float32)
@@ -429,7 +490,7 @@ def _split_kv_merge_kernel(
 def split_kv_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, num_parts: int = SPLIT_KV_PARTS, tile_n: int | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Decode-only attention (token r belongs to request r) with each sequence split into up to
     `num_parts` pieces of whole tiles; writes and returns out [num_decodes, H, D]."""
@@ -448,13 +509,13 @@ def split_kv_decode(
         q.stride(0), q.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         NUM_HEADS=num_heads, QPK=qpk, HEAD_D=head_dim,
         HEAD_D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_M=max(16, triton.next_power_of_2(qpk)),
-        TILE_N=tile_n, MIN_PARTITION=_MIN_PARTITION, PREC=prec, UPCAST=upcast,
+        TILE_N=tile_n, MIN_PARTITION=_MIN_PARTITION, PREC=prec, UPCAST=upcast, **_score_options(sliding_window, soft_cap),
         num_warps=8 if q.dtype == torch.float32 else 4, **pdl_options(q.device),  # fp32 spills at 4
     )
     _split_kv_merge_kernel[(num_decodes, num_heads)](
         part_m, part_l, part_acc, seq_lens, out, out.stride(0), out.stride(1), num_parts,
         NUM_HEADS=num_heads, HEAD_D=head_dim, HEAD_D_PAD=d_pad, TILE_N=tile_n, MIN_PARTITION=_MIN_PARTITION, num_warps=1,
-        **pdl_options(q.device),
+        **pdl_options(q.device), **({"WINDOW": sliding_window} if sliding_window is not None else {}),
     )
     return out
 
@@ -462,9 +523,10 @@ def split_kv_decode(
 def paged_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
     block_tables: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+    sliding_window: int | None = None, soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Float64 reference: per request, gather K/V through the block table (a float8 cache dequantized with its
-    scales), causal softmax attention."""
+    scales), causal softmax attention; the query at p sees keys (p - sliding_window, p], scores capped by tanh."""
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = q.shape[1] // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
@@ -474,7 +536,13 @@ def paged_attention_ref(
         k = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1) * k_scale
         v = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len].double().repeat_interleave(qpk, 1) * v_scale
         scores = torch.einsum("qhd,khd->hqk", q[s:e].double(), k) * scale
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
         q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
-        scores.masked_fill_(torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        hidden = k_pos > q_pos[:, None]
+        if sliding_window is not None:
+            hidden |= k_pos <= q_pos[:, None] - sliding_window
+        scores.masked_fill_(hidden, float("-inf"))
         out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out

@@ -1,4 +1,4 @@
-"""SiLU(gate) * up over a fused [.., 2 * intermediate] projection."""
+"""SiLU(gate) * up (Llama) and GELU(gate) * up (Gemma's GeGLU) over a fused [.., 2 * intermediate] projection."""
 
 from __future__ import annotations
 
@@ -15,3 +15,12 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """GeGLU with the tanh approximation of GELU (transformers' gelu_pytorch_tanh). Eager torch on every device:
+    two element-wise launches on CUDA, where SiLU has a fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class AttentionCut(Protocol):
     def query_buffer(self, num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor: ...
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float, k_scale: float = 1.0,
-               v_scale: float = 1.0) -> torch.Tensor: ...
+               v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -54,10 +54,25 @@ def forward_context(backend: AttentionBackend, meta: AttentionMetadata, cut: Att
         _context = previous
 
 
+def layer_sliding_window(config: Any, layer: int) -> int | None:
+    """Layer `layer`'s window as transformers reads the config: per layer from `layer_types` where the config has
+    them (Gemma's interleaved local/global layers, Qwen2's max_window_layers), else `sliding_window` for every layer
+    (Mistral, Phi-3); None: full attention."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer] == "sliding_attention" else None
+    return window
+
+
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding,
+                 sliding_window: int | None = None, soft_cap: float | None = None) -> None:
+        """sliding_window: this layer's keys are the last `sliding_window` positions (None: all); soft_cap: the
+        scores' tanh cap (Gemma 2). Both go to every backend call."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window, self.soft_cap = sliding_window, soft_cap
         self.rotary = rotary  # one cos/sin table shared by every layer
         self.kv_cache = torch.empty(0)  # bound by the model runner once the pool is allocated (bind_kv_cache)
         self.k_scale: float | None = 1.0  # a float8 KV cache's per-tensor scales (None: 1.0)
@@ -94,6 +109,7 @@ class Attention(nn.Module):
                 q, k = q_norm(q), k_norm(k)
             q, k = self.rotary(positions, q, k)
             write_kv(k, v, self.kv_cache, meta.slot_mapping, k_scale, v_scale)
+        window, cap = self.sliding_window, self.soft_cap
         if cut is not None:
-            return cut.attend(q, self.kv_cache, self.scale, k_scale, v_scale).flatten(1)
-        return backend.forward(q, self.kv_cache, meta, self.scale, None, k_scale, v_scale).flatten(1)
+            return cut.attend(q, self.kv_cache, self.scale, k_scale, v_scale, window, cap).flatten(1)
+        return backend.forward(q, self.kv_cache, meta, self.scale, None, k_scale, v_scale, window, cap).flatten(1)

@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 
-def _inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+def _inv_freq(config: Any, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """layer_type: the key of this layer kind's parameters in a per-layer-type `rope_parameters` (Gemma 3's local
+    and global layers differ in base and scaling)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None:
+        params = dict(params[layer_type])
     if not params:  # configs written before transformers 5
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -25,20 +29,21 @@ def _inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"Unsupported rope type {rope_type!r}.")
-    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    extra = {} if layer_type is None else {"layer_type": layer_type}
+    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **extra)
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: Any, head_dim: int, max_position: int) -> None:
+    def __init__(self, config: Any, head_dim: int, max_position: int, layer_type: str | None = None) -> None:
         super().__init__()
-        self.config, self.head_dim, self.max_position = config, head_dim, max_position
+        self.config, self.head_dim, self.max_position, self.layer_type = config, head_dim, max_position, layer_type
         self.register_buffer("cos_sin_cache", self.build_cache().to(torch.get_default_device()), persistent=False)
 
     def build_cache(self) -> torch.Tensor:
         """[max_position, head_dim] float32, on the CPU (also while a model is built on the meta device):
         cos in the first half of each row, sin in the second."""
         with torch.device("cpu"):
-            inv_freq, scaling = _inv_freq(self.config, self.head_dim)
+            inv_freq, scaling = _inv_freq(self.config, self.head_dim, self.layer_type)
             freqs = torch.arange(self.max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
             return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
 

@@ -34,3 +34,30 @@ def load_whole(param: torch.Tensor, weight: Weight, name: str) -> None:
     if weight_shape(weight) != tuple(param.shape):
         raise ValueError(f"Shape mismatch for {name}: checkpoint {weight_shape(weight)}, model {tuple(param.shape)}.")
     param.data.copy_(read_whole(weight))
+
+
+class RowRange:
+    """Rows [start, start + rows) of a safetensors slice, itself sliceable like one: one part of a tensor the
+    checkpoint stores fused (Phi-3's qkv_proj), so that a rank still reads only its own rows of that part."""
+
+    def __init__(self, weight: Weight, start: int, rows: int) -> None:
+        self.weight, self.start, self.rows = weight, start, rows
+
+    def get_shape(self) -> list[int]:
+        return [self.rows, *self.weight.get_shape()[1:]]
+
+    def get_dtype(self) -> str:
+        return self.weight.get_dtype()
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if rows is Ellipsis:
+            rows, rest = slice(None), (Ellipsis,)
+        begin, end, step = rows.indices(self.rows)
+        assert step == 1, "row ranges are read in contiguous slices"
+        return self.weight[(slice(self.start + begin, self.start + end), *rest)]
+
+
+def row_range(weight: Weight, start: int, rows: int) -> Weight:
+    """Rows [start, start + rows) of a checkpoint tensor, without reading them yet."""
+    return weight.narrow(0, start, rows) if isinstance(weight, torch.Tensor) else RowRange(weight, start, rows)

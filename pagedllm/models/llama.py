@@ -10,14 +10,14 @@ parallelism a stage builds only its layers and passes (hidden, residual) on to t
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.layers.activation import SiluAndMul
-from pagedllm.layers.attention import Attention
+from pagedllm.layers.attention import Attention, layer_sliding_window
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear, qkv_shards, split_rows
 from pagedllm.layers.norm import RMSNorm
@@ -44,11 +44,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, intermediate_size: int | None = None) -> None:
+        """intermediate_size: other than config's for an MoE model's shared expert."""
         super().__init__()
-        shard = split_rows(config.intermediate_size, get_parallel_state())
+        inter = intermediate_size or config.intermediate_size
+        shard = split_rows(inter, get_parallel_state())
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [shard, shard], bias=False)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,12 +58,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
+                 mlp: nn.Module | None = None) -> None:
+        """mlp: the feed-forward block if not Llama's (an MoE model's sparse block)."""
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config) if mlp is None else mlp
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it); the next norm adds them."""
@@ -75,7 +79,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 make_mlp: Callable[[Any, int], nn.Module | None] = lambda config, layer: None) -> None:
+        """make_mlp(config, layer index): that layer's feed-forward block (None: LlamaMLP)."""
         super().__init__()
         state = get_parallel_state()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if state.is_first_stage else MissingLayer()
@@ -84,9 +90,11 @@ class LlamaModel(nn.Module):
         local = stage_layers(config.num_hidden_layers)
         self.start_layer, self.end_layer = local.start, local.stop
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, rotary) if i in local else MissingLayer()
+            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, rotary, make_mlp(config, i)) if i in local else MissingLayer()
             for i in range(config.num_hidden_layers)
         )
+        for i in local:  # Mistral's and Phi-3's window on every layer, Qwen2's on its sliding layers
+            self.layers[i].self_attn.attn.sliding_window = layer_sliding_window(config, i)
         self.is_last_stage = state.is_last_stage
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if state.is_last_stage else MissingLayer()
 
@@ -117,10 +125,14 @@ class LlamaForCausalLM(nn.Module):
         attention_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attention_bias and self.qkv_bias is None  # Qwen2 biases q/k/v only
-        self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm)
+        self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm, self.make_mlp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size) if get_parallel_state().is_last_stage else MissingLayer()
         self.tie_weights()
+
+    def make_mlp(self, config: Any, layer: int) -> nn.Module | None:
+        """Layer `layer`'s feed-forward block; None: LlamaMLP (MoE models override this)."""
+        return None
 
     def tie_weights(self) -> None:
         """With tied embeddings the output projection is the embedding matrix itself (re-tie after `to_empty`);

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import zlib
 from typing import Any, Iterator
 
@@ -24,9 +25,10 @@ from torch import nn
 
 from pagedllm.layers.embedding import ParallelLMHead
 from pagedllm.layers.linear import Linear, pack_linear_weights
+from pagedllm.layers.moe import expert_index
 from pagedllm.layers.pipeline import is_missing
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.layers.sharding import Weight, load_whole, read_whole
+from pagedllm.layers.sharding import Weight, load_whole, read_whole, row_range, weight_shape
 from pagedllm.models.registry import get_model_class
 from pagedllm.quantization import QuantMethod, resolve_quant_method
 from pagedllm.quantization.gguf import GgufLinearMethod, file_method
@@ -36,6 +38,7 @@ _SCALE_ALIASES = {".weight_scale_inv": ".weight_scale", ".activation_scale": ".i
 _KV_SCALES = {".self_attn.k_scale": "k_scale", ".self_attn.v_scale": "v_scale",
               ".self_attn.k_proj.output_scale": "k_scale", ".self_attn.v_proj.output_scale": "v_scale"}
 _UNUSED_SCALES = (".self_attn.q_scale", ".self_attn.prob_scale", ".self_attn.q_proj.output_scale")  # fp8 attention math
+_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")  # an MoE expert's projection: prefix, expert, name
 
 
 def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
@@ -116,12 +119,13 @@ def _load_safetensors(model: nn.Module, model_path: str, replaced: dict[str, Any
             continue
         for alias, canonical in _SCALE_ALIASES.items():
             name = name[: -len(alias)] + canonical if name.endswith(alias) else name
-        for target, index in _targets(model, params, name):
+        parts = _prefused_parts(model, params, name, weight)
+        for target, index, part in parts or [(t, i, weight) for t, i in _targets(model, params, name)]:
             if target not in params:
                 if is_missing(model, target):
                     continue  # another pipeline stage's
                 raise ValueError(f"Checkpoint weight {name!r} has no place in {type(model).__name__}.")
-            _load_param(model, target, params[target], weight, index)
+            _load_param(model, target, params[target], part, index)
             loaded.setdefault(target, set()).add(index)
     missing = [n for n, p in params.items()
                if len(loaded.get(n, ())) < len(_checkpoint_shapes(model, n, p)) and not _optional(model, n)]
@@ -152,12 +156,33 @@ def _targets(model: nn.Module, params: dict[str, nn.Parameter], name: str) -> li
     tied = getattr(model, "tie_word_embeddings", False)
     if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and tied):
         return []
+    for old, new in getattr(model, "renamed_params", []):  # checkpoint module names the model spells otherwise
+        name = name.replace(old, new)
+    expert = _EXPERT.fullmatch(name)
+    if expert and expert[3] in getattr(model, "expert_params", {}):  # one expert's tensor -> its stacked parameter
+        param, shard = model.expert_params[expert[3]]
+        return [(f"{expert[1]}.{param}", expert_index(param, int(expert[2]), shard))]
     for fused, shard, index in getattr(model, "stacked_params", []):
         if f".{shard}." in name:
             return [(name.replace(f".{shard}.", f".{fused}."), index)]
     if tied and name == "model.embed_tokens.weight" and "lm_head.weight" in params:  # a last stage's own copy
         return [(name, 0), ("lm_head.weight", 0)]
     return [(name, 0)]
+
+
+def _prefused_parts(model: nn.Module, params: dict[str, nn.Parameter], name: str, weight: Weight) -> list[tuple[str, int, Weight]]:
+    """A checkpoint tensor stored already fused (Phi-3's qkv_proj and gate_up_proj; the model lists them in
+    `prefused_params`), cut into the rows of each tensor fused there, as (parameter, index, rows): the layer then
+    takes each part as it takes separate q/k/v tensors, so tensor parallelism slices them alike. [] otherwise."""
+    if name not in params or not any(f".{f}." in name for f in getattr(model, "prefused_params", ())):
+        return []
+    parts, start = [], 0
+    for index, shape in enumerate(_checkpoint_shapes(model, name, params[name])):
+        parts.append((name, index, row_range(weight, start, shape[0])))
+        start += shape[0]
+    if start != weight_shape(weight)[0]:
+        raise ValueError(f"Checkpoint weight {name!r} has {weight_shape(weight)[0]} rows, its parts {start}.")
+    return parts
 
 
 def _checkpoint_name(model: nn.Module, name: str, index: int) -> str:

@@ -26,7 +26,8 @@ from pagedllm.layers.attention import forward_context
 from pagedllm.worker.cuda_graph import GraphInputs, Output, first_rows
 
 PIECEWISE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-_Call = tuple[torch.Tensor, float, float, float]  # an attention call between two pieces: KV cache, scale, k/v scales
+# An attention call between two pieces: KV cache, scale, k/v scales, the layer's sliding window and soft cap.
+_Call = tuple[torch.Tensor, float, float, float, int | None, float | None]
 
 
 def piecewise_sizes(max_num_tokens: int) -> list[int]:
@@ -62,15 +63,15 @@ class PiecewiseGraphRunner:
         return self.query[:num_tokens]
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, scale: float, k_scale: float = 1.0,
-               v_scale: float = 1.0) -> torch.Tensor:
+               v_scale: float = 1.0, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
         assert self.attn_out is not None
         out = self.attn_out[: query.shape[0]]
         if self._capturing is None:
             assert self._warmup_meta is not None
-            return self.backend.forward(query, kv_cache, self._warmup_meta, scale, out, k_scale, v_scale)
+            return self.backend.forward(query, kv_cache, self._warmup_meta, scale, out, k_scale, v_scale, sliding_window, soft_cap)
         pieces, calls, pool = self._capturing
         pieces[-1].capture_end()
-        calls.append((kv_cache, scale, k_scale, v_scale))
+        calls.append((kv_cache, scale, k_scale, v_scale, sliding_window, soft_cap))
         pieces.append(_begin(pool))
         return out
 
@@ -127,9 +128,9 @@ class PiecewiseGraphRunner:
         assert self.query is not None and self.attn_out is not None
         query, out = self.query[:n], self.attn_out[:n]
         pieces = self.pieces[size]
-        for graph, (kv_cache, scale, k_scale, v_scale) in zip(pieces, self.calls[size]):
+        for graph, (kv_cache, scale, k_scale, v_scale, window, cap) in zip(pieces, self.calls[size]):
             graph.replay()
-            self.backend.forward(query, kv_cache, meta, scale, out, k_scale, v_scale)
+            self.backend.forward(query, kv_cache, meta, scale, out, k_scale, v_scale, window, cap)
         pieces[-1].replay()
         return first_rows(self.outputs[size], n)
 

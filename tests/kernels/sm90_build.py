@@ -10,12 +10,13 @@ process without TRITON_INTERPRET:
 
 from __future__ import annotations
 
+import inspect
 import time
 
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from pagedllm.kernels import activation, gemv, gguf_gemm, int_gemm, norm, paged_attention, rope_kv_write, sampling
+from pagedllm.kernels import activation, fused_moe, gemv, gguf_gemm, int_gemm, norm, paged_attention, rope_kv_write, sampling
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -25,6 +26,9 @@ def build(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stage
     Kernels with programmatic dependent launch are built with it on, as on the GPU."""
     pdl = "USE_PDL" in fn.arg_names
     constexprs = {**constexprs, "USE_PDL": True} if pdl else constexprs
+    # Optional constants (a sliding window, a soft cap) left out take their defaults, as a launch without them does.
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
+                  **constexprs}
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in constexprs})
     options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": pdl}
@@ -62,6 +66,30 @@ def attention_builds() -> list[tuple[str, callable]]:
         consts = dict(NUM_HEADS=32, HEAD_D=128, HEAD_D_PAD=128, TILE_N=tile_n, MIN_PARTITION=pa._MIN_PARTITION)
         if dt == "bf16":  # the merge reads float32 partials whatever the model's and the cache's dtypes
             builds.append((f"split-KV merge {dt}", lambda io=io, c=consts: build(pa._split_kv_merge_kernel, io, c, 1)))
+    return builds + windowed_attention_builds()
+
+
+def windowed_attention_builds() -> list[tuple[str, callable]]:
+    """The sliding-window and soft-cap variants (Mistral, Gemma 2/3) of every attention path, in bf16."""
+    pa = paged_attention
+    io = {"q_ptr": "*bf16", "kv_cache": "*bf16", "out_ptr": "*bf16", "block_tables": "*i32", "seq_lens": "*i32",
+          "query_start_loc": "*i32", "qk_scale": "fp32", "v_scale": "fp32", "common_prefix": "*i32",
+          "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32"}
+    base = dict(QPK=4, HEAD_D=128, HEAD_D_PAD=128, BLOCK_SIZE=16, PREC="tf32", UPCAST=False)
+    builds = []
+    for window, cap in ((4096, 0.0), (4096, 50.0), (0, 50.0)):
+        opts = dict(WINDOW=window, SOFT_CAP=cap)
+        name = f"window {window} soft cap {cap}"
+        for block_m, block_q, after_prefix in ((16, 1, False), (128, 32, False), (16, 1, True)):
+            c = dict(base, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=64 if block_q == 1 else 32, AFTER_PREFIX=after_prefix, **opts)
+            builds.append((f"unified bf16 block_m {block_m} {name}" + (" after a shared prefix" if after_prefix else ""),
+                           lambda c=c, w=4 if block_m <= 16 else 8: build(pa._unified_attention_kernel, io, c, w)))
+        c = dict(base, BLOCK_M=128, TILE_N=64, **opts)
+        builds.append((f"shared prefix bf16 {name}", lambda c=c: build(pa._shared_prefix_kernel, io, c, 8)))
+        c = dict(base, NUM_HEADS=32, BLOCK_M=16, TILE_N=64, MIN_PARTITION=pa._MIN_PARTITION, **opts)
+        builds.append((f"split-KV bf16 {name}", lambda c=c: build(pa._split_kv_decode_kernel, io, c, 4)))
+        c = dict(NUM_HEADS=32, HEAD_D=128, HEAD_D_PAD=128, TILE_N=64, MIN_PARTITION=pa._MIN_PARTITION, WINDOW=window)
+        builds.append((f"split-KV merge {name}", lambda c=c: build(pa._split_kv_merge_kernel, io, c, 1)))
     return builds
 
 
@@ -104,6 +132,7 @@ def other_builds() -> list[tuple[str, callable]]:
             gemv._sum_splits_kernel, {"part_ptr": "*fp32", "b_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4)))
     builds += int_weight_builds()
     builds += gguf_builds()
+    builds += moe_builds()
     for dt, shift in (("bf16", 16), ("fp32", 0)):  # raw bf16 logits, or the float32 copy after logit edits
         types = {"logits_ptr": f"*{dt}", "inv_temp_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
                  "min_p_ptr": "*fp32", "thresh_ptr": "*fp32"}
@@ -160,6 +189,25 @@ def gguf_builds() -> list[tuple[str, callable]]:
                          PREC="tf32", UPCAST=False)
                 builds.append((f"gguf gemm {dt} x {name} {bm}x{bn}x{bk}",
                                lambda t=types, c=c, w=warps: build(gguf_gemm._gguf_gemm_kernel, t, c, w)))
+    return builds
+
+
+def moe_builds() -> list[tuple[str, callable]]:
+    """The fused MoE's two grouped GEMMs with each of `moe_config`'s guessed tiles (bf16; ragged K once) and float32
+    (the GPU oracle runs)."""
+    builds = []
+    tiles = {tuple(fused_moe.moe_config(t, 128, 768, 2048, 8).values()) for t in (1, 512, 2048, 4096)}
+    cases = [("bf16", "tf32", t, True) for t in sorted(tiles)] + [("bf16", "tf32", (16, 64, 128, 4, 4), False),
+                                                                  ("fp32", "ieee", (64, 64, 32, 4, 2), True)]
+    for dt, prec, (bm, bn, bk, warps, stages), even in cases:
+        types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "sorted_ptr": "*i32",
+                 "expert_ptr": "*i32", "topk_w_ptr": "*fp32"}
+        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=even, PREC=prec, UPCAST=False)
+        name = f"{dt} {bm}x{bn}x{bk}" + ("" if even else " ragged K")
+        builds.append((f"fused moe gate/up {name}", lambda t=types, c=consts, w=warps, st=stages: build(
+            fused_moe._moe_gate_up_kernel, t, dict(c, TOP_K=8), w, st)))
+        builds.append((f"fused moe down {name}", lambda t=types, c=consts, w=warps, st=stages: build(
+            fused_moe._moe_down_kernel, t, c, w, st)))
     return builds
 
 

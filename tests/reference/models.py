@@ -31,6 +31,56 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
         max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
     ),
+    # MoE: 8 experts of 32, top-2; a dense layer among the sparse ones (mlp_only_layers), Qwen2-MoE's shared expert
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+    "mixtral": dict(
+        model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=64, intermediate_size=32,
+        num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    # Dense families (tests/test_model_families.py): windows of 16-32 tokens, shorter than most test prompts.
+    "mistral-sw": dict(
+        model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=16,
+    ),
+    # Alternating local/global layers; caps small enough to bite at these weights' score sizes.
+    "gemma2": dict(
+        model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, sliding_window=16, query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0, final_logit_softcapping=8.0,
+    ),
+    # 2 local : 1 global, the global layers' rotary linearly scaled (as Gemma 3 4B+).
+    "gemma3": dict(
+        model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, sliding_window=16, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+    ),
+    # Fused qkv/gate_up checkpoint tensors, a window on every layer, LongRoPE (short factors below 512 tokens).
+    "phi3": dict(
+        model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+        max_position_embeddings=1024, original_max_position_embeddings=512, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, sliding_window=32, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 512,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                         "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]},
+    ),
 }
 
 
@@ -45,11 +95,17 @@ def make_tiny_model(arch: str, path: str, seed: int = 0) -> str:
     config = AutoConfig.for_model(model_type, **spec, bos_token_id=1, eos_token_id=2, initializer_range=0.25)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    if arch == "qwen2":  # transformers initialises biases to zero: make them matter
+    if arch in ("qwen2", "qwen2_moe"):  # transformers initialises biases to zero: make them matter
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.5)
+    if arch.startswith("gemma"):  # Gemma's norms start at zero (a scale of 1): make them matter; and shrink the
+        with torch.no_grad():  # embeddings by the sqrt(hidden) Gemma multiplies them by, else they drown every layer
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+            model.get_input_embeddings().weight.mul_(TINY_CONFIGS[arch]["hidden_size"] ** -0.5)
     model.save_pretrained(path)
     return path
 
