@@ -28,9 +28,9 @@ class _RecordingCut:
     def query_buffer(self, num_tokens, num_heads, head_dim, dtype):
         raise AssertionError("only the CUDA path writes q into a buffer")
 
-    def attend(self, query, kv_cache, scale, k_scale=1.0, v_scale=1.0):
+    def attend(self, query, kv_cache, scale, k_scale=1.0, v_scale=1.0, sliding_window=None, soft_cap=None):
         self.calls.append(kv_cache)
-        out = self.backend.forward(query, kv_cache, self.meta, scale, None, k_scale, v_scale)
+        out = self.backend.forward(query, kv_cache, self.meta, scale, None, k_scale, v_scale, sliding_window, soft_cap)
         return torch.zeros_like(out) if self.zero else out
 
 
