@@ -47,6 +47,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # how ranks 1.. start: mp (default, one node) | ray
+    enable_expert_parallel: bool = False  # MoE: each TP rank holds whole experts, not a slice of every one
     # Models that think in <think>...</think>: qwen3 | deepseek_r1. Structured outputs apply after the reasoning,
     # and the server returns it as `reasoning_content`.
     reasoning_parser: str | None = None
@@ -119,6 +120,13 @@ class EngineConfig:
         from pagedllm.layers.linear import tp_layout_error
 
         hf = self.hf_config
+        hf.enable_expert_parallel = self.enable_expert_parallel  # read by the MoE layers (pagedllm/layers/moe.py)
+        experts = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+        if self.enable_expert_parallel and experts:
+            from pagedllm.layers.moe import expert_parallel_error
+
+            if error := expert_parallel_error(experts, self.tensor_parallel_size):
+                raise ValueError(error)
         heads = hf.num_attention_heads
         error = tp_layout_error(self.tensor_parallel_size, heads, getattr(hf, "num_key_value_heads", None) or heads, hf.intermediate_size)
         if error:

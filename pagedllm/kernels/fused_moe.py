@@ -56,22 +56,28 @@ def max_blocks(entries: int, num_experts: int, block_m: int) -> int:
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_ids [blocks * block_m] int32, block_expert [blocks] int32) for topk_ids [T, k]: the flat entry indices
     (t * k + j) grouped by expert, each expert's run padded with `entries` (an index past the last) to whole blocks,
-    and each block's expert (-1 past the used ones). Fixed shapes from T alone: no host sync."""
+    and each block's expert (-1 past the used ones). Entries of id -1 (another rank's expert, under expert
+    parallelism) are dropped. Fixed shapes from T alone: no host sync."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     entries, device = flat.numel(), flat.device
     blocks = max_blocks(entries, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    local = flat >= 0
+    key = torch.where(local, flat, num_experts)  # dropped entries sort last
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, torch.where(local, flat, 0), local.to(torch.int64))
     expert_blocks = (counts + block_m - 1) // block_m
     block_ends = torch.cumsum(expert_blocks, 0)  # each expert's last block + 1
     run_start = (block_ends - expert_blocks) * block_m  # each expert's first padded row
     first_entry = torch.cumsum(counts, 0) - counts  # of each expert among the sorted entries
-    expert_sorted, order = torch.sort(flat, stable=True)
-    dest = run_start[expert_sorted] + torch.arange(entries, device=device) - first_entry[expert_sorted]
-    sorted_ids = torch.full((blocks * block_m,), entries, dtype=torch.int32, device=device)
+    expert_sorted, order = torch.sort(key, stable=True)
+    e = expert_sorted.clamp(max=num_experts - 1)
+    dest = run_start[e] + torch.arange(entries, device=device) - first_entry[e]
+    dest = torch.where(expert_sorted < num_experts, dest, blocks * block_m)  # dropped: into a slot cut off below
+    sorted_ids = torch.full((blocks * block_m + 1,), entries, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     block_expert = torch.searchsorted(block_ends, torch.arange(blocks, device=device), right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return sorted_ids, block_expert
+    return sorted_ids[:-1], block_expert
 
 
 @triton.jit(do_not_specialize=["entries"])
@@ -164,16 +170,16 @@ def _moe_down_kernel(
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: MoeConfig | None = None, partial: bool = False) -> torch.Tensor:
     """x [T, H] through experts w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I], each token through its
     topk_ids [T, k] experts weighted by topk_weights [T, k]: [T, H] in x's dtype. `config`: tiles instead of
-    `moe_config`'s (sweeps)."""
+    `moe_config`'s (sweeps). `partial`: topk_ids may hold -1 (an expert of another rank), entries that add nothing."""
     tokens, hidden = x.shape
     num_experts, inter = w2.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
     assert w13.shape == (num_experts, 2 * inter, hidden) and x.stride(1) == 1
     assert w13.stride(2) == 1 and w2.stride(2) == 1
-    out = torch.empty(tokens, top_k, hidden, dtype=x.dtype, device=x.device)
+    out = (torch.zeros if partial else torch.empty)(tokens, top_k, hidden, dtype=x.dtype, device=x.device)
     if tokens == 0:
         return out.sum(1)
     cfg = config or moe_config(tokens, num_experts, inter, hidden, top_k)
@@ -213,9 +219,12 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
     """`fused_moe` in torch, the CPU path: a loop over the experts that got tokens, in ascending order, each adding
-    its weighted output into its tokens' rows. transformers' sums, in its order (float32 results bit-equal)."""
+    its weighted output into its tokens' rows. transformers' sums, in its order (float32 results bit-equal).
+    Ids of -1 (experts of other ranks) add nothing."""
     out = torch.zeros_like(x)
     for expert in topk_ids.unique().tolist():
+        if expert < 0:
+            continue
         tokens, slots = torch.where(topk_ids == expert)
         gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
         h = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[tokens, slots, None]

@@ -18,4 +18,4 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def make_mlp(self, config: Any, layer: int) -> nn.Module | None:
         return SparseMoeBlock(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
-                              config.intermediate_size, renormalize=True)
+                              config.intermediate_size, True, getattr(config, "enable_expert_parallel", False))

@@ -3,7 +3,8 @@ of most layers replaced by a sparse mixture of experts (pagedllm/layers/moe.py).
 
 A layer is sparse unless listed in `mlp_only_layers` or off the `decoder_sparse_step` grid (transformers' rule);
 the others keep a dense MLP of `intermediate_size`. Qwen2-MoE adds to every sparse block a shared expert, a dense
-MLP that sees every token, scaled per token by sigmoid(shared_expert_gate(x)). Routing weights are renormalised
+MLP that sees every token (split over TP ranks, expert parallel or not), scaled per token by
+sigmoid(shared_expert_gate(x)). Routing weights are renormalised
 over the top k where `norm_topk_prob` says so (Qwen3-MoE's checkpoints: yes; Qwen2-MoE's: no).
 """
 
@@ -28,7 +29,7 @@ def is_sparse(config: Any, layer: int) -> bool:
 class Qwen2MoeSparseBlock(SparseMoeBlock):
     def __init__(self, config: Any) -> None:
         super().__init__(config.hidden_size, config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
-                         bool(config.norm_topk_prob))
+                         bool(config.norm_topk_prob), getattr(config, "enable_expert_parallel", False))
         self.shared_expert = LlamaMLP(config, config.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)  # replicated
 
@@ -45,7 +46,8 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
         if not is_sparse(config, layer):
             return None
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                              config.moe_intermediate_size, bool(config.norm_topk_prob))
+                              config.moe_intermediate_size, bool(config.norm_topk_prob),
+                              getattr(config, "enable_expert_parallel", False))
 
 
 class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
