@@ -31,7 +31,7 @@ from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.layers.sharding import Weight, load_whole, read_whole, row_range, weight_shape
 from pagedllm.models.registry import get_model_class
 from pagedllm.quantization import QuantMethod, resolve_quant_method
-from pagedllm.quantization.gguf import GgufLinearMethod, file_method
+from pagedllm.quantization.gguf import file_method
 
 # Checkpoint spellings of the same scale: HF's fine-grained fp8 and compressed-tensors' / vLLM's.
 _SCALE_ALIASES = {".weight_scale_inv": ".weight_scale", ".activation_scale": ".input_scale"}
@@ -61,7 +61,7 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
     if load_format == "dummy":
         _randomize(model)
     elif load_format in ("auto", "safetensors"):
-        replaced = method.checkpoint_weights() if isinstance(method, GgufLinearMethod) else {}
+        replaced = method.checkpoint_weights() if method is not None else {}
         _load_safetensors(model, model_path, replaced)
     else:
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}.")
@@ -246,8 +246,8 @@ def _randomize(model: nn.Module) -> None:
         shapes = _checkpoint_shapes(model, name, param)
         owner = _owner(model, name)
         method = getattr(owner, "quant_method", None)
-        if isinstance(method, GgufLinearMethod) and name.rpartition(".")[2] in method.param_names:
-            # random blocks per checkpoint tensor (their types may differ)
+        if method is not None and name.rpartition(".")[2] in method.param_names:
+            # the method's own stored format (GGUF blocks), per checkpoint tensor: their types may differ
             for index, shape in enumerate(shapes):
                 weight = method.random_weight(owner, _checkpoint_name(model, name, index), shape[0], generator)
                 _load_param(model, name, param, weight, index)

@@ -61,6 +61,16 @@ class QuantMethod:
     def load_param(self, layer: nn.Module, name: str, param: torch.Tensor, weight: Weight, index: int) -> None:
         raise NotImplementedError
 
+    def checkpoint_weights(self) -> dict[str, Any]:
+        """Checkpoint tensors the method reads from elsewhere than the model directory (a .gguf file's blocks), by
+        checkpoint name; the loader takes them in place of the directory's."""
+        return {}
+
+    def random_weight(self, layer: nn.Module, checkpoint_name: str, rows: int, generator: torch.Generator) -> Weight:
+        """For a dummy load: a random checkpoint tensor for one of `param_names`, in the method's stored format.
+        Methods that quantize random 16-bit weights at load never have these parameters then."""
+        raise NotImplementedError(f"{self.name}: no random weights in its stored format.")
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         raise NotImplementedError
 
