@@ -64,3 +64,35 @@ def test_mixed_batch_chunked_prefix_cached(workload: Workload, async_scheduling:
         for i, tokens in zip(order, generate(llm, workload, order)):
             assert tokens == workload.expected[i], f"prompt {i}"
     assert llm.llm_engine.kv_cache.prefix_hits > 0  # the cache served shared prefixes and the second pass
+
+
+def test_sliding_window_gives_blocks_back(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Mistral's window on every layer: a request holds about window / block_size + 2 blocks however long it runs
+    (prompt chunks and decodes), the outputs still equal transformers', and the pool is whole again after; Gemma's
+    global layers need every block, so nothing is given back there."""
+    path = make_tiny_model("mistral-sw", str(tmp_path_factory.mktemp("families") / "mistral-window"))
+    rng = random.Random(3)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(90)]
+    oracle = HFOracle(path)
+    oracle.model.generation_config.eos_token_id = None
+    llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory=8 << 20, max_num_batched_tokens=24)
+    kv = llm.llm_engine.kv_cache
+    assert kv.sliding_window == 16
+    peak = 0
+    step = llm.llm_engine.step
+
+    def recording_step():  # type: ignore[no-untyped-def]
+        nonlocal peak
+        out = step()
+        peak = max(peak, kv.num_used_blocks)
+        return out
+
+    llm.llm_engine.step = recording_step  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    tokens = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert tokens == oracle.greedy(prompt, 40)
+    assert peak <= 16 // 16 + 1 + 24 // 16 + 1, peak  # the window's blocks, a partial one, a 24-token chunk's
+    assert kv.num_free_blocks == kv.num_blocks
+    assert_clean(llm.llm_engine)
+    gemma = make_tiny_model("gemma2", str(tmp_path_factory.mktemp("families") / "gemma-window"))
+    assert LLM(gemma, skip_tokenizer_init=True, kv_cache_memory=8 << 20).llm_engine.kv_cache.sliding_window is None

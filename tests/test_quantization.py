@@ -220,3 +220,47 @@ def test_perplexity_tool(smollm2: str) -> None:
     assert args.func is perplexity.main
     result = args.func(args)
     assert result["tokens_scored"] == 94 and result["windows"] == 2 and 1 < result["perplexity"] < 100
+
+
+def test_fp8_activation_producers_wired(tiny_models: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the GEMM takes per-token fp8 rows (forced here: CPU has none), the norms before q/k/v and gate/up and the
+    SiLU-and-mul before down quantize their own output; the final norm and q/k norms, which feed no fp8 layer, don't."""
+    monkeypatch.setattr(Fp8LinearMethod, "_gpu_gemm_applies", lambda self, layer: "rows")
+    monkeypatch.setattr(Fp8LinearMethod, "apply", lambda self, layer, x, bias: x[..., :1].expand(*x.shape[:-1], layer.out_features))
+    inner = LLM(tiny_models["qwen3"], quantization="fp8", **ARGS).llm_engine.runner.model.model
+    fp8 = torch.float8_e4m3fn
+    for layer in inner.layers:
+        assert layer.input_layernorm.quant_rows == layer.post_attention_layernorm.quant_rows == layer.mlp.act.quant_rows == fp8
+        assert layer.self_attn.q_norm.quant_rows is None
+    assert inner.norm.quant_rows is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="fp8 GPU")
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-block", "w8a8"])
+def test_gpu_quantized_paths_match_unfused(tiny_models: dict[str, str], block_model: str, fmt: str,
+                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """bf16 on the GPU: the same 8-bit math whether the producers quantize (fused) or the layers do (one kernel pass),
+    so greedy tokens over a mixed batch (prefill GEMMs, decode GEMVs) are identical; block-wise fp8 checkpoints run
+    the Triton block-scaled GEMM, W8A8 ones its int8 variant."""
+    from tests.reference.int_quant import make_int_checkpoint
+
+    root = tmp_path_factory.mktemp("gpu-quant")
+    if fmt == "fp8-block":
+        model = make_fp8_checkpoint(block_model, str(root / fmt), "fp8-block")
+    elif fmt == "w8a8":
+        model = make_int_checkpoint(tiny_models["llama"], str(root / fmt), "ct-w8a8")[0]
+    else:
+        model = tiny_models["llama"]
+    prompts = [{"prompt_token_ids": [random.Random(i).randrange(5, 200) for _ in range(20 + 7 * i)]} for i in range(24)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(model, **dict(ARGS, dtype="bfloat16", quantization="fp8" if fmt == "fp8" else None))
+    runner_model = llm.llm_engine.runner.model
+    layer = runner_model.model.layers[0]
+    assert layer.mlp.down_proj.fp8_gemm == ("blocks" if fmt == "fp8-block" else "rows")
+    assert layer.mlp.act.quant_rows == {"fp8": torch.float8_e4m3fn, "w8a8": torch.int8}.get(fmt)
+    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    for module in runner_model.modules():
+        if getattr(module, "quant_rows", None) is not None:
+            module.quant_rows = None
+    unfused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert fused == unfused

@@ -15,6 +15,11 @@ A block registered while the step that writes it is still to run is safe to shar
 later step runs after it on the same stream, and a reader in the same step reads it after the
 layer's K/V write, which comes before attention in every layer.
 
+Sliding windows: where every layer attends only the last W positions (Mistral), the blocks wholly before the
+window of the request's next position go back to the pool as it advances, so a long generation holds about W
+tokens of blocks. Their table entries stay (stale: the attention kernels start at the window, and a masked read of
+a pool block, zero-initialised or another request's, is finite and weighs nothing).
+
 The tables are also mirrored, one row per request that holds blocks, in a numpy array that grows
 with them (`table_array`, zero past each table's end): the runner gathers a step's block tables
 from it in one indexing op, whatever the context lengths.
@@ -37,8 +42,11 @@ def hash_block(parent: BlockHash, token_ids: list[int]) -> BlockHash:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 16, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 16, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         self.pool = BlockPool(num_blocks)
+        self.sliding_window = sliding_window
+        self.num_released: dict[str, int] = {}  # request -> leading blocks of its table given back (outside the window)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}
@@ -136,6 +144,16 @@ class KVCacheManager:
         self.table_array[self.table_rows[request_id], have : len(table)] = new
         return True
 
+    def release_outside_window(self, request_id: str, num_computed: int) -> None:
+        """With a sliding window W: gives back the request's blocks whose keys no query at a position >= num_computed
+        sees (it sees (p - W, p])."""
+        assert self.sliding_window is not None
+        count = (num_computed - self.sliding_window + 1) // self.block_size
+        done = self.num_released.get(request_id, 0)
+        if count > done:
+            self.pool.release(self.block_tables[request_id][done:count])
+            self.num_released[request_id] = count
+
     def free(self, request_id: str) -> None:
         table = self.block_tables.pop(request_id, None)
         if table is None:
@@ -145,7 +163,7 @@ class KVCacheManager:
         self.table_array[row, : len(table)] = 0
         self._free_rows.append(row)
         # Tail blocks first: a shared prompt head is more likely to be asked for again than a tail.
-        self.pool.release(reversed(table))
+        self.pool.release(reversed(table[self.num_released.pop(request_id, 0) :]))
 
     def get_block_table(self, request_id: str) -> list[int]:
         return self.block_tables.get(request_id, [])

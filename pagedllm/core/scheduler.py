@@ -64,6 +64,7 @@ class Scheduler:
         chunks: list[tuple[Request, int]] = []
         running, tables, block_size = self.running, self.kv_cache.block_tables, self.kv_cache.block_size
         hashed = self.kv_cache.num_hashed if self.kv_cache.enable_prefix_caching else None
+        windowed = self.kv_cache.sliding_window is not None
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
@@ -72,6 +73,8 @@ class Scheduler:
                 i += 1  # in another micro-batch, or its token in flight is its last (it finishes when that step is processed)
                 continue
             computed = request.num_computed_tokens
+            if windowed and computed:
+                self.kv_cache.release_outside_window(request.request_id, computed)
             num_new = min(len(request.all_token_ids) + pending - computed, budget)
             table = tables.get(request.request_id)
             fits = table is not None and len(table) * block_size >= computed + num_new  # most steps need no new block

@@ -38,6 +38,7 @@ from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.executor.workers import FailureCallback, Workers, start_workers
+from pagedllm.layers.attention import uniform_sliding_window
 from pagedllm.logger import get_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -104,7 +105,8 @@ class LLMEngine:
         if self.workers is not None:
             self._shutdown = weakref.finalize(self, _stop_workers, self.runner, self.workers)
         self.vocab_size = self.runner.vocab_size
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq, config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq,
+                                       config.enable_prefix_caching, uniform_sliding_window(config.hf_config))
         assert config.max_model_len is not None
         logger.info(
             "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens in %s (%.2f GiB), max concurrency at "

@@ -2,6 +2,10 @@
 
 silu is computed in fp32 and rounded to the input dtype before the product, as eager
 `F.silu(gate) * up` does in bf16, so the result matches transformers' MLP.
+
+`silu_and_mul(x, quant=dtype)` writes the (rounded) products as float8 or int8 rows with one scale per row instead,
+for a quantized down projection: one program per row, a first pass over it for its amax, a second (re-reading from
+L2) to store.
 """
 
 from __future__ import annotations
@@ -10,7 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.kernels import pdl_options, pdl_prologue
+from pagedllm.kernels import interpreting, pdl_options, pdl_prologue
+from pagedllm.kernels.quant_rows import QUANT_DTYPES, quantize_value, row_scale
+from pagedllm.quantization.base import QuantRows
+
+
+@triton.jit
+def _silu_mul(x_row, cols, inter, ok):
+    """silu(gate) * up at `cols` of one row, in float32, each step rounded to the row's dtype as eager torch."""
+    dtype = x_row.dtype.element_ty
+    g = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(x_row + inter + cols, mask=ok, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (act * u).to(dtype)
 
 
 @triton.jit
@@ -19,20 +35,47 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.co
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inter
-    g = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + row * stride_x + inter + cols, mask=ok, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (act * u).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * stride_o + cols, _silu_mul(x_ptr + row * stride_x, cols, inter, ok), mask=ok)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, inter, BLOCK: tl.constexpr,
+                             EXACT: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
+    INT8: tl.constexpr = q_ptr.dtype.element_ty == tl.int8
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, inter, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_silu_mul(x_row, cols, inter, cols < inter).to(tl.float32)))
+    scale = row_scale(tl.max(amax, 0), INT8)
+    tl.store(s_ptr + row, scale)
+    for start in range(0, inter, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < inter
+        q = quantize_value(_silu_mul(x_row, cols, inter, ok).to(tl.float32), scale, INT8, EXACT)
+        tl.store(q_ptr + row * stride_q + cols, q, mask=ok)
+
+
+def silu_and_mul(x: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor | QuantRows:
+    """silu(gate) * up over x's last dim (as `quant` rows with their scales, flattened to 2-D, if given)."""
     inter = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * inter)
     assert x2.stride(-1) == 1
-    out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
+    rows = x2.shape[0]
+    assert quant is None or quant in QUANT_DTYPES
+    out = torch.empty(rows, inter, dtype=quant or x.dtype, device=x.device)
+    if quant:
+        scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+        block = min(2048, triton.next_power_of_2(inter))
+        if rows:
+            _silu_and_mul_quant_kernel[(rows,)](x2, out, scales, x2.stride(0), out.stride(0), inter, BLOCK=block,
+                                              EXACT=interpreting(), num_warps=8, **pdl_options(x.device))
+        return QuantRows(out, scales)
     block = min(1024, triton.next_power_of_2(inter))
-    if x2.shape[0]:
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+    if rows:
+        _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
             x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **pdl_options(x.device)
         )
     return out.view(*x.shape[:-1], inter)

@@ -15,8 +15,8 @@ it, whose float32 partial sums a second kernel adds in a fixed order (the same r
 row is multiplied with FMAs into a [BLOCK_N, BLOCK_K] float32 accumulator summed once at the end; 2-16
 rows go through a tensor-core dot with the rows padded to 16.
 
-A float8_e4m3fn weight with one float32 scale per output row (`weight_scale`; fp8 layers' decode products) is a
-compile-time variant: its tiles are widened in-kernel (to float32, or to the rows' dtype for the dot) and the sums
+A float8_e4m3fn or int8 weight with one float32 scale per output row (`weight_scale`; fp8 and W8A8 layers' decode
+products) is a compile-time variant: its tiles are widened in-kernel (to float32, or to the rows' dtype for the dot) and the sums
 scaled per row before the bias; the rows stay 16-bit (W8A16).
 
 4- and 8-bit integer weights (`int_weight`: pagedllm/quantization/int_utils.py's layout, per-group scales and zeros)
@@ -53,8 +53,9 @@ def _accumulate(acc, w, x_ptr, stride_x, k0, k, K, M, M_PAD: tl.constexpr, EVEN_
         return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
     m = tl.arange(0, M_PAD)
     x = tl.load(x_ptr + m[:, None] * stride_x + (k0 + k)[None, :], mask=(m[:, None] < M) & ((k0 + k)[None, :] < K), other=0.0)
-    if WIDEN:  # fp8 weights widened (exactly: e4m3 fits bf16 and fp16), integer ones rounded, to the rows' dtype
-        w = w.to(x.dtype)
+    if WIDEN:  # fp8 / int8 weights widened (exactly: e4m3 and int8 fit bf16 and fp16), integer ones rounded, to the
+        # rows' dtype; float32 where the dot upcasts anyway (the interpreter, whose int8 -> bf16 cast is broken)
+        w = w.to(tl.float32) if UPCAST else w.to(x.dtype)
     return acc + tile_dot(w, tl.trans(x), PREC, UPCAST)
 
 
@@ -226,7 +227,7 @@ def gemv(
     """`config`: (BLOCK_N, BLOCK_K, num_warps, num_stages, splits) instead of `gemv_config`'s (tile
     sweeps). With several splits of the input width, float32 partial sums go through a second kernel.
 
-    weight_scale: N float32 scales (any shape, contiguous: [N, 1] or [1, N]) of a float8_e4m3fn weight,
+    weight_scale: N float32 scales (any shape, contiguous: [N, 1] or [1, N]) of a float8_e4m3fn or int8 weight,
     out = x @ (weight * scale).T (+ bias) with x kept in its 16-bit dtype (W8A16: at these row counts the weight
     stream is the cost, halved in fp8). Each split's partial sum is scaled in the first kernel, so the second
     one is the 16-bit path's; the split order is fixed, so the result is the same every run.
@@ -236,9 +237,10 @@ def gemv(
     both contiguous); out = x @ dequantize(weight).T (+ bias)."""
     rows, k = x.shape
     n = weight.shape[0]
-    assert (weight_scale is not None) == (weight.dtype == torch.float8_e4m3fn), "fp8 weights, and only they, take scales"
+    scaled = weight.dtype in (torch.float8_e4m3fn, torch.int8) and int_weight is None
+    assert (weight_scale is not None) == scaled, "fp8 and int8 weights, and only they, take per-row scales"
     if weight_scale is not None:
-        assert weight.dtype == torch.float8_e4m3fn and weight_scale.dtype == torch.float32, "fp8 weight, fp32 scales"
+        assert weight_scale.dtype == torch.float32, "float32 weight scales"
         assert weight_scale.numel() == n and weight_scale.is_contiguous(), "one contiguous scale per output row"
     scales = zeros = None
     bits, gs, mode = 0, 0, 0

@@ -6,13 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.quantization.base import QuantRows, rows_quantization
+
 
 class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    quant_rows: torch.dtype | None = None  # set by the FP8 / W8A8 methods: as RMSNorm's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | QuantRows:
         if x.is_cuda:
             from pagedllm.kernels.activation import silu_and_mul
 
-            return silu_and_mul(x)
+            return silu_and_mul(x, rows_quantization(self.quant_rows, x))
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

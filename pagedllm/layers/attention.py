@@ -65,6 +65,12 @@ def layer_sliding_window(config: Any, layer: int) -> int | None:
     return window
 
 
+def uniform_sliding_window(config: Any) -> int | None:
+    """The window every layer shares (Mistral's), else None: then blocks outside it can go back to the pool."""
+    windows = {layer_sliding_window(config, i) for i in range(config.num_hidden_layers)}
+    return windows.pop() if len(windows) == 1 else None
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding,
                  sliding_window: int | None = None, soft_cap: float | None = None) -> None:

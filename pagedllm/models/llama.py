@@ -44,6 +44,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    # (producer, linear reading only its output): an FP8 method makes the producer quantize (quantization/fp8.py)
+    activation_producers = (("act", "down_proj"),)
+
     def __init__(self, config: Any, intermediate_size: int | None = None) -> None:
         """intermediate_size: other than config's for an MoE model's shared expert."""
         super().__init__()
@@ -58,6 +61,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    activation_producers = (("input_layernorm", "self_attn.qkv_proj"), ("post_attention_layernorm", "mlp.gate_up_proj"))
+
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
                  mlp: nn.Module | None = None) -> None:
         """mlp: the feed-forward block if not Llama's (an MoE model's sparse block)."""

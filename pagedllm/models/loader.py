@@ -66,6 +66,8 @@ def load_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torc
     else:
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}.")
     pack_linear_weights(model)
+    if method is not None:
+        method.prepare_model(model)
     return model.eval()
 
 

@@ -5,12 +5,33 @@ computes the layer's product."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagedllm.layers.sharding import Weight
+
+
+@dataclass(frozen=True)
+class QuantRows:
+    """Activations quantized per token by the kernel that made them (an RMSNorm, a SiLU-and-mul), handed to an FP8 or
+    W8A8 layer instead of the 16-bit rows, whose GEMM takes them as they are (`Fp8LinearMethod.prepare_model`)."""
+
+    q: torch.Tensor  # [M, K] float8_e4m3fn or int8
+    scale: torch.Tensor  # [M, 1] float32
+
+
+def rows_quantization(quant_rows: torch.dtype | None, x: torch.Tensor) -> torch.dtype | None:
+    """What a producer (RMSNorm, SiLU-and-mul) with `quant_rows` set hands on for these rows: QuantRows of that dtype,
+    except where the layer after multiplies few rows in its GEMV (W8A16: 16-bit rows, no activation rounding)."""
+    if quant_rows is None:
+        return None
+    from pagedllm.layers.linear import GEMV_MAX_ROWS, gemv_enabled
+
+    rows = x.numel() // x.shape[-1]
+    return None if rows <= GEMV_MAX_ROWS and gemv_enabled(x.device, x.dtype) else quant_rows
 
 
 def row_shards(layer: nn.Module) -> list[tuple[int, int, int]]:
@@ -73,6 +94,9 @@ class QuantMethod:
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         raise NotImplementedError
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Once the whole model's layers are processed: wiring that spans layers (fp8's fused activations)."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError

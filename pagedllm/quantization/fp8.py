@@ -10,7 +10,10 @@ CPU (and any case the GPU path does not cover) dequantizes the weight and fake-q
 same math the fp8 GEMM does. CUDA (sm_89+) multiplies in fp8 through `torch._scaled_mm` with row-wise scales; products
 of up to GEMV_MAX_ROWS rows (decode), where the GEMV runs, go through its fp8-weight variant instead: W8A16, the rows
 left unquantized (at a few rows the weight stream is the cost, and fp8 halves it), so their outputs differ slightly
-from the W8A8 GEMM's for larger batches.
+from the W8A8 GEMM's for larger batches. Larger products take their rows already in fp8 from the kernel before
+them where the model declares it (`activation_producers`: the RMSNorm before q/k/v and gate/up, the SiLU-and-mul
+before down: `prepare_model` wires them), else quantize them in one kernel pass (kernels/quant_rows.py). Block-wise
+weights (128-column groups) multiply in the Triton block-scaled GEMM (kernels/scaled_gemm.py) on the GPU.
 """
 
 from __future__ import annotations
@@ -21,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.layers.linear import GEMV_MAX_ROWS, gemv_enabled
 from pagedllm.layers.sharding import Weight, read_whole
 from pagedllm.quantization import fp8_utils as fq
-from pagedllm.quantization.base import QuantMethod, input_columns, row_shards
+from pagedllm.quantization.base import QuantMethod, QuantRows, input_columns, row_shards, rows_quantization
 
 _WEIGHT_STRATEGIES = ("tensor", "channel", "block")
 _ACT_SCHEMES = (None, "token", "group", "static")
@@ -121,18 +123,40 @@ class Fp8LinearMethod(QuantMethod):
         if self.activations == "static":  # the fused shards share their input: one scale, the largest
             layer.input_scale.data = layer.input_scale.data.max().reshape(())
         layer.fp8_gemm = self._gpu_gemm_applies(layer)
-        if layer.fp8_gemm:
+        if layer.fp8_gemm == "rows":
             layer.weight_scale_row = layer.weight_scale.data.reshape(1, out).contiguous()
 
     def quantize_per_channel(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fq.quantize_per_channel(weight)
 
-    def _gpu_gemm_applies(self, layer: nn.Module) -> bool:
-        """torch._scaled_mm with row-wise scales: Ada/Hopper+, bf16 output, per-row weight scales, fp8 activations.
-        Block-wise weights dequantize on the GPU too (TODO: a Triton block-scaled GEMM, as DeepGEMM's)."""
+    def _gpu_gemm_applies(self, layer: nn.Module) -> str | None:
+        """The GPU's fp8 product, Ada/Hopper+ with bf16 outputs: "rows" (torch._scaled_mm, row-wise scales: per-row
+        weight scales, per-token or static activations) or "blocks" (the Triton GEMM: 128-column groups of weights
+        and activations); None: dequantize (CPU, other dtypes and schemes)."""
         w = layer.weight
-        return (w.is_cuda and self.weights != "block" and self.activations in ("token", "static")
-                and layer.orig_dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (8, 9))
+        if not (w.is_cuda and layer.orig_dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (8, 9)):
+            return None
+        if self.weights != "block" and self.activations in ("token", "static"):
+            return "rows"
+        if self.weights == "block" and self.activations == "group" and self.block[1] == 128:
+            return "blocks"
+        return None
+
+    def takes_quant_rows(self, layer: nn.Module) -> bool:
+        """Whether the layer's GEMM takes rows quantized per token (QuantRows of weight_dtype) from the kernel before."""
+        return getattr(layer, "fp8_gemm", None) == "rows" and self.activations == "token"
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Every (producer, linear) pair a model module declares in `activation_producers` (names relative to it)
+        whose linear takes QuantRows: the producer (RMSNorm, SiluAndMul) then quantizes its own output."""
+        for module in model.modules():
+            for producer_name, consumer_name in getattr(module, "activation_producers", ()):
+                try:
+                    producer, consumer = module.get_submodule(producer_name), module.get_submodule(consumer_name)
+                except AttributeError:  # another block in its place (an MoE layer's), or another pipeline stage's
+                    continue
+                if consumer.quant_method is self and self.takes_quant_rows(consumer) and hasattr(producer, "quant_rows"):
+                    producer.quant_rows = self.weight_dtype
 
     # The product
 
@@ -142,31 +166,47 @@ class Fp8LinearMethod(QuantMethod):
             scale = scale.repeat_interleave(self.block[1], dim=1)[:, : layer.weight.shape[1]]
         return (layer.weight.float() * scale).to(dtype)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if layer.fp8_gemm:
-            return self._apply_scaled_mm(layer, x, bias)
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantRows, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantRows):  # quantized by the kernel before (prepare_model)
+            return self.rows_product(layer, x.q, x.scale, bias, layer.orig_dtype)
+        if layer.fp8_gemm == "rows":
+            return self._apply_rows(layer, x, bias)
+        if layer.fp8_gemm == "blocks":
+            from pagedllm.kernels.quant_rows import quantize_rows
+            from pagedllm.kernels.scaled_gemm import scaled_gemm
+
+            xq, sx = quantize_rows(x.reshape(-1, x.shape[-1]), group=128)
+            out = scaled_gemm(xq, sx, layer.weight, layer.weight_scale, bias, out_dtype=x.dtype)
+            return out.view(*x.shape[:-1], out.shape[-1])
         if self.activations is not None:
             x = fq.fake_quantize(x, self.activations, getattr(layer, "input_scale", None), self.block[1])
         return F.linear(x, self.dequantize(layer, x.dtype), bias)
 
-    def _apply_scaled_mm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Unverified (written without a GPU): per-token (or static) fp8 activations x fp8 weight, both scaled per row.
-        Up to GEMV_MAX_ROWS rows: the fp8-weight GEMV (W8A16) with the same per-row weight scales, per-tensor
-        ones already widened to rows; the activation scheme (and a static input_scale) is not applied there.
-        TODO: fuse the activation quantization into the RMSNorm / SiLU before it."""
+    def rows_product(self, layer: nn.Module, xq: torch.Tensor, sx: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+        """Quantized rows [M, K] with their scales [M, 1] x the weight, scaled per row: cuBLASLt's fp8 GEMM."""
+        return torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale_row, bias=bias,
+                                out_dtype=out_dtype)
+
+    def quantize_input(self, layer: nn.Module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.activations == "static":
+            sx = layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+            return fq.quantize(x2, layer.input_scale), sx
+        from pagedllm.kernels.quant_rows import quantize_rows
+
+        return quantize_rows(x2, self.weight_dtype)
+
+    def _apply_rows(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Per-token (or static) 8-bit activations x the weight, both scaled per row. Up to GEMV_MAX_ROWS rows: the
+        8-bit-weight GEMV (W8A16) with the same per-row weight scales, per-tensor ones already widened to rows; the
+        activation scheme (and a static input_scale) is not applied there."""
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= GEMV_MAX_ROWS and x2.stride(1) == 1 and gemv_enabled(x2.device, x2.dtype):
+        if rows_quantization(self.weight_dtype, x2) is None and x2.stride(1) == 1:
             from pagedllm.kernels.gemv import gemv  # triton: imported only where the GPU path runs
 
             out = gemv(x2, layer.weight, bias, weight_scale=layer.weight_scale_row)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        if self.activations == "static":
-            xq = fq.quantize(x2, layer.input_scale)
-            sx = layer.input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
         else:
-            xq, sx = fq.quantize_per_token(x2)
-        out = torch._scaled_mm(xq, layer.weight.t(), scale_a=sx, scale_b=layer.weight_scale_row, bias=bias,
-                               out_dtype=x.dtype)
+            out = self.rows_product(layer, *self.quantize_input(layer, x2), bias, x.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 

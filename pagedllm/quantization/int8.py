@@ -1,7 +1,9 @@
 """W8A8 int8 (compressed-tensors' `int-quantized`, as llm-compressor's W8A8 recipes write it): int8 weights with one
 scale per output row (or per tensor), activations quantized to int8 per token on the fly (or with a static per-tensor
-scale), products summed exactly in int32 by `torch._int_mm` and scaled per row and per token after. Loading and the
-weights' scales are the FP8 method's, with int8 in place of float8."""
+scale), products summed exactly in int32 and scaled per row and per token after. Loading and the weights' scales are the FP8
+method's, with int8 in place of float8, and so is the GPU path: rows quantized in one kernel pass or by the RMSNorm /
+SiLU-and-mul before (QuantRows), the Triton scaled GEMM (int8 dots, the scaling in its epilogue), and for up to 16
+rows the int8-weight GEMV (W8A16). Elsewhere `torch._int_mm` with the scaling after (the reference)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.quantization.base import QuantRows
 from pagedllm.quantization.fp8 import Fp8LinearMethod
 
 INT8_MAX = 127
@@ -38,10 +41,26 @@ class Int8LinearMethod(Fp8LinearMethod):
     def quantize_per_channel(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_per_token_int8(weight)
 
-    def _gpu_gemm_applies(self, layer: nn.Module) -> bool:
-        return False  # the int8 product below runs on every device
+    def _gpu_gemm_applies(self, layer: nn.Module) -> str | None:
+        return "rows" if layer.weight.is_cuda and layer.orig_dtype in (torch.bfloat16, torch.float16) else None
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def rows_product(self, layer: nn.Module, xq: torch.Tensor, sx: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+        from pagedllm.kernels.scaled_gemm import scaled_gemm
+
+        return scaled_gemm(xq, sx, layer.weight, layer.weight_scale_row, bias, out_dtype)
+
+    def quantize_input(self, layer: nn.Module, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.activations == "static":
+            scale = layer.input_scale.reshape(1, 1)
+            return quantize_int8(x2, scale), scale.expand(x2.shape[0], 1).contiguous()
+        from pagedllm.kernels.quant_rows import quantize_rows
+
+        return quantize_rows(x2, torch.int8)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantRows, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantRows) or layer.fp8_gemm:
+            return super().apply(layer, x, bias)
         x2 = x.reshape(-1, x.shape[-1])
         if self.activations == "static":
             scale = layer.input_scale.reshape(1, 1)

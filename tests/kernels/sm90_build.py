@@ -16,7 +16,8 @@ import time
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from pagedllm.kernels import activation, fused_moe, gemv, gguf_gemm, int_gemm, norm, paged_attention, rope_kv_write, sampling
+from pagedllm.kernels import (activation, fused_moe, gemv, gguf_gemm, int_gemm, norm, paged_attention, quant_rows,
+                              rope_kv_write, sampling, scaled_gemm)
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -103,10 +104,10 @@ def other_builds() -> list[tuple[str, callable]]:
             builds.append((f"gumbel-max {dt} thresholds={has_thresh} greedy={greedy}",
                            lambda t=types, c=consts: build(sampling._gumbel_max_kernel, t, c, 4)))
         types = {"x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "res_out_ptr": f"*{dt}",
-                 "eps": "fp32"}
+                 "scale_ptr": "*fp32", "eps": "fp32"}
         for has_res in (False, True):
-            builds.append((f"rms_norm {dt} residual={has_res}",
-                           lambda t=types, r=has_res: build(norm._rms_norm_kernel, t, dict(HAS_RES=r, BLOCK=4096), 8)))
+            builds.append((f"rms_norm {dt} residual={has_res}", lambda t=types, r=has_res: build(
+                norm._rms_norm_kernel, t, dict(HAS_RES=r, QUANT=False, EXACT=False, BLOCK=4096), 8)))
         builds.append((f"silu_and_mul {dt}", lambda d=dt: build(
             activation._silu_and_mul_kernel, {"x_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(BLOCK=1024), 4)))
         for kv, has_norm in ((dt, False), (dt, True), ("fp8e4nv", False)):
@@ -130,6 +131,7 @@ def other_builds() -> list[tuple[str, callable]]:
                                lambda t=types, c=consts: build(gemv._gemv_kernel, t, c, 4)))
         builds.append((f"gemv split sums {dt}", lambda d=dt: build(
             gemv._sum_splits_kernel, {"part_ptr": "*fp32", "b_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4)))
+    builds += eight_bit_builds()
     builds += int_weight_builds()
     builds += gguf_builds()
     builds += moe_builds()
@@ -138,6 +140,34 @@ def other_builds() -> list[tuple[str, callable]]:
                  "min_p_ptr": "*fp32", "thresh_ptr": "*fp32"}
         consts = dict(SHIFT=shift, BLOCK=sampling._FILTER_BLOCK, POINTS=sampling._POINTS)
         builds.append((f"filter thresholds {dt}", lambda t=types, c=consts: build(sampling._filter_threshold_kernel, t, c, 8)))
+    return builds
+
+
+def eight_bit_builds() -> list[tuple[str, callable]]:
+    """Activation quantization to fp8 and int8 (per token, per 128-column group, after RMSNorm and SiLU-and-mul) and
+    the scaled GEMM's tiles (fp8 block-wise and row-wise, int8 row-wise)."""
+    builds = []
+    for q in ("fp8e4nv", "i8"):
+        for group, block in ((0, 4096), (128, 128)):
+            builds.append((f"quantize rows to {q} group={group}", lambda g=group, b=block, q=q: build(
+                quant_rows._quantize_rows_kernel, {"x_ptr": "*bf16", "q_ptr": f"*{q}", "s_ptr": "*fp32"},
+                dict(GROUP=g, BLOCK=b, EXACT=False), 8)))
+        builds.append((f"silu_and_mul {q} out", lambda q=q: build(
+            activation._silu_and_mul_quant_kernel, {"x_ptr": "*bf16", "q_ptr": f"*{q}", "s_ptr": "*fp32"},
+            dict(BLOCK=2048, EXACT=False), 8)))
+        builds.append((f"rms_norm {q} out", lambda q=q: build(norm._rms_norm_kernel, {
+            "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": f"*{q}", "res_out_ptr": "*bf16",
+            "scale_ptr": "*fp32", "eps": "fp32"}, dict(HAS_RES=True, QUANT=True, EXACT=False, BLOCK=4096), 8)))
+    for q, scalings in (("fp8e4nv", (False, True)), ("i8", (False,))):
+        types = {"a_ptr": f"*{q}", "as_ptr": "*fp32", "w_ptr": f"*{q}", "ws_ptr": "*fp32", "b_ptr": "*bf16",
+                 "out_ptr": "*bf16"}
+        for rows in (16, 4096):
+            cfg = scaled_gemm.default_config(rows)
+            for block_scales in scalings:
+                consts = dict(BLOCK_SCALES=block_scales, HAS_BIAS=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_K=128, GROUP_M=8, UPCAST=False)
+                builds.append((f"scaled gemm {q} {rows} rows block scales={block_scales}", lambda c=consts, g=cfg, t=types:
+                               build(scaled_gemm._scaled_gemm_kernel, t, c, g["num_warps"], g["num_stages"])))
     return builds
 
 

@@ -52,13 +52,16 @@ def test_gemv_strided_rows(device, assert_close):
 
 
 def _check_fp8_gemv(device, assert_close, rows: int, shape: tuple[int, int], bias: bool, config=None,
-                    dtype: torch.dtype = torch.bfloat16) -> None:
-    """float8_e4m3fn weight [N, K] with random per-row float32 scales, bf16 rows (W8A16), against the product with
-    the dequantized weight in float64: the fp8 values and scales are exact there, so only the kernel's sums differ."""
+                    dtype: torch.dtype = torch.bfloat16, weight_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
+    """float8_e4m3fn (or int8) weight [N, K] with random per-row float32 scales, bf16 rows (W8A16), against the
+    product with the dequantized weight in float64: the 8-bit values and scales are exact there, so only the kernel's
+    sums differ."""
     n, k = shape
     g = torch.Generator().manual_seed(rows * 11 + n)
     x = torch.randn(rows, k, generator=g).to(device, dtype)
-    w = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)
+    w = (torch.randn(n, k, generator=g) * 100).clamp(-127, 127) if weight_dtype == torch.int8 else \
+        (torch.randn(n, k, generator=g) * 100).clamp(-448, 448)
+    w = w.to(weight_dtype).to(device)
     scale = (torch.rand(n, 1, generator=g) + 0.5) / (100 * k**0.5)
     b = torch.randn(n, generator=g).to(device, dtype) if bias else None
     ref = x.double() @ (w.double() * scale.double()).T + (0 if b is None else b.double())
@@ -73,6 +76,13 @@ FP8_SHAPES = SHAPES + [(40, 199)]  # and an odd input width: fp8 rows of 199 byt
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_gemv_fp8(device, assert_close, rows, shape, bias):
     _check_fp8_gemv(device, assert_close, rows, shape, bias)
+
+
+@pytest.mark.parametrize("rows", [1, 5, GEMV_MAX_ROWS])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_int8_weight(device, assert_close, rows, bias):
+    """W8A8 layers' decode products: int8 weights with per-row scales, the fp8 variant's code."""
+    _check_fp8_gemv(device, assert_close, rows, FP8_SHAPES[-1], bias, weight_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("rows", [1, 4])
