@@ -51,6 +51,9 @@ class EngineConfig:
     # Models that think in <think>...</think>: qwen3 | deepseek_r1. Structured outputs apply after the reasoning,
     # and the server returns it as `reasoning_content`.
     reasoning_parser: str | None = None
+    # Speculative decoding, as vLLM's dict: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
+    # (spec_decode/config.py); a JSON string on the command line. Parsed into a SpeculativeConfig by finalize().
+    speculative_config: Any = None
     # Filled in when the engine starts.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -100,6 +103,10 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1.")
         self._check_parallel()
+        from pagedllm.spec_decode.config import SpeculativeConfig
+
+        if not isinstance(self.speculative_config, SpeculativeConfig):
+            self.speculative_config = SpeculativeConfig.from_user(self.speculative_config)
         if self.reasoning_parser is not None:
             from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
 

@@ -7,6 +7,8 @@ already holds for it. When the pool runs dry, the most recently admitted running
 request is preempted: its blocks are freed and it goes back to the head of the queue, to be
 recomputed (prompt + what it generated so far) when there is room again.
 
+A request with draft tokens (speculative decoding) is scheduled for its last token and the drafts, as one chunk.
+
 With async scheduling a request's `num_tokens` counts the token its in-flight step will sample, so
 it is scheduled as a decode before that token is known; a request whose in-flight token is its last
 is left out. With `disjoint_steps` (pipeline parallelism, several micro-batches in flight) a request
@@ -75,7 +77,10 @@ class Scheduler:
             computed = request.num_computed_tokens
             if windowed and computed:
                 self.kv_cache.release_outside_window(request.request_id, computed)
-            num_new = min(len(request.all_token_ids) + pending - computed, budget)
+            known = len(request.all_token_ids) + pending - computed
+            num_new = min(known + len(request.spec_token_ids), budget)
+            if request.spec_token_ids and num_new < known + len(request.spec_token_ids):
+                request.spec_token_ids = request.spec_token_ids[: max(0, num_new - known)]  # drafts the budget allows
             table = tables.get(request.request_id)
             fits = table is not None and len(table) * block_size >= computed + num_new  # most steps need no new block
             if fits or self._allocate_or_preempt(request, num_new, out):
@@ -129,6 +134,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

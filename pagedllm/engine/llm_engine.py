@@ -42,6 +42,7 @@ from pagedllm.layers.attention import uniform_sliding_window
 from pagedllm.logger import get_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.spec_decode.decoder import SpecDecodeStats, make_spec_decoder
 from pagedllm.structured_output import StructuredOutputManager
 from pagedllm.worker.model_runner import ModelRunner
 from pagedllm.worker.step_output import StepHandle
@@ -64,6 +65,7 @@ class EngineStats:
     generation_tokens: int
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # tokens found there
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding
 
 
 @dataclass(eq=False)
@@ -132,6 +134,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                                          config.max_num_seqs, config.reasoning_parser)
         self._num_constrained = 0
+        self.spec = None if config.speculative_config is None else make_spec_decoder(config, self.runner)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
@@ -240,11 +243,16 @@ class LLMEngine:
         self._aborted = []
         if self._num_constrained:
             self._fail_grammars(touched)
-        overlap = bool(self.config.async_scheduling) and not self._num_penalized and not self._num_constrained
+        # Steps overlap unless a step's tokens must be known before the next is built: penalties and grammars read
+        # them, and drafts are proposed from them.
+        overlap = (bool(self.config.async_scheduling) and not self._num_penalized and not self._num_constrained
+                   and self.spec is None)
         depth = self.config.steps_in_flight if overlap else 0  # launched steps left unprocessed when step() returns
         inflight = self._inflight
         while len(inflight) > depth:
             self._process(inflight.popleft(), touched)
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.scheduled:
             inflight.append(self._launch(sched))
@@ -278,9 +286,12 @@ class LLMEngine:
             if computed < len(request.prompt_token_ids):
                 self.prompt_tokens += min(num_new, len(request.prompt_token_ids) - computed)
             request.num_computed_tokens = computed + num_new
+        previous = None
         for row, request in enumerate(handle.requests):
-            request.num_pending += 1
-            request.pending_row = row
+            if request is not previous:  # a request verifying drafts has several rows, consecutive
+                request.num_pending += 1
+                request.pending_row = row
+                previous = request
         return handle
 
     def _process(self, handle: StepHandle, touched: dict[str, _Group]) -> None:
@@ -291,14 +302,27 @@ class LLMEngine:
             if not request.status.finished:
                 assert request.prompt_logprobs is not None
                 request.prompt_logprobs.extend(entries)
-        logprobs, groups = result.logprobs, self.groups
-        for row, (request, token) in enumerate(zip(handle.requests, result.sampled_token_ids)):
-            if request.status.finished:
-                continue
-            request.num_pending -= 1
-            self._append(request, token, None if logprobs is None else logprobs[row], now)
-            key = request.parent_id or request.request_id
-            touched[key] = groups[key]
+        logprobs, groups, rows, sampled = result.logprobs, self.groups, handle.requests, result.sampled_token_ids
+        row = 0
+        while row < len(rows):
+            request, end = rows[row], row + 1
+            while end < len(rows) and rows[end] is request:
+                end += 1
+            if not request.status.finished:
+                request.num_pending -= 1
+                tokens = sampled[row:end]
+                if request.spec_token_ids:
+                    assert self.spec is not None
+                    tokens = self.spec.verify(request.spec_token_ids, tokens)
+                    request.spec_token_ids = []
+                    request.num_computed_tokens -= end - row - len(tokens)  # the rejected drafts' KV is stale
+                for j, token in enumerate(tokens):
+                    self._append(request, token, None if logprobs is None else logprobs[row + j], now)
+                    if request.status.finished:
+                        break
+                key = request.parent_id or request.request_id
+                touched[key] = groups[key]
+            row = end
 
     def _append(self, request: Request, token: int, logprobs: Any, now: float) -> None:
         request.append_token(token)
@@ -420,6 +444,7 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             prefix_cache_queries=self.kv_cache.prefix_queries,
             prefix_cache_hits=self.kv_cache.prefix_hits,
+            spec_decode=None if self.spec is None else self.spec.stats,
         )
 
     def reset_prefix_cache(self) -> bool:

@@ -45,6 +45,7 @@ class Request:
     # of that step's sampled ids).
     num_pending: int = 0
     pending_row: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens the next step verifies (spec_decode/)
     plain_greedy: bool = field(init=False, default=False)
     num_preemptions: int = 0
     cache_salt: str | None = None  # mixed into the first block's hash: only requests with the same salt share blocks

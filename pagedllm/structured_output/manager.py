@@ -141,23 +141,25 @@ class StructuredOutputManager:
         row = 0
         bitmask = None
         for request, num_new in sched.scheduled:
-            # As build_batch: a request samples when this step reaches the end of its tokens.
-            if request.num_computed_tokens + num_new != request.num_tokens:
+            # As build_batch: a request samples when this step reaches the end of its tokens, once per position it
+            # verifies when it has drafts (never a constrained one's: spec_decode skips them).
+            drafts = len(request.spec_token_ids)
+            if request.num_computed_tokens + num_new != request.num_tokens + drafts:
                 continue
             state = request.structured_output
             if state is not None and state.active:
                 if bitmask is None:
-                    bitmask = self._bitmask_buffer()
+                    bitmask = self._bitmask_buffer(sum(1 + len(r.spec_token_ids) for r, _ in sched.scheduled))
                 state.matcher.fill_next_token_bitmask(bitmask, row)
                 rows.append(row)
-            row += 1
+            row += 1 + drafts
         if bitmask is None:
             return None
         return GrammarBitmask(bitmask[:row], rows, self.vocab_size)
 
-    def _bitmask_buffer(self) -> Any:
-        if self._bitmask is None:
-            self._bitmask = self.backend.allocate_bitmask(self.max_num_seqs)
+    def _bitmask_buffer(self, rows: int) -> Any:
+        if self._bitmask is None or self._bitmask.shape[0] < rows:
+            self._bitmask = self.backend.allocate_bitmask(max(rows, self.max_num_seqs))
         return self._bitmask
 
     def accept(self, request: Request, token: int) -> bool:

@@ -81,7 +81,7 @@ class FlatBatch:
     num_decodes: int
     max_query_len: int
     max_seq_len: int
-    sample_rows: list[int]  # rows whose last token is sampled this step
+    sample_rows: list[int]  # rows whose last token is sampled this step (a row with drafts: once per verified position)
     any_prompt_logprobs: bool
     common_prefix_len: int = 0  # decode-only batches: tokens of the leading blocks every row shares
 
@@ -149,16 +149,27 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
             sample_rows.append(i)
     input_ids[:num_decodes] = decode_ids
     q = num_decodes
+    spec_index: list[int] = []  # with drafts: the flat index of every sampled row, in order
     for i in range(num_decodes, n):
         request, k = scheduled[i]
         s, ids = starts_l[i], request.all_token_ids
         known = min(s + k, len(ids))
         input_ids[q : q + known - s] = ids[s:known]
-        if known < s + k:
-            fill_dst.append(q + k - 1)
-            fill_src.append(request.pending_row)
-        if s + k == request.num_tokens:
-            sample_rows.append(i)
+        drafts = request.spec_token_ids
+        if drafts:  # the last known token and the drafts: each of their positions samples (verifies)
+            input_ids[q + known - s : q + k] = drafts
+            if not spec_index:
+                spec_index = [int(query_start_loc[r + 1]) - 1 for r in sample_rows]
+            sample_rows.extend([i] * (len(drafts) + 1))
+            spec_index.extend(range(q + k - len(drafts) - 1, q + k))
+        else:
+            if known < s + k:
+                fill_dst.append(q + k - 1)
+                fill_src.append(request.pending_row)
+            if s + k == request.num_tokens:
+                sample_rows.append(i)
+                if spec_index:
+                    spec_index.append(q + k - 1)
         q += k
     any_prompt_logprobs = any(r.prompt_logprobs is not None for r, _ in scheduled)
 
@@ -175,6 +186,8 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
     slot_mapping = table_array[row_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
     if len(sample_rows) == n and num_tokens == n:
         logits_index = _EMPTY
+    elif spec_index:
+        logits_index = np.array(spec_index, dtype=np.int64)
     else:
         logits_index = query_start_loc[1:][sample_rows] - 1
     shared = 0

@@ -350,10 +350,16 @@ class ModelRunner:
         # Penalties read the output history, which a token in flight would leave stale (the engine
         # runs such batches synchronously); min_tokens only needs the count.
         assert not any(r.num_pending and r.params.needs_penalties for r in requests)
+        # A request that verifies drafts has a row per position: row j's history holds the drafts before it.
+        outputs, counts, previous, j = [], [], None, 0
+        for r in requests:
+            j = j + 1 if r is previous else 0
+            previous = r
+            outputs.append(r.output_token_ids + r.spec_token_ids[:j] if j else r.output_token_ids)
+            counts.append(r.num_output_tokens + r.num_pending + j)
         batch = SamplingBatch.build(
             [r.params for r in requests], [r.generator for r in requests],
-            [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
-            self.vocab_size, self.device, num_output_tokens=[r.num_output_tokens + r.num_pending for r in requests],
+            [r.prompt_token_ids for r in requests], outputs, self.vocab_size, self.device, num_output_tokens=counts,
         )
         # Reused while the rows stay the same, unless it depends on what was generated so far.
         self._sampling_cache = (requests, batch) if batch.stop_index is None and batch.penalty_rows is None else None

@@ -1,0 +1,179 @@
+"""Speculative decoding (pagedllm/spec_decode/), float32 on CPU: greedy tokens identical to speculation off and to
+transformers, for the ngram proposer and a draft model, on SmolLM2 and tiny random Llama / Qwen3 models, alone and in
+mixed batches with chunked prefill, prefix caching and forced preemption; temperature > 0 keeps the target's
+distribution (the joint law of two tokens against transformers' exact one); penalties, logprobs, stop strings and
+max_tokens across accepted runs; the counters; config errors."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.spec_decode.config import SpeculativeConfig
+from pagedllm.spec_decode.ngram import NgramProposer
+from tests.conftest import assert_clean
+from tests.reference.models import HFOracle
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+ARGS = dict(skip_tokenizer_init=True, kv_cache_memory=32 << 20, max_model_len=1024)
+
+
+def _prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
+    """Random prompts, most with a repeated stretch (prompt lookup finds it) and some without."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        head = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 60))]
+        prompts.append(head + head[: rng.randint(0, len(head))] if i % 4 else head)
+    return prompts
+
+
+def _generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert_clean(llm.llm_engine)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_ngram_proposer() -> None:
+    p = NgramProposer(3, 1, 3)
+    assert p.propose([1, 2, 3, 4, 1, 2, 3], 3) == [4, 1, 2]  # "1 2 3" recurs: what followed it
+    assert p.propose([1, 2, 3, 9, 2, 3, 5, 2, 3], 2) == [5, 2]  # the latest earlier occurrence of "2 3"
+    assert p.propose([5, 6, 7, 8], 3) == []
+    assert p.propose([7, 7, 7, 7], 3) == [7]  # overlapping: only what is known
+    assert p.propose([1, 2, 1, 2, 1, 2], 1) == [1]
+
+
+def test_config_errors() -> None:
+    assert SpeculativeConfig.from_user(None) is None
+    assert SpeculativeConfig.from_user('{"model": "[ngram]", "num_speculative_tokens": 2}').method == "ngram"
+    assert SpeculativeConfig.from_user({"model": "/some/draft", "num_speculative_tokens": 2}).method == "draft_model"
+    for bad, match in (({"method": "ngram"}, "num_speculative_tokens"), ({"method": "medusa", "num_speculative_tokens": 2}, "method"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown"),
+                       ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup")):
+        with pytest.raises(ValueError, match=match):
+            SpeculativeConfig.from_user(bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_greedy_equals_transformers_mixed_batch(tiny_models: dict[str, str], arch: str) -> None:
+    """40 requests in one batch, 24-token steps (prompts chunked, drafts cut to the budget), a KV pool small enough
+    to preempt: the same tokens as transformers' greedy generate, and as speculation off."""
+    path = tiny_models[arch]
+    prompts = _prompts(512, 40, seed=1)
+    rng = random.Random(2)
+    max_tokens = [rng.randint(1, 40) for _ in prompts]
+    oracle = HFOracle(path)
+    oracle.model.generation_config.eos_token_id = None
+    expected = [oracle.greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    llm = LLM(path, speculative_config=NGRAM, max_num_batched_tokens=24, num_gpu_blocks_override=40, **ARGS)
+    assert _generate(llm, prompts, params) == expected
+    stats = llm.llm_engine.spec.stats
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert 0 < stats.num_accepted_tokens <= stats.num_draft_tokens and stats.num_drafts > 0
+    assert stats.accepted_per_pos == sorted(stats.accepted_per_pos, reverse=True)  # a later draft needs the earlier
+    assert sum(stats.accepted_per_pos) == stats.num_accepted_tokens
+    assert _generate(llm, prompts, params) == expected  # the prefix cache now holds the prompts
+
+
+def test_smollm2_chat_alone_and_batched(smollm2: str) -> None:
+    """Real text that repeats itself: identical to speculation off, alone and in a batch, with EOS stops."""
+    texts = ["Repeat this twice: the quick brown fox jumps over the lazy dog.",
+             "List the numbers from one to twenty, separated by commas.",
+             "Write a Python function that adds two numbers, then write it again with type hints."]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    plain = LLM(smollm2, max_model_len=512)
+    expected = [o.outputs[0].token_ids for o in plain.generate(texts, params, use_tqdm=False)]
+    spec = LLM(smollm2, max_model_len=512, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert [o.outputs[0].token_ids for o in spec.generate(texts, params, use_tqdm=False)] == expected
+    assert spec.generate(texts[2], params, use_tqdm=False)[0].outputs[0].token_ids == expected[2]
+    assert spec.llm_engine.spec.stats.num_accepted_tokens > 0
+    assert_clean(spec.llm_engine)
+
+
+def test_penalties_logprobs_stops_across_accepted_runs(tiny_models: dict[str, str]) -> None:
+    """Each verified position samples with its own history (the drafts before it): repetition and frequency
+    penalties, min_tokens, logprobs, stop tokens and max_tokens give what speculation off gives."""
+    path = tiny_models["llama"]
+    prompts = _prompts(512, 12, seed=5)
+    rng = random.Random(6)
+    stop = [rng.randrange(3, 512) for _ in range(40)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(5, 30), ignore_eos=True, logprobs=2,
+                             repetition_penalty=1.3 if i % 2 else 1.0, frequency_penalty=0.4 if i % 3 == 0 else 0.0,
+                             min_tokens=3 if i % 4 == 1 else 0, stop_token_ids=stop[i : i + 8])
+              for i in range(len(prompts))]
+    runs = []
+    for speculative in (None, NGRAM):
+        llm = LLM(path, speculative_config=speculative, **ARGS)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason,
+                      o.outputs[0].logprobs) for o in outputs])
+    for plain, spec in zip(*runs):
+        assert plain[:3] == spec[:3]
+        for a, b in zip(plain[3], spec[3]):  # a chunk's attention sums in another order than a decode's: ~1e-6
+            assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+class _FixedGuess:
+    """A proposer that always guesses the same two tokens: drafts that are often right and often wrong."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def propose_batch(self, batch):  # type: ignore[no-untyped-def]
+        return [self.tokens[:k] for _, k in batch]
+
+
+def test_sampling_keeps_the_target_distribution(tiny_models: dict[str, str]) -> None:
+    """temperature 0.8, top_k 2, four tokens: their joint law over 4000 seeded samples, with two guessed drafts per
+    verifying step, is within sampling noise of transformers' exact one (each position's softmax), as is
+    speculation off's."""
+    from pagedllm.spec_decode.decoder import SpecDecoder
+
+    path = tiny_models["qwen3"]
+    prompt = [11, 57, 300, 42, 9]
+    oracle = HFOracle(path)
+
+    def law(tokens: list[int]) -> dict[int, float]:
+        top = torch.topk(oracle.logprobs(tokens)[-1].double() / 0.8, 2)
+        return dict(zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist()))
+
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(4):
+        exact = {seq + (t,): p * q for seq, p in exact.items() for t, q in law(prompt + list(seq)).items()}
+    likely = max(exact, key=exact.get)
+    params = [SamplingParams(temperature=0.8, top_k=2, max_tokens=4, ignore_eos=True, seed=i) for i in range(4000)]
+    for guess in (None, list(likely[1:3])):
+        llm = LLM(path, speculative_config=None if guess is None else NGRAM, **ARGS)
+        if guess is not None:
+            engine = llm.llm_engine
+            engine.spec = SpecDecoder(engine.config.speculative_config, 1024, _FixedGuess(guess))
+        counts = Counter(tuple(t) for t in _generate(llm, [prompt] * len(params), params))
+        tv = 0.5 * sum(abs(counts.get(key, 0) / len(params) - p) for key, p in exact.items())
+        assert set(counts) <= set(exact) and tv < 0.05, (guess, tv)
+        if guess is not None:
+            stats = llm.llm_engine.spec.stats
+            assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both outcomes happened
+
+
+def test_seeded_sampling_is_reproducible(tiny_models: dict[str, str]) -> None:
+    llm = LLM(tiny_models["llama"], speculative_config=NGRAM, **ARGS)
+    prompts = _prompts(512, 6, seed=9)
+    params = [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=i) for i in range(6)]
+    assert _generate(llm, prompts, params) == _generate(llm, prompts, params)
+
+
+def test_spec_counters_in_stats(tiny_models: dict[str, str]) -> None:
+    llm = LLM(tiny_models["llama"], speculative_config=NGRAM, **ARGS)
+    _generate(llm, _prompts(512, 8, seed=3), [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 8)
+    stats = llm.llm_engine.get_stats().spec_decode
+    assert stats is not None and stats.num_drafts > 0 and len(stats.accepted_per_pos) == 3
+    assert 1.0 <= stats.mean_acceptance_length <= 4.0
+    assert LLM(tiny_models["llama"], **ARGS).llm_engine.get_stats().spec_decode is None
+    assert list(itertools.accumulate(stats.accepted_per_pos))[-1] == stats.num_accepted_tokens
