@@ -1,12 +1,17 @@
-"""Prometheus metrics with vLLM's names under a `pagedllm:` prefix, in a per-server registry.
+"""Prometheus metrics with vLLM's names under a `pagedllm:` prefix, in a registry per server or per offline `LLM`.
 
-Fed by AsyncLLM's step hook on the event loop (each step message of the engine core) from the DELTA outputs
-of each step, counting the way vLLM v1 does: a sample's prompt tokens count once, when it produces its
-first token (so preemption does not count them twice); each sample of an n > 1 request is one finished
-request, as in vLLM where every sample is its own engine request.
+The server feeds them from AsyncLLM's step hook on the event loop (each step message of the engine core) with the
+DELTA outputs of each step, counting the way vLLM v1 does: a sample's prompt tokens count once, when it produces its
+first token (so preemption does not count them twice); each sample of an n > 1 request is one finished request, as
+in vLLM where every sample is its own engine request. The offline `LLM` feeds the same series from each step's
+stats and each finished output (`record_finished`, timed by the engine's own stamps: no inter-token latencies), and
+`LLM.get_metrics()` reads them back as vLLM's reader does (`read_metrics`: Counter, Gauge, Vector, Histogram).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -72,6 +77,13 @@ class ServerMetrics:
         tokens = _token_buckets(max_model_len)
         self.request_prompt = histogram("request_prompt_tokens", "Number of prefill tokens processed.", tokens)
         self.request_generation = histogram("request_generation_tokens", "Number of generation tokens processed.", tokens)
+        # Speculative decoding (zero unless it is on)
+        self.spec_drafts = counter("spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.")
+        self.spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                    "Accepted tokens per draft position.", labels + ["position"], registry=r)
+        self._spec_seen = (0, 0, 0, [])  # drafts, draft tokens, accepted, per position
         # Per-sample progress, keyed by (request_id, sample index): last token time, tokens so far.
         self._last_token: dict[tuple[str, int], float] = {}
         self._num_tokens: dict[tuple[str, int], int] = {}
@@ -91,8 +103,36 @@ class ServerMetrics:
             self.prefix_queries.inc(stats.prefix_cache_queries - queries)
             self.prefix_hits.inc(stats.prefix_cache_hits - hits)
             self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        spec = stats.spec_decode
+        if spec is not None and spec.num_drafts > self._spec_seen[0]:
+            drafts, tokens, accepted, per_pos = self._spec_seen
+            self.spec_drafts.inc(spec.num_drafts - drafts)
+            self.spec_draft_tokens.inc(spec.num_draft_tokens - tokens)
+            self.spec_accepted.inc(spec.num_accepted_tokens - accepted)
+            for pos, count in enumerate(spec.accepted_per_pos):  # every position exported, 0 included
+                seen = per_pos[pos] if pos < len(per_pos) else 0
+                self.spec_per_pos.labels(self._model_name, str(pos)).inc(count - seen)
+            self._spec_seen = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens, list(spec.accepted_per_pos))
         for output in outputs:
             self._record_output(output, now)
+
+    def record_finished(self, output: RequestOutput, now: float) -> None:
+        """Offline: a finished FINAL_ONLY output, its whole completion at once, its first token at the engine's
+        stamp (TTFT and prefill as the server's; no inter-token latencies)."""
+        metrics = output.metrics
+        first = metrics.first_token_time if metrics is not None else None
+        for completion in output.outputs:
+            if completion.token_ids and first is not None:
+                self._last_token[(output.request_id, completion.index)] = first
+                self.prompt_tokens.inc(len(output.prompt_token_ids))
+                self.ttft.observe(first - metrics.arrival_time)
+                if metrics.first_scheduled_time is not None:
+                    self.prefill.observe(first - metrics.first_scheduled_time)
+                self._num_tokens[(output.request_id, completion.index)] = len(completion.token_ids)
+                self.generation_tokens.inc(len(completion.token_ids))
+        self._record_output(RequestOutput(output.request_id, output.prompt, output.prompt_token_ids, None,
+                                          [dataclasses.replace(c, token_ids=[]) for c in output.outputs], True,
+                                          metrics=metrics), now)
 
     def _record_output(self, output: RequestOutput, now: float) -> None:
         metrics = output.metrics
@@ -135,3 +175,71 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# vLLM's metric reader types (vllm.v1.metrics.reader), for LLM.get_metrics()
+
+
+@dataclass
+class Metric:
+    name: str
+    labels: dict[str, str]
+
+
+@dataclass
+class CounterMetric(Metric):
+    value: int
+
+
+@dataclass
+class GaugeMetric(Metric):
+    value: float
+
+
+@dataclass
+class VectorMetric(Metric):
+    """A counter with a numeric label (spec decoding's per-position counts), as one list by that label."""
+
+    values: list[int]
+
+
+@dataclass
+class HistogramMetric(Metric):
+    count: int
+    sum: float
+    buckets: dict[str, int] = field(default_factory=dict)  # upper bound -> cumulative count
+
+
+_VECTOR_LABELS = {PREFIX + "spec_decode_num_accepted_tokens_per_pos": "position"}
+
+
+def read_metrics(registry: CollectorRegistry) -> list[Metric]:
+    """Every series of the registry, as vLLM's `get_metrics_snapshot` gives them."""
+    out: list[Metric] = []
+    for family in registry.collect():
+        key = _VECTOR_LABELS.get(family.name)
+        if key is not None:
+            samples = [s for s in family.samples if s.name.endswith("_total")]
+            size = 1 + max((int(s.labels[key]) for s in samples), default=-1)
+            values = [0] * size
+            for s in samples:
+                values[int(s.labels[key])] = int(s.value)
+            out.append(VectorMetric(family.name, {"model_name": samples[0].labels["model_name"]} if samples else {}, values))
+            continue
+        groups: dict[tuple, dict] = {}
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k != "le"}
+            groups.setdefault(tuple(sorted(labels.items())), {"labels": labels, "samples": []})["samples"].append(s)
+        for group in groups.values():
+            samples, labels = group["samples"], group["labels"]
+            if family.type == "counter":
+                value = next((s.value for s in samples if s.name.endswith("_total")), 0)
+                out.append(CounterMetric(family.name, labels, int(value)))
+            elif family.type == "gauge":
+                out.append(GaugeMetric(family.name, labels, float(samples[0].value)))
+            elif family.type == "histogram":
+                buckets = {s.labels["le"]: int(s.value) for s in samples if s.name.endswith("_bucket")}
+                count = next(int(s.value) for s in samples if s.name.endswith("_count"))
+                total = next(float(s.value) for s in samples if s.name.endswith("_sum"))
+                out.append(HistogramMetric(family.name, labels, count, total, buckets))
+    return out

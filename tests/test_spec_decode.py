@@ -17,7 +17,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.spec_decode.ngram import NgramProposer
 from tests.conftest import assert_clean
-from tests.reference.models import HFOracle
+from tests.reference.models import HFOracle, make_tiny_model
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 ARGS = dict(skip_tokenizer_init=True, kv_cache_memory=32 << 20, max_model_len=1024)
@@ -129,6 +129,9 @@ class _FixedGuess:
     def propose_batch(self, batch):  # type: ignore[no-untyped-def]
         return [self.tokens[:k] for _, k in batch]
 
+    def retain(self, request_ids: set[str]) -> None:
+        pass
+
 
 def test_sampling_keeps_the_target_distribution(tiny_models: dict[str, str]) -> None:
     """temperature 0.8, top_k 2, four tokens: their joint law over 4000 seeded samples, with two guessed drafts per
@@ -177,3 +180,52 @@ def test_spec_counters_in_stats(tiny_models: dict[str, str]) -> None:
     assert 1.0 <= stats.mean_acceptance_length <= 4.0
     assert LLM(tiny_models["llama"], **ARGS).llm_engine.get_stats().spec_decode is None
     assert list(itertools.accumulate(stats.accepted_per_pos))[-1] == stats.num_accepted_tokens
+
+
+@pytest.mark.parametrize("draft", ["itself", "other"])
+def test_draft_model(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory, draft: str) -> None:
+    """A draft model sharing the vocabulary, its KV in a pool of its own indexed by the target's block tables: greedy
+    tokens equal transformers' in a mixed, chunked batch with preemption; drafting with the target itself accepts
+    every draft (the same argmax), another random model some."""
+    target = tiny_models["llama"]
+    path = target if draft == "itself" else make_tiny_model("llama", str(tmp_path_factory.mktemp("draft") / "d"), seed=7)
+    prompts = _prompts(512, 24, seed=11)
+    rng = random.Random(12)
+    max_tokens = [rng.randint(1, 30) for _ in prompts]
+    oracle = HFOracle(target)
+    oracle.model.generation_config.eos_token_id = None
+    expected = [oracle.greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 3}
+    llm = LLM(target, speculative_config=spec, max_num_batched_tokens=32, num_gpu_blocks_override=12, **ARGS)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    assert _generate(llm, prompts, params) == expected
+    stats = llm.llm_engine.spec.stats
+    assert stats.num_drafts > 0 and llm.llm_engine.scheduler.num_preemptions > 0
+    if draft == "itself":
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+    assert _generate(llm, prompts, params) == expected  # prefix-cache hits: the draft recomputes its own KV
+    llm.llm_engine.spec.propose([])  # the next proposal forgets the finished requests
+    assert not llm.llm_engine.spec.proposer.seen
+
+
+def test_spec_metrics_offline_and_on_the_server_registry(tiny_models: dict[str, str]) -> None:
+    """vLLM's spec_decode series: LLM.get_metrics() (offline) and the /metrics text (the same ServerMetrics)."""
+    from pagedllm.metrics import CounterMetric, ServerMetrics, VectorMetric
+
+    llm = LLM(tiny_models["llama"], speculative_config=NGRAM, **ARGS)
+    tokens = _generate(llm, _prompts(512, 8, seed=4), [SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)] * 8)
+    stats = llm.llm_engine.get_stats().spec_decode
+    metrics = {m.name: m for m in llm.get_metrics() if not m.labels.get("finished_reason")}
+    assert metrics["pagedllm:spec_decode_num_drafts"] == CounterMetric(
+        "pagedllm:spec_decode_num_drafts", metrics["pagedllm:spec_decode_num_drafts"].labels, stats.num_drafts)
+    assert metrics["pagedllm:spec_decode_num_accepted_tokens"].value == stats.num_accepted_tokens
+    assert metrics["pagedllm:spec_decode_num_draft_tokens"].value == stats.num_draft_tokens
+    per_pos = metrics["pagedllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert isinstance(per_pos, VectorMetric) and per_pos.values == stats.accepted_per_pos
+    assert metrics["pagedllm:generation_tokens"].value == sum(map(len, tokens)) == 200
+    assert metrics["pagedllm:request_generation_tokens"].count == 8
+    server = ServerMetrics("m", 1024)
+    server.record_step(llm.llm_engine.get_stats(), [], 0.0)
+    text = server.render()[0].decode()
+    assert f'pagedllm:spec_decode_num_drafts_total{{model_name="m"}} {float(stats.num_drafts)}' in text
+    assert 'pagedllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"}' in text

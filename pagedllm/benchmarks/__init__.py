@@ -90,6 +90,20 @@ def describe(setup: BenchSetup) -> str:
     )
 
 
+def spec_decode_figures(llm: Any) -> dict[str, Any] | None:
+    """With speculative decoding on: its counters so far (printed), for the JSON results; else None."""
+    stats = llm.llm_engine.get_stats().spec_decode
+    if stats is None:
+        return None
+    figures = {"num_drafts": stats.num_drafts, "num_draft_tokens": stats.num_draft_tokens,
+               "num_accepted_tokens": stats.num_accepted_tokens, "accepted_per_pos": stats.accepted_per_pos,
+               "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length}
+    print(f"speculative decoding: {stats.num_drafts} drafts, {stats.num_accepted_tokens} / {stats.num_draft_tokens} draft "
+          f"tokens accepted ({stats.acceptance_rate:.1%}), mean acceptance length {stats.mean_acceptance_length:.2f}, "
+          f"accepted per position {stats.accepted_per_pos}")
+    return figures
+
+
 def synchronize(device: str) -> None:
     """Timers read after this see finished GPU work, not just queued kernels."""
     import torch

@@ -8,7 +8,7 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
-from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory, synchronize
+from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory, spec_decode_figures, synchronize
 from pagedllm.benchmarks.workloads import BenchRequest, make_requests
 
 
@@ -65,6 +65,7 @@ def _time_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], args: ar
             raise RuntimeError(f"pagedllm generated {generated} tokens, expected {sum(r.output_len for r in requests)}.")
 
     latencies = _iterate(run, args, setup.config.device)
+    spec_decode_figures(llm)
     del llm
     release_memory(setup.config.device)
     return latencies

@@ -13,7 +13,7 @@ import itertools
 import time
 from typing import Any, Sequence
 
-from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory
+from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory, spec_decode_figures
 from pagedllm.benchmarks.workloads import BenchRequest, make_requests
 
 _WARMUP_PROMPTS, _WARMUP_TOKENS = 16, 8
@@ -82,6 +82,7 @@ def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperatur
     outputs = llm.generate([_prompt(r) for r in requests], [params(r.output_len) for r in requests], use_tqdm=False)
     elapsed = time.perf_counter() - start
     after = llm.llm_engine.get_stats()
+    spec_decode_figures(llm)
     del llm
     release_memory(setup.config.device)
     queries = after.prefix_cache_queries - before.prefix_cache_queries

@@ -23,6 +23,7 @@ from pagedllm.engine.llm_engine import EngineStats, PromptType, load_tokenizer
 from pagedllm.beam_search import BeamSearchOutput
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.spec_decode.decoder import SpecDecodeStats
 
 
 class DPAsyncLLM:
@@ -75,8 +76,10 @@ class DPAsyncLLM:
     def stats(self) -> EngineStats:
         """The replicas' latest stats, summed (KV cache usage averaged)."""
         each = [r.stats for r in self.replicas]
-        total = {f.name: sum(getattr(s, f.name) for s in each) for f in dataclasses.fields(EngineStats)}
+        total: dict = {f.name: sum(getattr(s, f.name) for s in each) for f in dataclasses.fields(EngineStats)
+                       if f.name != "spec_decode"}
         total["kv_cache_usage"] /= len(each)
+        total["spec_decode"] = SpecDecodeStats.total([s.spec_decode for s in each if s.spec_decode is not None])
         return EngineStats(**total)
 
     @property

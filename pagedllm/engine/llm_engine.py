@@ -134,7 +134,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                                          config.max_num_seqs, config.reasoning_parser)
         self._num_constrained = 0
-        self.spec = None if config.speculative_config is None else make_spec_decoder(config, self.runner)
+        self.spec = None if config.speculative_config is None else make_spec_decoder(config, self.runner, self.kv_cache)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:

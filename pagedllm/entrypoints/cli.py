@@ -32,6 +32,9 @@ _HELP = {
     "disable_custom_all_reduce": "NCCL for every tensor-parallel all-reduce (default: small ones go one-shot through NVLink symmetric memory)",
     "reasoning_parser": "qwen3 | deepseek_r1: the model reasons in <think>...</think> (reasoning_content; grammars apply after it)",
     "distributed_executor_backend": "how ranks 1.. of a parallel engine start: mp (default) | ray (actors on a Ray cluster)",
+    "speculative_config": "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 3}' "
+                          "(prompt_lookup_min/max) or '{\"method\": \"draft_model\", \"model\": PATH, "
+                          "\"num_speculative_tokens\": 3}'",
     "enable_expert_parallel": "MoE models: each tensor-parallel rank holds E/N whole experts instead of a slice of "
                               "every expert (E must divide by N); the same one all-reduce per block",
 }

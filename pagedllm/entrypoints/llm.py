@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.metrics import Metric, ServerMetrics, read_metrics
 from pagedllm.beam_search import BeamSearch, BeamSearchOutput
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -43,6 +45,14 @@ class LLM:
         )
         self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()
+        assert config.max_model_len is not None
+        self._metrics = ServerMetrics(config.model or config.model_path or "", config.max_model_len)
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's metrics so far, as vLLM's `LLM.get_metrics()`: Counter, Gauge, Vector and Histogram records
+        with the server's `/metrics` names (pagedllm.metrics)."""
+        self._metrics.record_step(self.llm_engine.get_stats(), [], time.time())
+        return read_metrics(self._metrics.registry)
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
@@ -89,7 +99,12 @@ class LLM:
         start_tokens = engine.generation_tokens
         with bar:
             while engine.has_unfinished_requests():
-                for output in engine.step():
+                outputs = engine.step()
+                now = time.time()
+                self._metrics.record_step(engine.get_stats(), [], now)
+                for output in outputs:
+                    if output.finished:
+                        self._metrics.record_finished(output, now)
                     if output.finished and output.request_id in order:
                         results[order[output.request_id]] = output
                         bar.update(1)

@@ -30,6 +30,15 @@ class SpecDecodeStats:
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
 
+    @classmethod
+    def total(cls, parts: list[SpecDecodeStats]) -> SpecDecodeStats | None:
+        """The sum of several engines' counters (data-parallel replicas); None for none."""
+        if not parts:
+            return None
+        per_pos = [sum(p.accepted_per_pos[i] for p in parts) for i in range(len(parts[0].accepted_per_pos))]
+        return cls(sum(p.num_drafts for p in parts), sum(p.num_draft_tokens for p in parts),
+                   sum(p.num_accepted_tokens for p in parts), per_pos)
+
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
@@ -63,6 +72,7 @@ class SpecDecoder:
         if batch:
             for request, drafts in zip((r for r, _ in batch), self.proposer.propose_batch(batch)):
                 request.spec_token_ids = drafts
+        self.proposer.retain({r.request_id for r in running})
 
     def verify(self, drafts: list[int], sampled: list[int]) -> list[int]:
         """The tokens a verifying step emits: its samples up to and including the first that is not the draft at
@@ -78,12 +88,12 @@ class SpecDecoder:
         return sampled[: accepted + 1]
 
 
-def make_spec_decoder(config: Any, target_runner: Any) -> SpecDecoder:
-    """The engine's decoder for its EngineConfig (speculative_config parsed) and target model runner."""
+def make_spec_decoder(config: Any, target_runner: Any, kv_cache: Any) -> SpecDecoder:
+    """The engine's decoder for its EngineConfig (speculative_config parsed), target model runner and KV cache."""
     spec: SpeculativeConfig = config.speculative_config
     assert config.max_model_len is not None
     if spec.method == "draft_model":
         from pagedllm.spec_decode.draft_model import DraftModelProposer
 
-        return SpecDecoder(spec, config.max_model_len, DraftModelProposer(config, target_runner))
+        return SpecDecoder(spec, config.max_model_len, DraftModelProposer(config, target_runner, kv_cache))
     return SpecDecoder(spec, config.max_model_len)

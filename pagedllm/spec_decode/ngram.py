@@ -17,6 +17,9 @@ class NgramProposer:
         """Drafts for (request, how many at most) pairs."""
         return [self.propose(request.all_token_ids, k) for request, k in batch]
 
+    def retain(self, request_ids: set[str]) -> None:
+        """Keeps no per-request state."""
+
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         """Up to k (<= the configured count) tokens, [] when no suffix recurs."""
         k = min(k, self.k)

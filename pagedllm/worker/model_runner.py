@@ -105,10 +105,14 @@ class ModelRunner:
         return per_layer * len(self.attn_layers)
 
     def _allocate_kv_cache(self) -> int:
+        from pagedllm.spec_decode.draft_model import kv_reservation
+
+        # A draft model (speculative decoding) shares the budget: its weights, and a block of its own per block here.
+        draft_weights, draft_per_block = kv_reservation(self.config)
         budget = self.config.kv_cache_memory
         if budget is None:
-            budget = self._profile_free_gpu_memory() if self.device.type == "cuda" else _CPU_KV_CACHE_BYTES
-        num_blocks = self.config.num_gpu_blocks_override or budget // self.kv_bytes_per_block()
+            budget = self._profile_free_gpu_memory() - draft_weights if self.device.type == "cuda" else _CPU_KV_CACHE_BYTES
+        num_blocks = self.config.num_gpu_blocks_override or budget // (self.kv_bytes_per_block() + draft_per_block)
         if self.distributed:
             num_blocks = min_over_world(self.parallel, num_blocks)  # a block id must mean the same slot on every rank
         if num_blocks < 1:
