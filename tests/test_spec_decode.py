@@ -229,3 +229,19 @@ def test_spec_metrics_offline_and_on_the_server_registry(tiny_models: dict[str, 
     text = server.render()[0].decode()
     assert f'pagedllm:spec_decode_num_drafts_total{{model_name="m"}} {float(stats.num_drafts)}' in text
     assert 'pagedllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"}' in text
+
+
+def test_tensor_parallel(tiny_models: dict[str, str]) -> None:
+    """TP=2: the driver proposes (the draft model runs whole on rank 0), every rank verifies; tokens as TP=1's."""
+    path = tiny_models["llama"]
+    prompts = _prompts(512, 8, seed=21)
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)] * len(prompts)
+    expected = _generate(LLM(path, **ARGS), prompts, params)
+    for spec in (NGRAM, {"method": "draft_model", "model": path, "num_speculative_tokens": 3}):
+        llm = LLM(path, speculative_config=spec, tensor_parallel_size=2, **{**ARGS, "kv_cache_memory": None},
+                  num_gpu_blocks_override=64)
+        try:
+            assert _generate(llm, prompts, params) == expected
+            assert llm.llm_engine.spec.stats.num_drafts > 0
+        finally:
+            llm.llm_engine.shutdown()
