@@ -382,3 +382,15 @@ def test_plot_rates_and_inf() -> None:
     assert "p99 at inf req/s: 100.00 ms" in page and "request rates (req/s): 10, 40, inf" in page
     only_inf = render_html([dict(runs[2])])
     assert only_inf.count("<circle") == 4 and ">inf</text>" in only_inf
+
+
+def test_latency_copy_workload_with_speculation(smollm2: str, tmp_path: os.PathLike) -> None:
+    """S1 (SmolLM2 repeats a passage) with --speculative-config: speculation off, then on, the ratio and the
+    acceptance counters, in one run."""
+    result = run_cli(["latency", "--workload", "S1", "--output-len", "24", "--num-iters", "1", "--num-iters-warmup", "0",
+                      "--max-model-len", "1024", "--speculative-config",
+                      '{"method": "ngram", "num_speculative_tokens": 3}'], tmp_path)
+    figures = result["results"]
+    assert set(figures) == {"pagedllm-no-spec", "pagedllm"} and figures["pagedllm"]["speedup_over_no_spec"] > 0
+    spec = result["environment"]["spec_decode"]
+    assert spec["num_drafts"] > 0 and len(spec["accepted_per_pos"]) == 3

@@ -9,7 +9,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory, spec_decode_figures, synchronize
-from pagedllm.benchmarks.workloads import BenchRequest, make_requests
+from pagedllm.benchmarks.workloads import BenchRequest, copy_requests, make_requests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_iters < 1 or args.num_iters_warmup < 0:
         raise ValueError("--num-iters must be >= 1 and --num-iters-warmup >= 0.")
     setup = prepare(args, "latency")
-    requests = make_requests(args.batch_size, args.input_len, args.output_len, setup.token_pool, args.seed)
+    if setup.workload is not None and setup.workload.task == "copy":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(setup.config.tokenizer or setup.config.model_path)
+        requests = copy_requests(tokenizer, args.batch_size, args.input_len, args.output_len)
+    else:
+        requests = make_requests(args.batch_size, args.input_len, args.output_len, setup.token_pool, args.seed)
     print(describe(setup))
     temp = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
     name = f"workload {args.workload}: " if args.workload else ""
@@ -30,7 +36,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.num_iters} iterations, backend {args.backend}")
     results: dict[str, dict[str, Any]] = {}
     if args.backend in ("pagedllm", "both"):
+        if setup.config.speculative_config is not None:  # speculation off first, on the same requests, for the ratio
+            off = BenchSetup(setup.workload, setup.config, {**setup.llm_kwargs, "speculative_config": None},
+                             setup.token_pool, setup.environment)
+            results["pagedllm-no-spec"] = _report("no spec", _time_pagedllm(off, requests, args), requests)
         results["pagedllm"] = _report("pagedllm", _time_pagedllm(setup, requests, args), requests)
+        if "pagedllm-no-spec" in results:
+            ratio = results["pagedllm"]["output_tokens_per_s"] / results["pagedllm-no-spec"]["output_tokens_per_s"]
+            results["pagedllm"]["speedup_over_no_spec"] = ratio
+            print(f"speculative decoding / off: {ratio:.2f}x output tokens/s")
     if args.backend in ("hf", "both"):
         results["hf"] = _report("hf", _time_hf(setup, requests, args), requests)
     return finish("latency", args, setup, results, ' (hf median latency / ours)')
@@ -65,7 +79,7 @@ def _time_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], args: ar
             raise RuntimeError(f"pagedllm generated {generated} tokens, expected {sum(r.output_len for r in requests)}.")
 
     latencies = _iterate(run, args, setup.config.device)
-    spec_decode_figures(llm)
+    setup.environment["spec_decode"] = spec_decode_figures(llm) or setup.environment.get("spec_decode")
     del llm
     release_memory(setup.config.device)
     return latencies

@@ -26,12 +26,13 @@ class Workload:
     name: str
     kind: str  # "throughput" | "latency"
     description: str
-    model: str  # a bundled shape name; `--model` overrides
+    model: str | None  # a bundled shape name (None: the bundled SmolLM2); `--model` overrides
     num_prompts: int
     input_len: Length
     output_len: Length
     temperature: float
     prefix_len: int = 0  # a random prefix shared by every prompt, before its own input_len tokens
+    task: str | None = None  # "copy": real text instead of random tokens (copy_requests), for a real model
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -43,6 +44,9 @@ WORKLOADS: dict[str, Workload] = {
                  "qwen3-0.6b", 256, (100, 1024), (100, 1024), 0.6),
         Workload("L1", "latency", "one request 128 in / 256 out, greedy (--model llama3-8b | qwen3-0.6b)",
                  "llama3-8b", 1, 128, 256, 0.0),
+        Workload("S1", "latency", "SmolLM2-135M (bundled, real weights) repeats or lightly edits a ~500-token passage "
+                 "of the founding texts, greedy, 512 out (--batch-size 32 too): n-gram speculation's case",
+                 None, 1, 500, 512, 0.0, task="copy"),
         Workload("P1", "throughput", "Llama-3-8B shape, 500 prompts = one shared 1024-token prefix + 64 unique, 64 out, greedy",
                  "llama3-8b", 500, 64, 64, 0.0, prefix_len=1024),
     )
@@ -127,6 +131,34 @@ def make_requests(
     outputs = _lengths(rng, output_len, num_prompts)
     prefix = rng.choices(pool, k=prefix_len)
     return [BenchRequest(prefix + rng.choices(pool, k=n_in), n_out) for n_in, n_out in zip(inputs, outputs)]
+
+
+_COPY_INSTRUCTIONS = ("Repeat the following passage exactly, word for word.",
+                      "Copy the following passage, writing 'nation' wherever it says 'people'.",
+                      "Rewrite the following passage in lower case, changing nothing else.",
+                      "Copy the following passage and put each sentence on its own line.")
+
+
+def copy_requests(tokenizer: Any, num_prompts: int, passage_len: int, output_len: int) -> list[BenchRequest]:
+    """Chat prompts asking to repeat or lightly edit passages of ~passage_len tokens of the bundled founding texts
+    (consecutive slices, cycled with the instructions above), the assistant's answer begun with the passage's first
+    24 tokens (as a client prefilling the reply does): a 135M model then goes on copying rather than summarising."""
+    from pagedllm.entrypoints.llm import render_chat
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "founding_texts.txt")
+    with open(path) as f:
+        text = " ".join(line.strip() for line in f if line.strip() and not line.startswith("#"))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    starts = range(0, len(ids) - passage_len + 1, passage_len)
+    requests = []
+    for i in range(num_prompts):
+        instruction = _COPY_INSTRUCTIONS[(i // len(starts)) % len(_COPY_INSTRUCTIONS)]
+        start = starts[i % len(starts)]
+        passage, opening = tokenizer.decode(ids[start : start + passage_len]), tokenizer.decode(ids[start : start + 24])
+        messages = [{"role": "user", "content": f"{instruction}\n\n{passage}"}, {"role": "assistant", "content": opening}]
+        prompt = render_chat(tokenizer, messages, continue_final_message=True)
+        requests.append(BenchRequest(prompt["prompt_token_ids"], output_len))
+    return requests
 
 
 def _lengths(rng: random.Random, length: Length, n: int) -> list[int]:
