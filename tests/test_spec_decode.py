@@ -33,6 +33,17 @@ def _prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
     return prompts
 
 
+def _greedy_workload(path: str, n: int, seed: int, max_out: int) -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
+    """(prompts, greedy ignore_eos params, transformers' tokens for them)."""
+    prompts = _prompts(512, n, seed=seed)
+    rng = random.Random(seed + 1)
+    max_tokens = [rng.randint(1, max_out) for _ in prompts]
+    oracle = HFOracle(path)
+    oracle.model.generation_config.eos_token_id = None
+    expected = [oracle.greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    return prompts, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens], expected
+
+
 def _generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert_clean(llm.llm_engine)
@@ -65,13 +76,7 @@ def test_greedy_equals_transformers_mixed_batch(tiny_models: dict[str, str], arc
     """40 requests in one batch, 24-token steps (prompts chunked, drafts cut to the budget), a KV pool small enough
     to preempt: the same tokens as transformers' greedy generate, and as speculation off."""
     path = tiny_models[arch]
-    prompts = _prompts(512, 40, seed=1)
-    rng = random.Random(2)
-    max_tokens = [rng.randint(1, 40) for _ in prompts]
-    oracle = HFOracle(path)
-    oracle.model.generation_config.eos_token_id = None
-    expected = [oracle.greedy(p, m) for p, m in zip(prompts, max_tokens)]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    prompts, params, expected = _greedy_workload(path, 40, seed=1, max_out=40)
     llm = LLM(path, speculative_config=NGRAM, max_num_batched_tokens=24, num_gpu_blocks_override=40, **ARGS)
     assert _generate(llm, prompts, params) == expected
     stats = llm.llm_engine.spec.stats
@@ -189,15 +194,9 @@ def test_draft_model(tiny_models: dict[str, str], tmp_path_factory: pytest.TempP
     every draft (the same argmax), another random model some."""
     target = tiny_models["llama"]
     path = target if draft == "itself" else make_tiny_model("llama", str(tmp_path_factory.mktemp("draft") / "d"), seed=7)
-    prompts = _prompts(512, 24, seed=11)
-    rng = random.Random(12)
-    max_tokens = [rng.randint(1, 30) for _ in prompts]
-    oracle = HFOracle(target)
-    oracle.model.generation_config.eos_token_id = None
-    expected = [oracle.greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    prompts, params, expected = _greedy_workload(target, 24, seed=11, max_out=30)
     spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 3}
     llm = LLM(target, speculative_config=spec, max_num_batched_tokens=32, num_gpu_blocks_override=12, **ARGS)
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     assert _generate(llm, prompts, params) == expected
     stats = llm.llm_engine.spec.stats
     assert stats.num_drafts > 0 and llm.llm_engine.scheduler.num_preemptions > 0
