@@ -108,8 +108,9 @@ def other_builds() -> list[tuple[str, callable]]:
         for has_res in (False, True):
             builds.append((f"rms_norm {dt} residual={has_res}", lambda t=types, r=has_res: build(
                 norm._rms_norm_kernel, t, dict(HAS_RES=r, QUANT=False, EXACT=False, BLOCK=4096), 8)))
-        builds.append((f"silu_and_mul {dt}", lambda d=dt: build(
-            activation._silu_and_mul_kernel, {"x_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(BLOCK=1024), 4)))
+        for gelu in (False, True):
+            builds.append((f"silu_and_mul {dt} gelu={gelu}", lambda d=dt, g=gelu: build(
+                activation._silu_and_mul_kernel, {"x_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(BLOCK=1024, GELU=g), 4)))
         for kv, has_norm in ((dt, False), (dt, True), ("fp8e4nv", False)):
             types = {"qkv_ptr": f"*{dt}", "q_out_ptr": f"*{dt}", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
                      "q_w_ptr": f"*{dt}", "k_w_ptr": f"*{dt}", "k_cache": f"*{kv}", "v_cache": f"*{kv}", "slot_ptr": "*i64", "eps": "fp32",

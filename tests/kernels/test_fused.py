@@ -44,10 +44,11 @@ def test_fused_add_rms_norm(device, assert_close, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [11008, 1000] if ON_CUDA else [256, 100])
-def test_silu_and_mul(device, assert_close, dtype, inter):
+@pytest.mark.parametrize("gelu", [False, True], ids=["silu", "gelu_tanh"])
+def test_silu_and_mul(device, assert_close, dtype, inter, gelu):
     x = _rand(TOKENS, 2 * inter, device=device, dtype=dtype) * 3
-    ref = silu_and_mul_ref(x.double())
-    assert_close(silu_and_mul(x), ref)
+    ref = silu_and_mul_ref(x.double(), gelu)
+    assert_close(silu_and_mul(x, gelu=gelu), ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -69,12 +69,13 @@ def test_rms_norm_quantized(device, k, residual, quant):
 
 @pytest.mark.parametrize("quant", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("inter", [96, 3000])
-def test_silu_and_mul_quantized(device, assert_close, inter, quant):
+@pytest.mark.parametrize("gelu", [False, True], ids=["silu", "gelu_tanh"])
+def test_silu_and_mul_quantized(device, assert_close, inter, quant, gelu):
     x = _rows(5, 2 * inter, device)
-    rows = silu_and_mul(x, quant)
-    plain = silu_and_mul(x)
+    rows = silu_and_mul(x, quant, gelu)
+    plain = silu_and_mul(x, gelu=gelu)
     _assert_same(rows.q, rows.scale, *REFERENCE[quant](plain))
-    assert_close(plain, silu_and_mul_ref(x), interp_bound=2e-2)
+    assert_close(plain, silu_and_mul_ref(x, gelu), interp_bound=2e-2)
 
 
 def _operands(m: int, n: int, k: int, device, scaling: str, seed: int = 0):
