@@ -131,7 +131,7 @@ class _FixedGuess:
     def __init__(self, tokens: list[int]) -> None:
         self.tokens = tokens
 
-    def propose_batch(self, batch):  # type: ignore[no-untyped-def]
+    def propose_batch(self, batch, running):  # type: ignore[no-untyped-def]
         return [self.tokens[:k] for _, k in batch]
 
     def retain(self, request_ids: set[str]) -> None:
@@ -244,3 +244,43 @@ def test_tensor_parallel(tiny_models: dict[str, str]) -> None:
             assert llm.llm_engine.spec.stats.num_drafts > 0
         finally:
             llm.llm_engine.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["fc_bias", "own_embedding"])
+def test_eagle(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory, layout: str) -> None:
+    """An EAGLE-1 head in SafeAILab's layout (random weights, with fc.bias or its own embedding): its first draft after
+    a prompt is transformers' reference head's, and greedy tokens equal transformers' in a mixed, chunked batch with
+    preemption and prefix hits (the head follows every step, prompt chunks included)."""
+    from pagedllm.spec_decode.decoder import SpecDecoder
+    from tests.reference.eagle import first_draft, make_eagle_head
+
+    target = tiny_models["llama"]
+    head = make_eagle_head(target, str(tmp_path_factory.mktemp("eagle") / layout), fc_bias=layout == "fc_bias",
+                           own_embedding=layout == "own_embedding", seed=3)
+    spec = {"method": "eagle", "model": head, "num_speculative_tokens": 3}
+    seen: list[tuple[list[int], list[int]]] = []
+    verify = SpecDecoder.verify
+
+    def recording(self, drafts, sampled):  # type: ignore[no-untyped-def]
+        seen.append((list(drafts), list(sampled)))
+        return verify(self, drafts, sampled)
+
+    prompt = _prompts(512, 2, seed=31)[1]
+    llm = LLM(target, speculative_config=spec, **ARGS)
+    SpecDecoder.verify = recording  # type: ignore[method-assign]
+    try:
+        tokens = _generate(llm, [prompt], [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)])[0]
+    finally:
+        SpecDecoder.verify = verify  # type: ignore[method-assign]
+    assert seen and seen[0][0][0] == first_draft(target, head, prompt + tokens[:1])
+    prompts, params, expected = _greedy_workload(target, 24, seed=33, max_out=30)
+    llm = LLM(target, speculative_config=spec, max_num_batched_tokens=32, num_gpu_blocks_override=12, **ARGS)
+    assert _generate(llm, prompts, params) == expected
+    assert llm.llm_engine.spec.stats.num_drafts > 0 and llm.llm_engine.scheduler.num_preemptions > 0
+    assert _generate(llm, prompts, params) == expected
+
+
+def test_eagle_errors(tiny_models: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="not an EAGLE head"):
+        LLM(tiny_models["llama"], speculative_config={"method": "eagle", "model": tiny_models["llama"],
+                                                       "num_speculative_tokens": 2}, **ARGS)

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "eagle")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class SpeculativeConfig:
     # request's tokens proposes the tokens that followed it there
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 1
-    model: str | None = None  # draft_model: a smaller model with the target's vocabulary
+    model: str | None = None  # draft_model: a smaller model with the target's vocabulary; eagle: the head's directory
 
     @classmethod
     def from_user(cls, value: dict[str, Any] | str | None) -> SpeculativeConfig | None:
@@ -36,8 +36,8 @@ class SpeculativeConfig:
         method = raw.setdefault("method", "draft_model" if raw.get("model") else None)
         if method not in METHODS:
             raise ValueError(f"speculative_config: method must be one of {', '.join(METHODS)}; got {method!r}.")
-        if method == "draft_model" and not raw.get("model"):
-            raise ValueError("speculative_config: method 'draft_model' needs 'model', the draft model's path.")
+        if method in ("draft_model", "eagle") and not raw.get("model"):
+            raise ValueError(f"speculative_config: method {method!r} needs 'model', the draft model's (or head's) path.")
         k = raw.get("num_speculative_tokens")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"speculative_config: num_speculative_tokens must be an integer >= 1; got {k!r}.")

@@ -69,9 +69,9 @@ class SpecDecoder:
         batch = [(r, k) for r in running if (k := self.budget(r)) > 0]
         for request in running:
             request.spec_token_ids = []
-        if batch:
-            for request, drafts in zip((r for r, _ in batch), self.proposer.propose_batch(batch)):
-                request.spec_token_ids = drafts
+        # Called even with nothing to draft: EAGLE's head follows every step of every running request.
+        for request, drafts in zip((r for r, _ in batch), self.proposer.propose_batch(batch, running)):
+            request.spec_token_ids = drafts
         self.proposer.retain({r.request_id for r in running})
 
     def verify(self, drafts: list[int], sampled: list[int]) -> list[int]:
@@ -96,4 +96,8 @@ def make_spec_decoder(config: Any, target_runner: Any, kv_cache: Any) -> SpecDec
         from pagedllm.spec_decode.draft_model import DraftModelProposer
 
         return SpecDecoder(spec, config.max_model_len, DraftModelProposer(config, target_runner, kv_cache))
+    if spec.method == "eagle":
+        from pagedllm.spec_decode.eagle import EagleProposer
+
+        return SpecDecoder(spec, config.max_model_len, EagleProposer(config, target_runner, kv_cache))
     return SpecDecoder(spec, config.max_model_len)

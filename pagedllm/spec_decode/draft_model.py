@@ -30,10 +30,11 @@ def _draft_config(config: Any) -> Any:
 
 
 def kv_reservation(config: Any) -> tuple[int, int]:
-    """(bytes of the draft's weights, draft KV bytes per block) that the target's KV budget leaves to the draft;
-    (0, 0) without a draft model. Computed from the configs alone, so every rank sizes its pool alike."""
+    """(bytes of the draft's weights, draft KV bytes per block) that the target's KV budget leaves to the draft (a
+    draft model or an EAGLE head); (0, 0) without one. Computed from the configs alone, so every rank sizes its pool
+    alike."""
     spec = config.speculative_config
-    if spec is None or spec.method != "draft_model":
+    if spec is None or spec.method not in ("draft_model", "eagle"):
         return 0, 0
     hf = _draft_config(config)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -47,8 +48,8 @@ def kv_reservation(config: Any) -> tuple[int, int]:
 
 
 @dataclass(eq=False)
-class _DraftView:
-    """What the runner's batch building and sampling read of a request, for one draft forward."""
+class DraftView:
+    """What the runner's batch building and sampling read of a request, for one draft (or EAGLE head) forward."""
 
     request_id: str
     all_token_ids: list[int]
@@ -83,7 +84,7 @@ class DraftModelProposer:
         self.kv_cache = kv_cache  # the engine's KVCacheManager: its tables index the draft's pool too
         self.seen: dict[str, tuple[int, int]] = {}  # request -> (its preemptions, tokens whose draft KV is valid)
 
-    def propose_batch(self, batch: list[tuple[Request, int]]) -> list[list[int]]:
+    def propose_batch(self, batch: list[tuple[Request, int]], running: list[Request]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in batch]
         rows: list[tuple[int, Request, int, int]] = []  # (index, request, draft count, tokens the draft has seen)
         for i, (request, k) in enumerate(batch):
@@ -104,7 +105,7 @@ class DraftModelProposer:
                     later.append((i, request, k, seen))
                     continue
                 room -= n
-                view = _DraftView(request.request_id, request.all_token_ids[: seen + n], seen)
+                view = DraftView(request.request_id, request.all_token_ids[: seen + n], seen)
                 views.append(((i, request, k, seen + n), view, n))
             sampled = self._run([(v, n) for _, v, n in views])
             for ((i, request, k, seen), _, _), token in zip(views, sampled):
@@ -118,13 +119,13 @@ class DraftModelProposer:
             live = [(i, request) for i, request, k, _ in rows if len(drafts[i]) == step and k > step]
             if not live:
                 break
-            views = [(_DraftView(r.request_id, r.all_token_ids + drafts[i], len(r.all_token_ids) + step - 1), 1)
+            views = [(DraftView(r.request_id, r.all_token_ids + drafts[i], len(r.all_token_ids) + step - 1), 1)
                      for i, r in live]
             for (i, _), token in zip(live, self._run(views)):
                 drafts[i].append(token)
         return drafts
 
-    def _run(self, scheduled: list[tuple[_DraftView, int]]) -> list[int]:
+    def _run(self, scheduled: list[tuple[DraftView, int]]) -> list[int]:
         """One draft forward (decodes first, as the scheduler orders them); the argmax of each row's last position."""
         order = sorted(range(len(scheduled)), key=lambda j: scheduled[j][1] != 1)
         handle = self.runner.execute(SchedulerOutput([scheduled[j] for j in order]), self.kv_cache)

@@ -13,8 +13,8 @@ class NgramProposer:
     def __init__(self, num_tokens: int, min_n: int, max_n: int) -> None:
         self.k, self.min_n, self.max_n = num_tokens, min_n, max_n
 
-    def propose_batch(self, batch: list[tuple[Any, int]]) -> list[list[int]]:
-        """Drafts for (request, how many at most) pairs."""
+    def propose_batch(self, batch: list[tuple[Any, int]], running: list[Any]) -> list[list[int]]:
+        """Drafts for (request, how many at most) pairs (`running`: every running request; unused here)."""
         return [self.propose(request.all_token_ids, k) for request, k in batch]
 
     def retain(self, request_ids: set[str]) -> None:

@@ -89,6 +89,10 @@ class ModelRunner:
         self._staging = Staging(self.device, 8 * (3 * tokens + 3 * seqs) + 4 * (2 * seqs + 1 + seqs * 16) + 64, self._num_turns)
         self._turn = 0
         self._sampling_cache: tuple[list[Request], SamplingBatch] | None = None
+        # EAGLE (spec_decode/eagle.py) reads the last step's hidden states: (hidden, [(request id, first position,
+        # first flat row, tokens)] per scheduled request), kept only when keep_hidden is set.
+        self.keep_hidden = False
+        self.last_step: tuple[torch.Tensor, list[tuple[str, int, int, int]]] | None = None
         self._sample_stream: torch.cuda.Stream | None = None
         if self.device.type == "cuda":
             self._host_ids = [torch.empty(seqs, dtype=torch.int64, pin_memory=True) for _ in range(self._num_turns)]
@@ -221,6 +225,10 @@ class ModelRunner:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans], 0 if prev is None else len(prev.requests)))
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
         hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
+        if self.keep_hidden:
+            starts = batch.query_start_loc.tolist()
+            self.last_step = (hidden, [(r.request_id, r.num_computed_tokens, starts[i], n)
+                                       for i, (r, n) in enumerate(sched.scheduled)])
         # The sampled rows, selected on this stream: the index lives in the staging buffer the next step refills.
         rows = hidden if logits_index is None or not batch.sample_rows else hidden.index_select(0, logits_index)
         if self._sample_stream is None:
@@ -265,6 +273,15 @@ class ModelRunner:
         else:
             host_ids = token_ids
         return StepHandle(requests, token_ids, host_ids, event, logprobs, prompt_logprobs)
+
+    @torch.inference_mode()
+    def forward_rows(self, sched: SchedulerOutput, kv_cache: KVCacheManager) -> torch.Tensor:
+        """One forward (eager: speculative-decoding heads) returning the hidden states of the rows that would
+        sample, in sample-row order, for a caller that computes logits and more from them itself."""
+        batch = build_batch(sched, kv_cache)
+        turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
+        hidden, logits_index = self._forward(batch, None, turn)
+        return hidden if logits_index is None else hidden.index_select(0, logits_index)
 
     @torch.inference_mode()
     def follow(self) -> None:
