@@ -246,18 +246,23 @@ def test_tensor_parallel(tiny_models: dict[str, str]) -> None:
             llm.llm_engine.shutdown()
 
 
-@pytest.mark.parametrize("layout", ["fc_bias", "own_embedding"])
+@pytest.mark.parametrize("layout", ["eagle fc_bias", "eagle own_embedding", "eagle3", "eagle3 own_embedding"])
 def test_eagle(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory, layout: str) -> None:
-    """An EAGLE-1 head in SafeAILab's layout (random weights, with fc.bias or its own embedding): its first draft after
-    a prompt is transformers' reference head's, and greedy tokens equal transformers' in a mixed, chunked batch with
-    preemption and prefix hits (the head follows every step, prompt chunks included)."""
+    """EAGLE-1 and EAGLE-3 heads in SafeAILab's layouts (random weights; fc.bias, their own embedding, EAGLE-3's draft
+    vocabulary): the first draft after a prompt is a reference head's (transformers' target, plain torch), and greedy
+    tokens equal transformers' in a mixed, chunked batch with preemption and prefix hits (the head follows every step,
+    prompt chunks included)."""
     from pagedllm.spec_decode.decoder import SpecDecoder
-    from tests.reference.eagle import first_draft, make_eagle_head
+    from tests.reference.eagle import first_draft, first_draft_eagle3, make_eagle3_head, make_eagle_head
 
     target = tiny_models["llama"]
-    head = make_eagle_head(target, str(tmp_path_factory.mktemp("eagle") / layout), fc_bias=layout == "fc_bias",
-                           own_embedding=layout == "own_embedding", seed=3)
-    spec = {"method": "eagle", "model": head, "num_speculative_tokens": 3}
+    method, own = layout.split()[0], layout.endswith("own_embedding")
+    where = str(tmp_path_factory.mktemp("eagle") / layout.replace(" ", "-"))
+    if method == "eagle3":
+        head, reference = make_eagle3_head(target, where, own_embedding=own, seed=4), first_draft_eagle3
+    else:
+        head, reference = make_eagle_head(target, where, fc_bias=not own, own_embedding=own, seed=3), first_draft
+    spec = {"method": method, "model": head, "num_speculative_tokens": 3}
     seen: list[tuple[list[int], list[int]]] = []
     verify = SpecDecoder.verify
 
@@ -272,7 +277,7 @@ def test_eagle(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFac
         tokens = _generate(llm, [prompt], [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)])[0]
     finally:
         SpecDecoder.verify = verify  # type: ignore[method-assign]
-    assert seen and seen[0][0][0] == first_draft(target, head, prompt + tokens[:1])
+    assert seen and seen[0][0][0] == reference(target, head, prompt + tokens[:1])
     prompts, params, expected = _greedy_workload(target, 24, seed=33, max_out=30)
     llm = LLM(target, speculative_config=spec, max_num_batched_tokens=32, num_gpu_blocks_override=12, **ARGS)
     assert _generate(llm, prompts, params) == expected
@@ -280,7 +285,8 @@ def test_eagle(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFac
     assert _generate(llm, prompts, params) == expected
 
 
-def test_eagle_errors(tiny_models: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match="not an EAGLE head"):
-        LLM(tiny_models["llama"], speculative_config={"method": "eagle", "model": tiny_models["llama"],
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_eagle_errors(tiny_models: dict[str, str], method: str) -> None:
+    with pytest.raises(ValueError, match="not an EAGLE"):
+        LLM(tiny_models["llama"], speculative_config={"method": method, "model": tiny_models["llama"],
                                                        "num_speculative_tokens": 2}, **ARGS)

@@ -26,14 +26,16 @@ from pagedllm.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
+                 in_features: int | None = None) -> None:
+        """in_features: q/k/v's input width, if not hidden_size (an EAGLE-3 head's [embedding; feature])."""
         super().__init__()
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         shards = qkv_shards(self.head_dim, num_heads, num_kv_heads)
         self.num_heads, self.num_kv_heads = shards[0].size // self.head_dim, shards[1].size // self.head_dim  # this rank's
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, shards, bias=qkv_bias)
+        self.qkv_proj = ColumnParallelLinear(in_features or config.hidden_size, shards, bias=qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias, shard=shards[0])  # its q heads' columns
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -102,6 +104,9 @@ class LlamaModel(nn.Module):
             self.layers[i].self_attn.attn.sliding_window = layer_sliding_window(config, i)
         self.is_last_stage = state.is_last_stage
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if state.is_last_stage else MissingLayer()
+        # EAGLE-3 (spec_decode/eagle.py): layers whose input residual stream the forward also writes to aux_buffer
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_buffer: torch.Tensor | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -109,10 +114,25 @@ class LlamaModel(nn.Module):
         """The final hidden states on the last stage; elsewhere (hidden, residual), which the next
         stage passes back in as `intermediate` (the first stage embeds `input_ids` instead)."""
         x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
+        if self.aux_layers:
+            return self._forward_aux(positions, x, residual)
         for layer in islice(self.layers, self.start_layer, self.end_layer):
             x, residual = layer(positions, x, residual)
         if not self.is_last_stage:
             return x, residual
+        return self.norm(x, residual)[0]
+
+
+    def _forward_aux(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The forward of one stage that also writes the residual stream entering each of `aux_layers` (ascending; one
+        slot per entry) into `aux_buffer` [tokens, len(aux_layers) * hidden], in place: an EAGLE-3 head reads them, and CUDA graphs
+        replay the copies into the same persistent buffer."""
+        assert self.aux_buffer is not None and self.is_last_stage
+        width, tokens = x.shape[-1], x.shape[0]
+        for i in range(self.start_layer, self.end_layer):
+            for j in (j for j, layer in enumerate(self.aux_layers) if layer == i):
+                self.aux_buffer[:tokens, j * width : (j + 1) * width].copy_(x if residual is None else x + residual)
+            x, residual = self.layers[i](positions, x, residual)
         return self.norm(x, residual)[0]
 
 

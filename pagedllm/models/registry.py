@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from pagedllm.models.eagle import EagleLlamaForCausalLM
+from pagedllm.models.eagle import Eagle3LlamaForCausalLM, EagleLlamaForCausalLM
 from pagedllm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagedllm.models.llama import LlamaForCausalLM
 from pagedllm.models.mixtral import MixtralForCausalLM
@@ -26,7 +26,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
-    "EagleLlamaForCausalLM": EagleLlamaForCausalLM,  # a speculative-decoding head (spec_decode/eagle.py)
+    "EagleLlamaForCausalLM": EagleLlamaForCausalLM,  # speculative-decoding heads (spec_decode/eagle.py)
+    "Eagle3LlamaForCausalLM": Eagle3LlamaForCausalLM,
 }
 
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "draft_model", "eagle")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class SpeculativeConfig:
     # request's tokens proposes the tokens that followed it there
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 1
-    model: str | None = None  # draft_model: a smaller model with the target's vocabulary; eagle: the head's directory
+    model: str | None = None  # draft_model: a smaller model with the target's vocabulary; eagle / eagle3: the head's
 
     @classmethod
     def from_user(cls, value: dict[str, Any] | str | None) -> SpeculativeConfig | None:
@@ -36,7 +36,7 @@ class SpeculativeConfig:
         method = raw.setdefault("method", "draft_model" if raw.get("model") else None)
         if method not in METHODS:
             raise ValueError(f"speculative_config: method must be one of {', '.join(METHODS)}; got {method!r}.")
-        if method in ("draft_model", "eagle") and not raw.get("model"):
+        if method in ("draft_model", "eagle", "eagle3") and not raw.get("model"):
             raise ValueError(f"speculative_config: method {method!r} needs 'model', the draft model's (or head's) path.")
         k = raw.get("num_speculative_tokens")
         if not isinstance(k, int) or k < 1:

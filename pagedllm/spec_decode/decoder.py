@@ -96,7 +96,7 @@ def make_spec_decoder(config: Any, target_runner: Any, kv_cache: Any) -> SpecDec
         from pagedllm.spec_decode.draft_model import DraftModelProposer
 
         return SpecDecoder(spec, config.max_model_len, DraftModelProposer(config, target_runner, kv_cache))
-    if spec.method == "eagle":
+    if spec.method in ("eagle", "eagle3"):
         from pagedllm.spec_decode.eagle import EagleProposer
 
         return SpecDecoder(spec, config.max_model_len, EagleProposer(config, target_runner, kv_cache))

@@ -34,7 +34,7 @@ def kv_reservation(config: Any) -> tuple[int, int]:
     draft model or an EAGLE head); (0, 0) without one. Computed from the configs alone, so every rank sizes its pool
     alike."""
     spec = config.speculative_config
-    if spec is None or spec.method not in ("draft_model", "eagle"):
+    if spec is None or spec.method not in ("draft_model", "eagle", "eagle3"):
         return 0, 0
     hf = _draft_config(config)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads

@@ -28,6 +28,18 @@ from pagedllm.engine.request import Request
 from pagedllm.spec_decode.draft_model import DraftView
 
 
+def enable_aux_hidden(model: Any, max_tokens: int, device: Any) -> None:
+    """EAGLE-3's target: its forward also keeps the residual stream entering layers 2, L // 2 and L - 3 (vLLM's
+    choice for Llama-family targets), in ascending order, in a buffer of `max_tokens` rows that outlives each step."""
+    inner = model.model
+    num_layers = len(inner.layers)
+    inner.aux_layers = tuple(sorted((2, num_layers // 2, num_layers - 3)))
+    if min(inner.aux_layers) < 0 or max(inner.aux_layers) >= num_layers:
+        raise ValueError(f"speculative_config: EAGLE-3 reads layers {inner.aux_layers} of a {num_layers}-layer target.")
+    width = len(inner.aux_layers) * inner.embed_tokens.weight.shape[1]
+    inner.aux_buffer = torch.zeros(max_tokens, width, dtype=inner.embed_tokens.weight.dtype, device=device)
+
+
 def _checkpoint_keys(path: str) -> set[str]:
     keys: set[str] = set()
     for file in glob.glob(os.path.join(path, "*.safetensors")):
@@ -50,25 +62,30 @@ class EagleProposer:
             skip_tokenizer_init=True, async_scheduling=False)
         head.finalize()
         keys = _checkpoint_keys(head.model_path)
-        if "fc.weight" not in keys:
-            raise ValueError(f"speculative_config: {spec.model} is not an EAGLE head (no fc.weight in its safetensors).")
+        eagle3 = spec.method == "eagle3"
+        marker = "midlayer.self_attn.q_proj.weight" if eagle3 else "layers.0.self_attn.q_proj.weight"
+        if "fc.weight" not in keys or marker not in keys:
+            raise ValueError(f"speculative_config: {spec.model} is not an {'EAGLE-3' if eagle3 else 'EAGLE'} head "
+                             f"(no fc.weight and {marker} in its safetensors).")
         hf = head.hf_config
         if hf.hidden_size != target_runner.hidden_size:
             raise ValueError(f"speculative_config: the EAGLE head's hidden size ({hf.hidden_size}) is not the "
                              f"target's ({target_runner.hidden_size}).")
-        hf.architectures = ["EagleLlamaForCausalLM"]
+        hf.architectures = ["Eagle3LlamaForCausalLM" if eagle3 else "EagleLlamaForCausalLM"]
         hf.eagle_fc_bias, hf.eagle_own_embedding = "fc.bias" in keys, "embed_tokens.weight" in keys
         self.runner = ModelRunner(head)
         model = self.runner.model
         target = target_runner.model
         if not hf.eagle_own_embedding:
             model.embed_tokens = target.model.embed_tokens
-        model.lm_head = target.lm_head
+        if not eagle3:  # EAGLE-1 reads the target's LM head; EAGLE-3 has its own over a draft vocabulary
+            model.lm_head = target.lm_head
         target_runner.keep_hidden = True
         self.model, self.target, self.kv_cache = model, target_runner, kv_cache
         self.k = spec.num_speculative_tokens
         self.valid: dict[str, tuple[int, int]] = {}  # request -> (its preemptions, head positions whose KV is valid)
 
+    @torch.inference_mode()
     def propose_batch(self, batch: list[tuple[Request, int]], running: list[Request]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in batch]
         step = self.target.last_step
@@ -131,7 +148,7 @@ class EagleProposer:
         return back
 
     def _tokens(self, features: torch.Tensor) -> list[int]:
-        return self.model.compute_logits(features).argmax(dim=-1).tolist()
+        return self.model.draft_tokens(features).tolist()
 
     def retain(self, request_ids: set[str]) -> None:
         for request_id in [r for r in self.valid if r not in request_ids]:

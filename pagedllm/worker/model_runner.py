@@ -71,6 +71,11 @@ class ModelRunner:
                                                    config.quantization)
         self.vocab_size: int = hf.vocab_size
         self.hidden_size: int = hf.hidden_size
+        if config.speculative_config is not None and config.speculative_config.method == "eagle3":
+            from pagedllm.spec_decode.eagle import enable_aux_hidden
+
+            assert config.max_num_batched_tokens is not None
+            enable_aux_hidden(self.model, max(config.max_num_batched_tokens, config.max_num_seqs), self.device)
         # Pipeline stages pass activations on and send the logits back; one stage calls the model directly.
         single_stage = self.parallel.pp_size == 1
         self.run_model = self.model if single_stage else self._run_stage
@@ -225,10 +230,11 @@ class ModelRunner:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans], 0 if prev is None else len(prev.requests)))
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
         hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
-        if self.keep_hidden:
+        if self.keep_hidden:  # the final hidden states, or an EAGLE-3 head's three layers' (written by the forward)
+            aux = getattr(getattr(self.model, "model", None), "aux_buffer", None)
             starts = batch.query_start_loc.tolist()
-            self.last_step = (hidden, [(r.request_id, r.num_computed_tokens, starts[i], n)
-                                       for i, (r, n) in enumerate(sched.scheduled)])
+            self.last_step = (hidden if aux is None else aux[: hidden.shape[0]],
+                              [(r.request_id, r.num_computed_tokens, starts[i], n) for i, (r, n) in enumerate(sched.scheduled)])
         # The sampled rows, selected on this stream: the index lives in the staging buffer the next step refills.
         rows = hidden if logits_index is None or not batch.sample_rows else hidden.index_select(0, logits_index)
         if self._sample_stream is None:
