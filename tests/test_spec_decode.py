@@ -290,3 +290,22 @@ def test_eagle_errors(tiny_models: dict[str, str], method: str) -> None:
     with pytest.raises(ValueError, match="not an EAGLE"):
         LLM(tiny_models["llama"], speculative_config={"method": method, "model": tiny_models["llama"],
                                                        "num_speculative_tokens": 2}, **ARGS)
+
+
+def test_structured_output_with_drafts(smollm2: str) -> None:
+    """A JSON schema and n-gram drafts: drafts are cut to what the grammar allows, every verified row gets the mask
+    after the drafts before it, and the outputs (valid JSON) are those of speculation off."""
+    import json
+
+    from pagedllm import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                         "minItems": 4, "maxItems": 6}}, "required": ["items"]}
+    prompts = [f"List {n} fruits as JSON with an 'items' array." for n in ("four", "five", "six")]
+    params = SamplingParams(temperature=0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=schema))
+    plain = [o.outputs[0].text for o in LLM(smollm2, max_model_len=512).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(smollm2, max_model_len=512, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    spec = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert spec == plain and all(len(json.loads(t)["items"]) >= 4 for t in spec)
+    assert llm.llm_engine.spec.stats.num_accepted_tokens > 0
+    assert_clean(llm.llm_engine)

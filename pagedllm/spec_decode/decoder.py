@@ -1,6 +1,7 @@
 """The engine's side of speculative decoding.
 
-Before each schedule `propose` gives every running request in its decode phase up to k draft tokens
+Before each schedule `propose` gives every running request in its decode phase up to k draft tokens (with a grammar:
+the leading drafts it allows; each verified row then gets the grammar's mask after the drafts before it)
 (`Request.spec_token_ids`); the scheduler runs them with the request's last token as one chunk of 1 + k query tokens,
 and the runner samples every one of those positions from the target model, each row with its own history (the
 drafts before it), so penalties, min_tokens, seeds and logprobs apply as they would one token at a time. `verify`
@@ -58,8 +59,10 @@ class SpecDecoder:
 
     def budget(self, request: Request) -> int:
         """How many drafts the request can use now: 0 unless it is decoding (one known token to compute, none in
-        flight) without a grammar; never past max_tokens (the step samples one more) or the context length."""
-        if (request.num_pending or request.structured_output is not None
+        flight), with its grammar (if any) matching, not still compiling or waiting out a reasoning part; never past
+        max_tokens (the step samples one more) or the context length."""
+        grammar = request.structured_output
+        if (request.num_pending or (grammar is not None and (not grammar.active or grammar.terminated))
                 or request.num_computed_tokens != len(request.all_token_ids) - 1):
             return 0
         left = min(request.max_tokens - len(request.output_token_ids) - 1, self.max_model_len - len(request.all_token_ids))
@@ -71,7 +74,8 @@ class SpecDecoder:
             request.spec_token_ids = []
         # Called even with nothing to draft: EAGLE's head follows every step of every running request.
         for request, drafts in zip((r for r, _ in batch), self.proposer.propose_batch(batch, running)):
-            request.spec_token_ids = drafts
+            grammar = request.structured_output
+            request.spec_token_ids = drafts if grammar is None else grammar.grammar_prefix(drafts)
         self.proposer.retain({r.request_id for r in running})
 
     def verify(self, drafts: list[int], sampled: list[int]) -> list[int]:

@@ -142,7 +142,7 @@ class StructuredOutputManager:
         bitmask = None
         for request, num_new in sched.scheduled:
             # As build_batch: a request samples when this step reaches the end of its tokens, once per position it
-            # verifies when it has drafts (never a constrained one's: spec_decode skips them).
+            # verifies when it has drafts.
             drafts = len(request.spec_token_ids)
             if request.num_computed_tokens + num_new != request.num_tokens + drafts:
                 continue
@@ -150,8 +150,14 @@ class StructuredOutputManager:
             if state is not None and state.active:
                 if bitmask is None:
                     bitmask = self._bitmask_buffer(sum(1 + len(r.spec_token_ids) for r, _ in sched.scheduled))
-                state.matcher.fill_next_token_bitmask(bitmask, row)
-                rows.append(row)
+                # a row per verified position: the matcher's state after the drafts before it (all allowed:
+                # spec_decode keeps only the drafts the grammar accepts), then back
+                for j in range(drafts + 1):
+                    state.matcher.fill_next_token_bitmask(bitmask, row + j)
+                    rows.append(row + j)
+                    if j < drafts:
+                        state.matcher.accept_token(request.spec_token_ids[j])
+                state.rollback(drafts)
             row += 1 + drafts
         if bitmask is None:
             return None

@@ -56,6 +56,16 @@ class StructuredOutputRequest:
     def terminated(self) -> bool:
         return self.matcher is not None and not self.in_reasoning and self.matcher.is_terminated()
 
+    def grammar_prefix(self, drafts: list[int]) -> list[int]:
+        """The leading drafts the grammar allows from here (the matcher is left as it was)."""
+        accepted = 0
+        for token in drafts:
+            if self.matcher.is_terminated() or not self.matcher.accept_token(token):
+                break
+            accepted += 1
+        self.rollback(accepted)
+        return drafts[:accepted]
+
     def rollback(self, num_tokens: int) -> None:
         """Undoes the last accepted tokens (rejected speculative tokens)."""
         if num_tokens and not self.in_reasoning:
