@@ -1,9 +1,10 @@
 """pagedllm: a paged-KV-cache, continuously batching LLM inference engine."""
 
 from pagedllm.entrypoints.llm import LLM
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind",
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind",
            "StructuredOutputsParams"]
 __version__ = "0.1.0"

@@ -54,6 +54,12 @@ class EngineConfig:
     # Speculative decoding, as vLLM's dict: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
     # (spec_decode/config.py); a JSON string on the command line. Parsed into a SpeculativeConfig by finalize().
     speculative_config: Any = None
+    # Multi-LoRA (pagedllm/lora/): requests may name a PEFT adapter (LoRARequest); at most max_loras adapters per step,
+    # of rank <= max_lora_rank, and max_cpu_loras (default: max_loras) kept loaded on the host.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     # Filled in when the engine starts.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -107,10 +113,23 @@ class EngineConfig:
 
         if not isinstance(self.speculative_config, SpeculativeConfig):
             self.speculative_config = SpeculativeConfig.from_user(self.speculative_config)
+        if self.enable_lora:
+            self._check_lora()
         if self.reasoning_parser is not None:
             from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
 
             get_reasoning_parser(self.reasoning_parser)  # an unknown name fails now
+
+    def _check_lora(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1.")
+        self.max_cpu_loras = self.max_cpu_loras or self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}).")
+        if self.world_size > 1:
+            raise ValueError("enable_lora runs on one rank for now; tensor and pipeline parallelism are not supported with it.")
+        if self.device.startswith("cuda"):
+            self.enforce_eager = True  # the LoRA delta's torch path syncs on the host: no CUDA graphs yet
 
     def _check_quantization(self) -> None:
         """Resolves the method now, so that an unsupported one fails before any rank starts."""

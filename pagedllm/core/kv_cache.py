@@ -41,6 +41,12 @@ def hash_block(parent: BlockHash, token_ids: list[int]) -> BlockHash:
     return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
+def _root(request: Request) -> BlockHash:
+    """The first block's parent: the cache salt and the LoRA adapter, so that only requests with both alike share."""
+    lora = request.lora_request
+    return ((request.cache_salt or "") + ("" if lora is None else f"\x00lora:{lora.lora_int_id}")).encode()
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 16, enable_prefix_caching: bool = True,
                  sliding_window: int | None = None) -> None:
@@ -111,7 +117,7 @@ class KVCacheManager:
         count = min(count, len(ids) // size)
         while len(hashes) < count:
             i = len(hashes)
-            parent = hashes[-1] if hashes else (request.cache_salt or "").encode()
+            parent = hashes[-1] if hashes else _root(request)
             hashes.append(hash_block(parent, ids[i * size : (i + 1) * size]))
         return hashes
 

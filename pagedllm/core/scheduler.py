@@ -42,9 +42,11 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(
         self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool,
-        disjoint_steps: bool = False,
+        disjoint_steps: bool = False, max_loras: int = 0,
     ) -> None:
+        """max_loras: the most LoRA adapters one step may hold (0: LoRA off)."""
         self.kv_cache = kv_cache
+        self.max_loras = max_loras
         self.disjoint_steps = disjoint_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -90,12 +92,19 @@ class Scheduler:
                 budget -= num_new
                 i += 1
             # else: `request` itself was preempted (it was the newest), and the loop ends.
-        skipped: list[Request] = []  # grammars still compiling: they keep their place in the queue
+        skipped: list[Request] = []  # grammars still compiling, adapters over max_loras: they keep their place
+        loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None} if self.max_loras else set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             request = self.waiting[0]
             if request.structured_output is not None and not request.structured_output.ready:
                 skipped.append(self.waiting.popleft())
                 continue
+            lora = request.lora_request
+            if lora is not None and lora.lora_int_id not in loras:
+                if len(loras) >= self.max_loras:
+                    skipped.append(self.waiting.popleft())
+                    continue
+                loras.add(lora.lora_int_id)
             if request.num_pending:  # preempted with a token in flight: wait until it lands
                 break
             cached = self.kv_cache.find_cached_blocks(request)  # it holds no blocks: computed == 0

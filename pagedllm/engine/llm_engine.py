@@ -122,7 +122,8 @@ class LLMEngine:
         )
         assert config.max_num_batched_tokens is not None
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                                   disjoint_steps=config.pipeline_parallel_size > 1)
+                                   disjoint_steps=config.pipeline_parallel_size > 1,
+                                   max_loras=config.max_loras if config.enable_lora else 0)
         self.groups: dict[str, _Group] = {}
         self.requests: dict[str, Request] = {}  # every unfinished sample, by its own id
         self._aborted: list[_Group] = []
@@ -141,9 +142,15 @@ class LLMEngine:
         return cls(EngineConfig.from_kwargs(**kwargs))
 
     # ---- requests in ----------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
-        """Queues a request; raises ValueError (naming the field) if it could never run."""
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, lora_request: Any = None) -> None:
+        """Queues a request; raises ValueError (naming the field) if it could never run. lora_request: a LoRARequest
+        (enable_lora), loaded and checked now."""
         params = params or SamplingParams()
+        if lora_request is not None:
+            if self.runner.lora is None:
+                raise ValueError("lora_request needs an engine started with enable_lora=True (--enable-lora).")
+            self.runner.lora.add(lora_request)
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         text, token_ids = self.tokenize_prompt(prompt)
@@ -161,7 +168,8 @@ class LLMEngine:
                 child_params.seed = params.seed + i
             child_params.all_stop_token_ids = set(params.stop_token_ids or []) | self.eos_token_ids
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
-            request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed), request_id, i, cache_salt=salt)
+            request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed),
+                              request_id, i, cache_salt=salt, lora_request=lora_request)
             if arrival_time is not None:
                 request.metrics.arrival_time = arrival_time
             if self.tokenizer is not None:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import Metric, ServerMetrics, read_metrics
 from pagedllm.beam_search import BeamSearch, BeamSearchOutput
 from pagedllm.outputs import RequestOutput
@@ -65,8 +66,10 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs come back in the order of the prompts."""
+        """Runs every prompt to completion; outputs come back in the order of the prompts. lora_request: one adapter
+        for all prompts, or one (or None: the base model) per prompt (enable_lora)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -79,11 +82,14 @@ class LLM:
         engine = self.llm_engine
         order: dict[str, int] = {}
         try:
-            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(prompts)
+            if len(loras) != len(prompts):
+                raise ValueError(f"Got {len(prompts)} prompts but {len(loras)} lora_requests.")
+            for i, (prompt, params, lora) in enumerate(zip(prompts, params_list, loras)):
                 params = params.clone()
                 params.output_kind = RequestOutputKind.FINAL_ONLY
                 request_id = str(next(self._ids))
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, lora_request=lora)
                 order[request_id] = i
             return self._run(order, use_tqdm)
         except BaseException:

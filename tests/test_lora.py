@@ -1,0 +1,99 @@
+"""Multi-LoRA (pagedllm/lora/), float32 on CPU: PEFT adapters made with `peft` (random A and B: ranks 4 to 16,
+rsLoRA, a subset of targets) give transformers + peft's greedy tokens, alone and in one batch mixing four adapters
+and the base model, with two slots (adapters swap between steps), chunked prefill, preemption and prefix caching
+(the same prompt under different adapters shares no blocks); SmolLM2 with an adapter; clear errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytest.importorskip("peft")
+
+from pagedllm import LLM, LoRARequest, SamplingParams  # noqa: E402
+from tests.conftest import assert_clean  # noqa: E402
+from tests.reference.lora import PeftOracle, make_adapter  # noqa: E402
+
+ARGS = dict(skip_tokenizer_init=True, max_model_len=512, kv_cache_memory=16 << 20)
+SPECS = [dict(rank=8, alpha=16), dict(rank=4, alpha=8, rslora=True), dict(rank=16, alpha=16, targets=["q_proj", "v_proj"]),
+         dict(rank=12, alpha=24, targets=["gate_proj", "up_proj", "down_proj", "o_proj"])]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> list[LoRARequest]:
+    root = tmp_path_factory.mktemp("lora")
+    return [LoRARequest(f"a{i}", i + 1, make_adapter(tiny_models["llama"], str(root / f"a{i}"), seed=i, **spec))
+            for i, spec in enumerate(SPECS)]
+
+
+def test_mixed_batch_equals_peft(tiny_models: dict[str, str], adapters: list[LoRARequest]) -> None:
+    base = tiny_models["llama"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 60))] for _ in range(20)]
+    shared = prompts[0][:1] + [rng.randrange(3, 512) for _ in range(40)]
+    prompts[1:6] = [shared] * 5  # one prompt under the base and every adapter: no block may be shared across them
+    loras = [None if i % 5 == 0 else adapters[i % 4] for i in range(len(prompts))]
+    loras[1:6] = [None, *adapters]
+    max_tokens = [rng.randint(1, 16) for _ in prompts]
+    oracle = PeftOracle(base)
+    expected = [oracle.greedy(None if lora is None else lora.lora_path, p, m)
+                for p, lora, m in zip(prompts, loras, max_tokens)]
+    assert len({tuple(expected[i]) for i in range(1, 6)}) == 5  # the adapters do change the outputs
+    llm = LLM(base, enable_lora=True, max_loras=2, max_lora_rank=16, max_num_batched_tokens=24,
+              num_gpu_blocks_override=8, **{**ARGS, "kv_cache_memory": None})
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    for _ in range(2):  # the second time through, the prefix cache holds every prompt (under its own adapter)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        assert_clean(llm.llm_engine)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.kv_cache.prefix_hits > 0
+
+
+def test_one_adapter_for_all_and_cpu_cache(tiny_models: dict[str, str], adapters: list[LoRARequest]) -> None:
+    """One LoRARequest for every prompt; with one slot and a CPU cache of one, adapters are reloaded from disk."""
+    base = tiny_models["llama"]
+    llm = LLM(base, enable_lora=True, max_loras=1, max_cpu_loras=1, **ARGS)
+    oracle = PeftOracle(base)
+    prompt = [7, 8, 9, 100, 200]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for lora in (adapters[0], adapters[3], adapters[0]):
+        out = llm.generate([{"prompt_token_ids": prompt}] * 2, params, lora_request=lora, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in out] == [oracle.greedy(lora.lora_path, prompt, 6)] * 2
+    assert len(llm.llm_engine.runner.lora.cache) == 1
+
+
+def test_smollm2_adapter(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = make_adapter(smollm2, str(tmp_path_factory.mktemp("lora") / "smol"), rank=8, alpha=32, seed=5)
+    llm = LLM(smollm2, enable_lora=True, max_model_len=256)
+    tokenizer = llm.get_tokenizer()
+    prompt = tokenizer("The capital of France is").input_ids
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompt}] * 2, params, lora_request=[None, LoRARequest("s", 1, path)],
+                       use_tqdm=False)
+    oracle = PeftOracle(smollm2)
+    assert out[0].outputs[0].token_ids == oracle.greedy(None, prompt, 12)
+    assert out[1].outputs[0].token_ids == oracle.greedy(path, prompt, 12)
+
+
+def test_errors(tiny_models: dict[str, str], adapters: list[LoRARequest], tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tiny_models["llama"]
+    prompt = {"prompt_token_ids": [5, 6, 7]}
+    with pytest.raises(ValueError, match="enable_lora"):
+        LLM(base, **ARGS).generate(prompt, lora_request=adapters[0], use_tqdm=False)
+    llm = LLM(base, enable_lora=True, max_lora_rank=8, **ARGS)
+    root = tmp_path_factory.mktemp("bad-lora")
+    embed = make_adapter(base, str(root / "embed"), targets=["embed_tokens"], seed=9)
+    for lora, match in ((LoRARequest("missing", 9, str(root / "none")), "no adapter_config.json"),
+                        (adapters[2], "rank 16 exceeds max_lora_rank=8"),
+                        (LoRARequest("embed", 10, embed), "targets modules"),
+                        (LoRARequest("clash", 1, adapters[1].lora_path), None)):
+        if match is None:  # id 1 taken by another path
+            llm.generate(prompt, lora_request=adapters[0], use_tqdm=False)
+            match = "already"
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompt, lora_request=lora, use_tqdm=False)
+    assert_clean(llm.llm_engine)
+    with pytest.raises(ValueError, match="lora_int_id"):
+        LoRARequest("zero", 0, "x")
