@@ -38,7 +38,7 @@ def _token_buckets(max_model_len: int) -> list[float]:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+    def __init__(self, model_name: str, max_model_len: int, max_lora: int = 0) -> None:
         self.registry = r = CollectorRegistry()
         self._model_name = model_name
         labels = ["model_name"]
@@ -84,6 +84,10 @@ class ServerMetrics:
         self.spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                                     "Accepted tokens per draft position.", labels + ["position"], registry=r)
         self._spec_seen = (0, 0, 0, [])  # drafts, draft tokens, accepted, per position
+        # vLLM's lora_requests_info: the adapters of running and waiting requests as labels, the time as value
+        self.lora_info = Gauge(PREFIX + "lora_requests_info", "Running stats on lora requests.",
+                               ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
+        self.max_lora = max_lora
         # Per-sample progress, keyed by (request_id, sample index): last token time, tokens so far.
         self._last_token: dict[tuple[str, int], float] = {}
         self._num_tokens: dict[tuple[str, int], int] = {}
@@ -103,6 +107,9 @@ class ServerMetrics:
             self.prefix_queries.inc(stats.prefix_cache_queries - queries)
             self.prefix_hits.inc(stats.prefix_cache_hits - hits)
             self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        if self.max_lora:
+            self.lora_info.clear()
+            self.lora_info.labels(str(self.max_lora), ",".join(stats.waiting_loras), ",".join(stats.running_loras)).set(now)
         spec = stats.spec_decode
         if spec is not None and spec.num_drafts > self._spec_seen[0]:
             drafts, tokens, accepted, per_pos = self._spec_seen

@@ -97,3 +97,49 @@ def test_errors(tiny_models: dict[str, str], adapters: list[LoRARequest], tmp_pa
     assert_clean(llm.llm_engine)
     with pytest.raises(ValueError, match="lora_int_id"):
         LoRARequest("zero", 0, "x")
+
+
+def test_server(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`pagedllm serve --enable-lora --lora-modules`: adapters listed with their parent, chosen by "model" (the
+    offline engine's tokens for the same adapter), loaded and unloaded at runtime, clear 4xx errors, the metric."""
+    import httpx
+    import openai
+
+    from tests.server_utils import SMALL_SERVER_ARGS, ServerProcess
+
+    root = tmp_path_factory.mktemp("lora-server")
+    first = make_adapter(smollm2, str(root / "first"), rank=8, alpha=32, seed=11)
+    second = make_adapter(smollm2, str(root / "second"), rank=4, alpha=16, seed=12)
+    prompt = "The capital of France is"
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    offline = LLM(smollm2, enable_lora=True, max_loras=2, max_model_len=256)
+    expected = [o.outputs[0].text for o in offline.generate([prompt] * 3, params, use_tqdm=False,
+                                                            lora_request=[None, LoRARequest("first", 1, first),
+                                                                          LoRARequest("second", 2, second)])]
+    server = ServerProcess([smollm2, *SMALL_SERVER_ARGS, "--served-model-name", "base", "--enable-lora", "--max-loras", "2",
+                            "--lora-modules", f"first={first}", "--allow-runtime-lora-updating"])
+    try:
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key="none")
+        models = {m.id: m for m in client.models.list().data}
+        assert set(models) == {"base", "first"} and models["first"].model_extra["parent"] == "base"
+
+        def complete(model: str) -> str:
+            return client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        assert [complete("base"), complete("first")] == expected[:2]
+        with pytest.raises(openai.NotFoundError):
+            complete("second")
+        bad = httpx.post(server.url("/v1/load_lora_adapter"), json={"lora_name": "x", "lora_path": str(root / "none")})
+        assert bad.status_code == 400 and "adapter_config.json" in bad.text
+        ok = httpx.post(server.url("/v1/load_lora_adapter"), json={"lora_name": "second", "lora_path": second})
+        assert ok.status_code == 200, ok.text
+        assert complete("second") == expected[2]
+        assert 'pagedllm:lora_requests_info{max_lora="2"' in httpx.get(server.url("/metrics")).text
+        assert httpx.post(server.url("/v1/unload_lora_adapter"), json={"lora_name": "second"}).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            complete("second")
+        assert httpx.post(server.url("/v1/unload_lora_adapter"), json={"lora_name": "second"}).status_code == 404
+        assert complete("first") == expected[1]
+    finally:
+        server.stop()

@@ -138,9 +138,10 @@ class AsyncLLM:
     # ---- requests -------------------------------------------------------------------------
     async def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams,
-        arrival_time: float | None = None, stream: RequestStream | None = None,
+        arrival_time: float | None = None, stream: RequestStream | None = None, lora_request: Any = None,
     ) -> RequestStream:
-        """Queues a request and returns the stream its outputs go to (pass `stream` to share one).
+        """Queues a request and returns the stream its outputs go to (pass `stream` to share one); lora_request: the
+        LoRARequest it runs with.
 
         Raises the engine's ValueError for invalid input, EngineOverloadedError when over capacity, and
         EngineDeadError once the engine has stopped.
@@ -161,7 +162,7 @@ class AsyncLLM:
         params.output_kind = RequestOutputKind.DELTA
         stream = stream if stream is not None else RequestStream()
         future: asyncio.Future[None] = self._loop.create_future()
-        self.core.send("add", request_id, tokenized, params, arrival_time or time.time())
+        self.core.send("add", request_id, tokenized, params, arrival_time or time.time(), lora_request)
         # Registered before the core can answer: its messages are read on this loop, later.
         stream.unfinished.add(request_id)
         self._streams[request_id] = stream
@@ -178,9 +179,10 @@ class AsyncLLM:
 
     async def generate(
         self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None,
+        lora_request: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """One request's DELTA outputs; closing or cancelling the iterator aborts the request."""
-        stream = await self.add_request(request_id, prompt, params, arrival_time)
+        stream = await self.add_request(request_id, prompt, params, arrival_time, lora_request=lora_request)
         try:
             async for output in stream:
                 yield output
@@ -231,6 +233,12 @@ class AsyncLLM:
 
     async def reset_prefix_cache(self) -> bool:
         return await self.call_engine(LLMEngine.reset_prefix_cache)
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        return await self.call_engine(LLMEngine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self.call_engine(LLMEngine.remove_lora, lora_int_id)
 
     async def call_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(engine, *args)` in the core, between two steps (fn and its result must pickle)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -76,10 +76,13 @@ class DPAsyncLLM:
     def stats(self) -> EngineStats:
         """The replicas' latest stats, summed (KV cache usage averaged)."""
         each = [r.stats for r in self.replicas]
+        merged = {"spec_decode", "running_loras", "waiting_loras"}
         total: dict = {f.name: sum(getattr(s, f.name) for s in each) for f in dataclasses.fields(EngineStats)
-                       if f.name != "spec_decode"}
+                       if f.name not in merged}
         total["kv_cache_usage"] /= len(each)
         total["spec_decode"] = SpecDecodeStats.total([s.spec_decode for s in each if s.spec_decode is not None])
+        for name in ("running_loras", "waiting_loras"):
+            total[name] = tuple(sorted({lora for s in each for lora in getattr(s, name)}))
         return EngineStats(**total)
 
     @property
@@ -92,12 +95,18 @@ class DPAsyncLLM:
 
     async def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams,
-        arrival_time: float | None = None, stream: RequestStream | None = None,
+        arrival_time: float | None = None, stream: RequestStream | None = None, lora_request: Any = None,
     ) -> RequestStream:
         """AsyncLLM.add_request on the least-loaded replica."""
         if any(r.has_request(request_id) for r in self.replicas):
             raise ValueError(f"request_id {request_id!r} is already in use.")
-        return await self._least_loaded().add_request(request_id, prompt, params, arrival_time, stream)
+        return await self._least_loaded().add_request(request_id, prompt, params, arrival_time, stream, lora_request)
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        return all(await asyncio.gather(*(r.add_lora(lora_request) for r in self.replicas)))
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return any(await asyncio.gather(*(r.remove_lora(lora_int_id) for r in self.replicas)))
 
     generate = AsyncLLM.generate  # through this class's add_request and abort
 

@@ -66,6 +66,8 @@ class EngineStats:
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # tokens found there
     spec_decode: SpecDecodeStats | None = None  # with speculative decoding
+    running_loras: tuple[str, ...] = ()  # LoRA adapters of running / waiting requests, by name (enable_lora)
+    waiting_loras: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -453,7 +455,20 @@ class LLMEngine:
             prefix_cache_queries=self.kv_cache.prefix_queries,
             prefix_cache_hits=self.kv_cache.prefix_hits,
             spec_decode=None if self.spec is None else self.spec.stats,
+            running_loras=_lora_names(self.scheduler.running) if self.runner.lora else (),
+            waiting_loras=_lora_names(self.scheduler.waiting) if self.runner.lora else (),
         )
+
+    def add_lora(self, lora_request: Any) -> bool:
+        """Loads and checks an adapter ahead of its requests (ValueError if it cannot run here)."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA adapters need an engine started with enable_lora=True (--enable-lora).")
+        self.runner.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forgets an adapter (a request still naming it reloads it from its path); False if it was not loaded."""
+        return self.runner.lora is not None and self.runner.lora.remove(lora_int_id)
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached block, so later requests compute their prompts from scratch."""
@@ -470,6 +485,10 @@ class LLMEngine:
         """Stops the other ranks of a parallel engine (also done when the engine is collected, or at exit)."""
         if self._shutdown is not None:
             self._shutdown()
+
+
+def _lora_names(requests: Iterable[Request]) -> tuple[str, ...]:
+    return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))
 
 
 def _stop_workers(runner: ModelRunner, workers: Workers) -> None:

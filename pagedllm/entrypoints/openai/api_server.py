@@ -38,6 +38,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_base import (
     APIError, OpenAIServing, internal_error, json_response, read_json, until_disconnect,
 )
+from pagedllm.entrypoints.openai.lora import LoadLoRARequest, LoRARegistry, UnloadLoRARequest, parse_lora_modules
 from pagedllm.entrypoints.openai.serving_chat import ChatServing, render_messages
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 from pagedllm.metrics import ServerMetrics
@@ -57,6 +58,8 @@ class ServerSettings(BaseModel):
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    lora_modules: dict[str, str] = {}  # name -> PEFT directory, loaded at start (--lora-modules)
+    allow_runtime_lora_updating: bool = False
 
 
 class _Guard:
@@ -88,9 +91,13 @@ class _Guard:
 
 
 def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
+    loras = LoRARegistry(settings.model_names)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        for name, path in settings.lora_modules.items():  # a bad adapter stops the server here, with its reason
+            await loras.load(engine, name, path)
         yield
         await engine.shutdown()
 
@@ -102,6 +109,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     chats = ChatServing(engine, settings.model_names, settings.max_n, settings.enable_auto_tool_choice,
                         settings.tool_call_parser, settings.reasoning_parser)
     base = OpenAIServing(engine, settings.model_names, settings.max_n)
+    completions.loras = chats.loras = base.loras = loras
     max_model_len = engine.config.max_model_len or 0
 
     async def handle(raw: Request, model: type[T], serve: Callable[[T, float], Awaitable[Response]]) -> Response:
@@ -126,7 +134,29 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=settings.model_path, max_model_len=max_model_len) for name in settings.model_names])
+        cards = [ModelCard(id=name, root=settings.model_path, max_model_len=max_model_len) for name in settings.model_names]
+        cards += [ModelCard(id=name, root=lora.lora_path, parent=settings.model_names[0], max_model_len=max_model_len)
+                  for name, lora in loras.by_name.items()]
+        return ModelList(data=cards)
+
+    if settings.allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(raw: Request) -> Response:
+            try:
+                body = await read_json(raw, LoadLoRARequest, settings.max_request_body_bytes)
+                await loras.load(engine, body.lora_name, body.lora_path)
+            except APIError as error:
+                return error.response()
+            return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(raw: Request) -> Response:
+            try:
+                body = await read_json(raw, UnloadLoRARequest, settings.max_request_body_bytes)
+                await loras.unload(engine, body.lora_name)
+            except APIError as error:
+                return error.response()
+            return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     @app.get("/health")
     async def health() -> Response:
@@ -230,7 +260,7 @@ def run_server(args: argparse.Namespace) -> None:
     engine_config.finalize()
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     max_model_len = engine_config.max_model_len or 0
-    metrics = ServerMetrics(names[0], max_model_len)
+    metrics = ServerMetrics(names[0], max_model_len, engine_config.max_loras if engine_config.enable_lora else 0)
     capacity = engine_config.max_num_seqs + args.max_waiting_requests
     if engine_config.data_parallel_size > 1:  # replicas in processes of their own, each bounded by `capacity`
         from pagedllm.engine.data_parallel import DPAsyncLLM
@@ -242,8 +272,12 @@ def run_server(args: argparse.Namespace) -> None:
         model_names=names, model_path=engine_config.model_path, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         max_n=args.max_n, max_request_body_bytes=args.max_request_body_bytes,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
-        reasoning_parser=engine_config.reasoning_parser,
+        reasoning_parser=engine_config.reasoning_parser, lora_modules=parse_lora_modules(args.lora_modules),
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating
+        or os.environ.get("PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
     )
+    if (settings.lora_modules or settings.allow_runtime_lora_updating) and not engine_config.enable_lora:
+        raise SystemExit("--lora-modules and runtime LoRA updating need --enable-lora.")
     app = build_app(async_engine, settings, metrics)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, lifespan="on",

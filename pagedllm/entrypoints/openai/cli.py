@@ -23,6 +23,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     group.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     group.add_argument("--max-request-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
+    group.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters (PEFT directories) served as models of their own; needs --enable-lora")
+    group.add_argument("--allow-runtime-lora-updating", action="store_true",
+                       help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also env "
+                            "PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
     group.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],

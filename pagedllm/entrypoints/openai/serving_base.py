@@ -122,6 +122,7 @@ class OpenAIServing:
         self.engine = engine
         self.model_names = model_names
         self.max_n = max_n
+        self.loras: Any = None  # LoRARegistry, when the server serves adapters
 
     @property
     def model_name(self) -> str:
@@ -131,14 +132,21 @@ class OpenAIServing:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.model_names:
+    def check_model(self, model: str | None) -> Any:
+        """The LoRARequest of an adapter served under `model`; None for the base model (404 for neither)."""
+        if model is None or model in self.model_names:
+            return None
+        lora = None if self.loras is None else self.loras.get(model)
+        if lora is None:
             raise APIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
+        return lora
 
-    def check_request(self, request: SamplingRequest) -> None:
-        self.check_model(request.model)
+    def check_request(self, request: SamplingRequest) -> Any:
+        """The request's LoRARequest (None: the base model), after its model and n are checked."""
+        lora = self.check_model(request.model)
         if request.n > self.max_n:
             raise APIError(f"n must be at most {self.max_n}, got {request.n}.", 400, param="n")
+        return lora
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None,
@@ -166,12 +174,14 @@ class OpenAIServing:
             raise value_error(error) from None
 
     async def submit(self, request_id: str, prompts: list[PromptType], params: SamplingParams, arrival_time: float,
-                     aliases: dict[str, str] | None = None, cache_salt: str | None = None) -> tuple[RequestStream, dict[str, int]]:
+                     aliases: dict[str, str] | None = None, cache_salt: str | None = None,
+                     lora_request: Any = None) -> tuple[RequestStream, dict[str, int]]:
         """Adds every prompt as its own engine request, all feeding one stream; all or nothing."""
         stream = RequestStream()
         prompts = with_cache_salt(prompts, cache_salt)
         ids = {f"{request_id}-{i}": i for i in range(len(prompts))}
-        adds = [self.engine.add_request(rid, prompt, params, arrival_time, stream) for rid, prompt in zip(ids, prompts)]
+        adds = [self.engine.add_request(rid, prompt, params, arrival_time, stream, lora_request)
+                for rid, prompt in zip(ids, prompts)]
         results = await asyncio.gather(*adds, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

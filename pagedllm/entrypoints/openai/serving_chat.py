@@ -116,7 +116,7 @@ class ChatServing(OpenAIServing):
         return mode
 
     async def create(self, request: ChatCompletionRequest, arrival_time: float) -> Response:
-        self.check_request(request)
+        lora = self.check_request(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs=true.", 400, param="top_logprobs")
         mode = self._tool_mode(request)
@@ -133,7 +133,7 @@ class ChatServing(OpenAIServing):
         params = self.sampling_params(request, max_tokens, logprobs, structured_outputs=forced or constraint)
         request_id = random_id("chatcmpl")
         aliases = {"prompt": "messages", "max_tokens": max_field, "structured_outputs": constraint_field or "tools"}
-        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, aliases, request.cache_salt)
+        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, aliases, request.cache_salt, lora)
         parsers = None
         if self.reasoning_parser is not None or mode != "none":
             named = named_tool(request).function.name if mode == "named" else None

@@ -103,7 +103,7 @@ def _merge(into: CompletionChoice, delta: CompletionChoice) -> None:
 
 class CompletionServing(OpenAIServing):
     async def create(self, request: CompletionRequest, arrival_time: float) -> Response:
-        self.check_request(request)
+        lora = self.check_request(request)
         prompts = _prompts(request.prompt)
         if request.use_beam_search:
             return await self._beam_search(request, prompts)
@@ -112,7 +112,7 @@ class CompletionServing(OpenAIServing):
         params = self.sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs, constraint)
         request_id = random_id("cmpl")
         stream, ids = await self.submit(request_id, prompts, params, arrival_time, {"structured_outputs": field or "structured_outputs"},
-                                        cache_salt=request.cache_salt)
+                                        cache_salt=request.cache_salt, lora_request=lora)
         acc = _Accumulator(request, ids, self.tokenizer)
         created = int(time.time())
         if request.stream:
