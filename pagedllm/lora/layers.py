@@ -4,31 +4,50 @@ columns ([out, parts * R], zeros elsewhere): one shrink x @ A.T and one expand @
 the adapter does not target stays zero. Under tensor parallelism B takes this rank's output rows (column-parallel) and
 A this rank's input columns (row-parallel: each rank's partial delta is summed by the layer's all-reduce).
 
-Each step's flat tokens carry the slot of their request's adapter (`token_slots`, -1: the base model); the delta is
-computed for the rows of each slot present (a torch loop: the reference the Triton kernels will be held to).
+Each step's flat tokens carry the slot of their request's adapter (`LoRABatch.token_slots`, -1: the base model). On
+CUDA the delta is one shrink and one expand over the tokens grouped by slot (kernels/lora.py); elsewhere the
+per-slot torch loop those kernels are tested against.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from pagedllm.quantization.base import input_columns, row_shards
 
-_token_slots: torch.Tensor | None = None  # [tokens] int64 of the step being run; None: no adapter in it
+
+@dataclass
+class LoRABatch:
+    token_slots: torch.Tensor  # [tokens] int64: each flat token's adapter slot, -1 for the base model
+    segments: Any = None  # kernels.lora.LoRASegments on CUDA
+
+
+_batch: LoRABatch | None = None  # the step being run; None: no adapter in it
 
 
 @contextlib.contextmanager
-def lora_context(token_slots: torch.Tensor | None) -> Iterator[None]:
-    global _token_slots
-    previous, _token_slots = _token_slots, token_slots
+def lora_context(batch: LoRABatch | None) -> Iterator[None]:
+    global _batch
+    previous, _batch = _batch, batch
     try:
         yield
     finally:
-        _token_slots = previous
+        _batch = previous
+
+
+def lora_delta_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """The same per-adapter loop in torch (float64 for the tests' reference, or the CPU path's dtype)."""
+    for slot in torch.unique(token_slots[token_slots >= 0]).tolist():
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        xs = x.index_select(0, rows).to(a.dtype)
+        out.index_add_(0, rows, ((xs @ a[slot].T) @ b[slot].T).to(out.dtype))
+    return out
 
 
 class LoRASlots:
@@ -56,14 +75,14 @@ class LoRASlots:
             offset += size
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        slots = _token_slots
-        if slots is None or x.dim() != 2 or x.shape[0] != slots.shape[0]:
+        batch = _batch
+        if batch is None or x.dim() != 2 or x.shape[0] != batch.token_slots.shape[0]:
             return out
-        for slot in torch.unique(slots[slots >= 0]).tolist():
-            rows = (slots == slot).nonzero().squeeze(1)
-            xs = x.index_select(0, rows).to(self.a.dtype)
-            out.index_add_(0, rows, ((xs @ self.a[slot].T) @ self.b[slot].T).to(out.dtype))
-        return out
+        if batch.segments is not None:
+            from pagedllm.kernels.lora import lora_delta
+
+            return lora_delta(x, self.a, self.b, out, batch.segments)
+        return lora_delta_ref(x, self.a, self.b, out, batch.token_slots)
 
 
 def wrap(layer: nn.Module, slots: LoRASlots) -> None:

@@ -21,6 +21,9 @@ class LoRAManager:
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, max_cpu_loras: int) -> None:
         self.max_loras, self.max_rank, self.max_cpu_loras = max_loras, max_rank, max_cpu_loras
         stacked = getattr(model, "stacked_params", [])
+        for module in model.modules():  # the delta needs the 16-bit rows: FP8 producers hand them on unquantized
+            if getattr(module, "quant_rows", None) is not None:
+                module.quant_rows = None
         self.layers: list[LoRASlots] = []
         for name, module in model.named_modules():
             if isinstance(module, Linear) and name.rpartition(".")[2] in _TARGETS:

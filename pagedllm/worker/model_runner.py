@@ -32,7 +32,7 @@ from pagedllm.distributed.communication import broadcast_object, min_over_world,
 from pagedllm.distributed.parallel_state import ParallelState, building
 from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
-from pagedllm.lora.layers import lora_context
+from pagedllm.lora.layers import LoRABatch, lora_context
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.models.loader import load_model
 from pagedllm.sampling_params import SamplingParams
@@ -235,7 +235,7 @@ class ModelRunner:
         if self.distributed:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans], 0 if prev is None else len(prev.requests)))
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
-        with lora_context(None if self.lora is None else self._token_slots(sched, batch)):
+        with lora_context(None if self.lora is None else self._lora_batch(sched, batch)):
             hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
         if self.keep_hidden:  # the final hidden states, or an EAGLE-3 head's three layers' (written by the forward)
             aux = getattr(getattr(self.model, "model", None), "aux_buffer", None)
@@ -287,7 +287,7 @@ class ModelRunner:
             host_ids = token_ids
         return StepHandle(requests, token_ids, host_ids, event, logprobs, prompt_logprobs)
 
-    def _token_slots(self, sched: SchedulerOutput, batch: FlatBatch) -> torch.Tensor | None:
+    def _lora_batch(self, sched: SchedulerOutput, batch: FlatBatch) -> LoRABatch | None:
         """Each flat token's LoRA slot (-1: the base model), the step's adapters loaded; None if it has none."""
         assert self.lora is not None
         adapters = {r.lora_request.lora_int_id: r.lora_request for r, _ in sched.scheduled if r.lora_request is not None}
@@ -295,8 +295,13 @@ class ModelRunner:
             return None
         slot = self.lora.activate(adapters)
         per_row = [-1 if r.lora_request is None else slot[r.lora_request.lora_int_id] for r, _ in sched.scheduled]
-        lengths = np.diff(batch.query_start_loc)
-        return torch.from_numpy(np.repeat(np.array(per_row, dtype=np.int64), lengths)).to(self.device)
+        slots = np.repeat(np.array(per_row, dtype=np.int64), np.diff(batch.query_start_loc))
+        segments = None
+        if self.device.type == "cuda":
+            from pagedllm.kernels.lora import LoRASegments
+
+            segments = LoRASegments.build(slots, self.device)
+        return LoRABatch(torch.from_numpy(slots).to(self.device), segments)
 
     @torch.inference_mode()
     def forward_rows(self, sched: SchedulerOutput, kv_cache: KVCacheManager) -> torch.Tensor:

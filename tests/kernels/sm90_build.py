@@ -16,7 +16,7 @@ import time
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from pagedllm.kernels import (activation, fused_moe, gemv, gguf_gemm, int_gemm, norm, paged_attention, quant_rows,
+from pagedllm.kernels import (activation, fused_moe, gemv, gguf_gemm, int_gemm, lora, norm, paged_attention, quant_rows,
                               rope_kv_write, sampling, scaled_gemm)
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -133,6 +133,11 @@ def other_builds() -> list[tuple[str, callable]]:
         builds.append((f"gemv split sums {dt}", lambda d=dt: build(
             gemv._sum_splits_kernel, {"part_ptr": "*fp32", "b_ptr": f"*{d}", "out_ptr": f"*{d}"}, dict(SPLITS=4, HAS_BIAS=True, BLOCK=1024), 4)))
     builds += eight_bit_builds()
+    for dt, x_dt, add in (("bf16", "bf16", False), ("bf16", "fp32", True)):  # the shrink, then the expand
+        types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "out_ptr": "*fp32" if not add else f"*{dt}", "order_ptr": "*i64",
+                 "slot_ptr": "*i64", "start_ptr": "*i64", "length_ptr": "*i64"}
+        consts = dict(ADD=add, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, PREC="tf32", UPCAST=False)
+        builds.append((f"lora sgmv {'expand' if add else 'shrink'}", lambda t=types, c=consts: build(lora._sgmv_kernel, t, c, 4)))
     builds += int_weight_builds()
     builds += gguf_builds()
     builds += moe_builds()

@@ -1,0 +1,94 @@
+"""Multi-LoRA products for a batch whose tokens belong to different adapters (Punica's SGMV, segmented):
+out[t] (+)= x[t] @ W[slot(t)].T for the tokens of each adapter slot, W [slots, N, K].
+
+The host sorts the step's tokens by slot once (`LoRASegments`: the token order, and per slot its first sorted row
+and count), so program (segment, M tile, N tile) gathers BLOCK_M of one adapter's token rows and reads only that
+adapter's weight tiles: a prefill chunk reuses each tile over its rows, and a decode batch's tokens of one adapter
+share theirs. The same kernel runs the shrink (x @ A.T into a float32 [T, parts * R] buffer) and the expand (that
+buffer @ B.T added into the layer's output). Base-model tokens (slot -1) are in no segment. The torch reference is
+pagedllm/lora/layers.py's `lora_delta_ref` (the CPU path, free of triton).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.kernels import dot_precision, interpreting, tile_dot
+
+
+@dataclass
+class LoRASegments:
+    """One step's tokens grouped by adapter slot: `order` the token indices sorted by slot (base tokens left out),
+    and per segment its slot, first position in `order` and length."""
+
+    order: torch.Tensor  # [S] int64
+    slot: torch.Tensor  # [G] int64
+    start: torch.Tensor  # [G] int64
+    length: torch.Tensor  # [G] int64
+    max_length: int
+
+    @classmethod
+    def build(cls, token_slots: np.ndarray, device: torch.device) -> LoRASegments | None:
+        adapted = np.flatnonzero(token_slots >= 0)
+        if adapted.size == 0:
+            return None
+        order = adapted[np.argsort(token_slots[adapted], kind="stable")]
+        slots, starts, lengths = np.unique(token_slots[order], return_index=True, return_counts=True)
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
+        return cls(as_tensor(order), as_tensor(slots), as_tensor(starts), as_tensor(lengths), int(lengths.max()))
+
+
+@triton.jit
+def _sgmv_kernel(x_ptr, w_ptr, out_ptr, order_ptr, slot_ptr, start_ptr, length_ptr, N, K, stride_x, stride_ws,
+                 stride_wn, stride_o, ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    segment, m_tile, n_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(length_ptr + segment)
+    if m_tile * BLOCK_M >= length:
+        return
+    first, slot = tl.load(start_ptr + segment), tl.load(slot_ptr + segment)
+    m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok_m = m < length
+    tokens = tl.load(order_ptr + first + m, mask=ok_m, other=0)
+    n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_n = n < N
+    k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + slot * stride_ws
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ok_k = k0 + k < K
+        a = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + k)[None, :], mask=ok_m[:, None] & ok_k[None, :], other=0.0)
+        w = tl.load(w_base + n[None, :] * stride_wn + (k0 + k)[:, None], mask=ok_k[:, None] & ok_n[None, :], other=0.0)
+        acc = acc + tile_dot(a.to(w.dtype), w, PREC, UPCAST)
+    ptrs = out_ptr + tokens[:, None] * stride_o + n[None, :]
+    mask = ok_m[:, None] & ok_n[None, :]
+    if ADD:
+        acc = acc + tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sgmv(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, segments: LoRASegments, add: bool) -> torch.Tensor:
+    """out[t] = (out[t] +) x[t] @ weights[slot(t)].T for every adapted token t; x [T, K], weights [slots, N, K]."""
+    n, k = weights.shape[1], weights.shape[2]
+    assert x.stride(1) == 1 and weights.stride(2) == 1 and out.stride(1) == 1 and x.shape[1] == k
+    block_m = 16 if segments.max_length <= 16 else 64
+    block_n = max(16, min(128, triton.next_power_of_2(n)))
+    block_k = max(16, min(64, triton.next_power_of_2(k)))
+    prec, upcast = dot_precision(weights.dtype)
+    grid = (segments.slot.shape[0], triton.cdiv(segments.max_length, block_m), triton.cdiv(n, block_n))
+    _sgmv_kernel[grid](x, weights, out, segments.order, segments.slot, segments.start, segments.length, n, k,
+                       x.stride(0), weights.stride(0), weights.stride(1), out.stride(0), ADD=add, BLOCK_M=block_m,
+                       BLOCK_N=block_n, BLOCK_K=block_k, PREC=prec, UPCAST=upcast or interpreting(), num_warps=4)
+    return out
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, segments: LoRASegments) -> torch.Tensor:
+    """out += (x @ A[slot].T) @ B[slot].T per adapted token: the shrink into float32, then the expand added."""
+    inter = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    sgmv(x, a, inter, segments, add=False)
+    return sgmv(inter, b, out, segments, add=True)
