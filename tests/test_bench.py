@@ -394,3 +394,13 @@ def test_latency_copy_workload_with_speculation(smollm2: str, tmp_path: os.PathL
     assert set(figures) == {"pagedllm-no-spec", "pagedllm"} and figures["pagedllm"]["speedup_over_no_spec"] > 0
     spec = result["environment"]["spec_decode"]
     assert spec["num_drafts"] > 0 and len(spec["accepted_per_pos"]) == 3
+
+
+def test_throughput_and_latency_with_loras(tiny_llama: str, tmp_path: os.PathLike) -> None:
+    """--num-loras: random adapters written for the model's shape, the base run first, the ratio reported."""
+    common = ["--model", tiny_llama, "--input-len", "8", "--output-len", "4", "--kv-cache-memory", KV,
+              "--num-loras", "2", "--lora-rank", "4"]
+    result = run_cli(["throughput", "--num-prompts", "6", *common], tmp_path)
+    assert set(result["results"]) == {"pagedllm-no-lora", "pagedllm"} and result["results"]["pagedllm"]["ratio_over_no_lora"] > 0
+    result = run_cli(["latency", "--num-iters", "1", "--num-iters-warmup", "0", *common], tmp_path)
+    assert result["results"]["pagedllm"]["ratio_over_no_lora"] > 0

@@ -8,6 +8,7 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
+from pagedllm.benchmarks import lora as bench_lora
 from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory, spec_decode_figures, synchronize
 from pagedllm.benchmarks.workloads import BenchRequest, copy_requests, make_requests
 
@@ -16,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="requests run together in each iteration (default 1)")
     parser.add_argument("--num-iters", type=int, default=3, help="timed iterations; the median is reported")
     parser.add_argument("--num-iters-warmup", type=int, default=1, help="untimed iterations first, per backend")
+    bench_lora.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +42,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             off = BenchSetup(setup.workload, setup.config, {**setup.llm_kwargs, "speculative_config": None},
                              setup.token_pool, setup.environment)
             results["pagedllm-no-spec"] = _report("no spec", _time_pagedllm(off, requests, args), requests)
-        results["pagedllm"] = _report("pagedllm", _time_pagedllm(setup, requests, args), requests)
+        lora = None
+        if args.num_loras:  # the base model alone first, then one adapter for the batch
+            results["pagedllm-no-lora"] = _report("no lora", _time_pagedllm(setup, requests, args), requests)
+            lora = bench_lora.random_adapters(setup.config.hf_config, args.num_loras, args.lora_rank)[0]
+            setup = BenchSetup(setup.workload, setup.config,
+                               {**setup.llm_kwargs, **bench_lora.engine_overrides(args.num_loras, args.lora_rank)},
+                               setup.token_pool, setup.environment)
+        results["pagedllm"] = _report("pagedllm", _time_pagedllm(setup, requests, args, lora), requests)
+        if lora is not None:
+            ratio = results["pagedllm"]["output_tokens_per_s"] / results["pagedllm-no-lora"]["output_tokens_per_s"]
+            results["pagedllm"]["ratio_over_no_lora"] = ratio
+            print(f"one LoRA adapter of rank {args.lora_rank} / base model: {ratio:.3f}x output tokens/s")
         if "pagedllm-no-spec" in results:
             ratio = results["pagedllm"]["output_tokens_per_s"] / results["pagedllm-no-spec"]["output_tokens_per_s"]
             results["pagedllm"]["speedup_over_no_spec"] = ratio
@@ -64,7 +77,8 @@ def _iterate(run: Callable[[], None], args: argparse.Namespace, device: str) -> 
     return latencies
 
 
-def _time_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], args: argparse.Namespace) -> list[float]:
+def _time_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], args: argparse.Namespace,
+                   lora: Any = None) -> list[float]:
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(**setup.llm_kwargs)
@@ -73,7 +87,7 @@ def _time_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], args: ar
 
     def run() -> None:
         llm.reset_prefix_cache()  # every iteration prefills its prompt, as the first one did
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
         if generated != sum(r.output_len for r in requests):
             raise RuntimeError(f"pagedllm generated {generated} tokens, expected {sum(r.output_len for r in requests)}.")

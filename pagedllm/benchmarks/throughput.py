@@ -13,6 +13,7 @@ import itertools
 import time
 from typing import Any, Sequence
 
+from pagedllm.benchmarks import lora as bench_lora
 from pagedllm.benchmarks import BenchSetup, describe, finish, prepare, release_memory, spec_decode_figures
 from pagedllm.benchmarks.workloads import BenchRequest, make_requests
 
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structured-output", choices=["json"], default=None,
                         help="run the batch with every request held to a JSON schema, then free with the same output "
                              "lengths; report the tokens/s ratio and grammar compile times")
+    bench_lora.add_arguments(parser)
     parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch size of the hf backend (default: 256, the largest that fits an 8B model on an 80 GB GPU)")
 
 
@@ -45,7 +47,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(_describe_workload(args, requests))
     results: dict[str, dict[str, Any]] = {}
     if args.backend in ("pagedllm", "both"):
-        results["pagedllm"] = _report("pagedllm", *run_pagedllm(setup, requests, args.temperature), requests)
+        loras = None
+        if args.num_loras:  # the base model alone first, then the same requests over the adapters
+            results["pagedllm-no-lora"] = _report("no lora", *run_pagedllm(setup, requests, args.temperature), requests)
+            loras = bench_lora.random_adapters(setup.config.hf_config, args.num_loras, args.lora_rank)
+            loras = [loras[i % len(loras)] for i in range(len(requests))]
+        overrides = bench_lora.engine_overrides(args.num_loras, args.lora_rank) if loras else {}
+        results["pagedllm"] = _report("pagedllm", *run_pagedllm(setup, requests, args.temperature, loras, **overrides), requests)
+        if loras:
+            ratio = results["pagedllm"]["output_tokens_per_s"] / results["pagedllm-no-lora"]["output_tokens_per_s"]
+            results["pagedllm"]["ratio_over_no_lora"] = ratio
+            print(f"{args.num_loras} LoRA adapters of rank {args.lora_rank} / base model: {ratio:.3f}x output tokens/s")
         if args.compare_prefix_caching:
             caching = not setup.config.enable_prefix_caching
             name = "pagedllm-" + ("" if caching else "no-") + "prefix-caching"
@@ -66,8 +78,10 @@ def _params(temperature: float, output_len: int) -> Any:
     return SamplingParams(temperature=temperature, top_p=1.0, max_tokens=output_len, ignore_eos=True)
 
 
-def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, **overrides: Any) -> tuple[float, int, float]:
-    """Returns (elapsed seconds, output tokens generated, prefix-cache hit rate in prompt tokens)."""
+def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float, loras: Any = None,
+                 **overrides: Any) -> tuple[float, int, float]:
+    """Returns (elapsed seconds, output tokens generated, prefix-cache hit rate in prompt tokens); loras: a
+    LoRARequest per request."""
     from pagedllm import LLM
 
     if setup.config.data_parallel_size > 1:
@@ -75,11 +89,13 @@ def run_pagedllm(setup: BenchSetup, requests: Sequence[BenchRequest], temperatur
     params = functools.partial(_params, temperature)
     llm = LLM(**(setup.llm_kwargs | overrides))
     warmup = requests[:_WARMUP_PROMPTS]
-    llm.generate([_prompt(r) for r in warmup], [params(min(r.output_len, _WARMUP_TOKENS)) for r in warmup], use_tqdm=False)
+    llm.generate([_prompt(r) for r in warmup], [params(min(r.output_len, _WARMUP_TOKENS)) for r in warmup], use_tqdm=False,
+                 lora_request=loras[: len(warmup)] if loras else None)
     llm.reset_prefix_cache()  # the timed run starts cold: its hits are its own
     before = llm.llm_engine.get_stats()
     start = time.perf_counter()  # generate returns host-side token ids, so the device is done when it returns
-    outputs = llm.generate([_prompt(r) for r in requests], [params(r.output_len) for r in requests], use_tqdm=False)
+    outputs = llm.generate([_prompt(r) for r in requests], [params(r.output_len) for r in requests], use_tqdm=False,
+                           lora_request=loras)
     elapsed = time.perf_counter() - start
     after = llm.llm_engine.get_stats()
     spec_decode_figures(llm)
