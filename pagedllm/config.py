@@ -126,8 +126,8 @@ class EngineConfig:
         self.max_cpu_loras = self.max_cpu_loras or self.max_loras
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}).")
-        if self.world_size > 1:
-            raise ValueError("enable_lora runs on one rank for now; tensor and pipeline parallelism are not supported with it.")
+        if self.pipeline_parallel_size > 1:
+            raise ValueError("enable_lora with pipeline parallelism is not supported yet (tensor parallelism is).")
         if self.device.startswith("cuda"):
             self.enforce_eager = True  # the LoRA delta's torch path syncs on the host: no CUDA graphs yet
 

@@ -143,3 +143,21 @@ def test_server(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         assert complete("first") == expected[1]
     finally:
         server.stop()
+
+
+def test_tensor_parallel(tiny_models: dict[str, str], adapters: list[LoRARequest]) -> None:
+    """TP=2: B split by output rows on q/k/v and gate/up, A by input columns on o and down (each rank's partial delta
+    summed by the layer's all-reduce); every rank loads the driver's adapters into the driver's slots."""
+    base = tiny_models["llama"]
+    rng = random.Random(4)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(4, 40))]} for _ in range(8)]
+    loras = [None, *adapters, None, adapters[1], adapters[3]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(base, enable_lora=True, max_loras=2, **ARGS).generate(
+        prompts, params, lora_request=loras, use_tqdm=False)]
+    llm = LLM(base, enable_lora=True, max_loras=2, tensor_parallel_size=2, num_gpu_blocks_override=64,
+              **{**ARGS, "kv_cache_memory": None})
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)] == expected
+    finally:
+        llm.llm_engine.shutdown()

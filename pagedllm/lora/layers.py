@@ -23,6 +23,14 @@ from pagedllm.quantization.base import input_columns, row_shards
 
 
 @dataclass
+class LoRAPlan:
+    """What every rank needs of a step's adapters (the driver broadcasts it under tensor parallelism)."""
+
+    adapters: dict[int, Any]  # slot -> LoRARequest
+    token_slots: Any  # np.ndarray [tokens] int64, -1: the base model
+
+
+@dataclass
 class LoRABatch:
     token_slots: torch.Tensor  # [tokens] int64: each flat token's adapter slot, -1 for the base model
     segments: Any = None  # kernels.lora.LoRASegments on CUDA

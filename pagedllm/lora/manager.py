@@ -58,17 +58,23 @@ class LoRAManager:
             found = True
         return found
 
-    def activate(self, requests: dict[int, LoRARequest]) -> dict[int, int]:
-        """Slots for the step's adapters (at most max_loras of them), loading those not in one yet."""
+    def activate(self, requests: dict[int, LoRARequest], slots: dict[int, int] | None = None) -> dict[int, int]:
+        """Slots for the step's adapters (at most max_loras of them), loading those not in one yet; `slots`: the
+        slot each must take (the driver's choice, on the other ranks)."""
         assert len(requests) <= self.max_loras, "the scheduler admits at most max_loras adapters per step"
         self.steps += 1
         placed = {}
         for lora_id, request in requests.items():
-            if lora_id in self.slot_ids:
+            if slots is None and lora_id in self.slot_ids:
                 slot = self.slot_ids.index(lora_id)
+            elif slots is not None and self.slot_ids[slots[lora_id]] == lora_id:
+                slot = slots[lora_id]
             else:
                 free = [s for s in range(self.max_loras) if self.slot_ids[s] not in requests]
-                slot = min(free, key=lambda s: (self.slot_ids[s] is not None, self.slot_used[s]))
+                slot = slots[lora_id] if slots is not None else \
+                    min(free, key=lambda s: (self.slot_ids[s] is not None, self.slot_used[s]))
+                if lora_id in self.slot_ids:  # moving to the driver's slot: the old one is free
+                    self.slot_ids[self.slot_ids.index(lora_id)] = None
                 adapter = self.add(request)
                 with torch.no_grad():
                     for layer in self.layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +95,7 @@ class StepPlan:
     batch: FlatBatch
     prompt_rows: list[tuple[int, int]]  # flat row ranges whose logits prompt logprobs need, in the driver's order
     num_prev_sampled: int  # rows the previous step sampled: tokens in flight are read from them
+    lora: Any = None  # LoRAPlan: the step's adapters by slot and each token's slot (enable_lora)
 
 
 _EMPTY = np.empty(0, dtype=np.int64)

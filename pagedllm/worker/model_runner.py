@@ -32,7 +32,7 @@ from pagedllm.distributed.communication import broadcast_object, min_over_world,
 from pagedllm.distributed.parallel_state import ParallelState, building
 from pagedllm.engine.request import Request
 from pagedllm.layers.attention import Attention, forward_context
-from pagedllm.lora.layers import LoRABatch, lora_context
+from pagedllm.lora.layers import LoRABatch, LoRAPlan, lora_context
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.models.loader import load_model
 from pagedllm.sampling_params import SamplingParams
@@ -232,10 +232,12 @@ class ModelRunner:
         step that samples it, on the device."""
         batch = build_batch(sched, kv_cache, self.backend.shared_prefix_min)
         spans = self._prompt_logprob_spans(sched, batch)
+        lora = None if self.lora is None else self._lora_plan(sched, batch)
         if self.distributed:
-            broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans], 0 if prev is None else len(prev.requests)))
+            broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans],
+                                                     0 if prev is None else len(prev.requests), lora))
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
-        with lora_context(None if self.lora is None else self._lora_batch(sched, batch)):
+        with lora_context(self._lora_batch(lora)):
             hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
         if self.keep_hidden:  # the final hidden states, or an EAGLE-3 head's three layers' (written by the forward)
             aux = getattr(getattr(self.model, "model", None), "aux_buffer", None)
@@ -287,21 +289,31 @@ class ModelRunner:
             host_ids = token_ids
         return StepHandle(requests, token_ids, host_ids, event, logprobs, prompt_logprobs)
 
-    def _lora_batch(self, sched: SchedulerOutput, batch: FlatBatch) -> LoRABatch | None:
-        """Each flat token's LoRA slot (-1: the base model), the step's adapters loaded; None if it has none."""
+    def _lora_plan(self, sched: SchedulerOutput, batch: FlatBatch) -> LoRAPlan | None:
+        """The driver's slot for each of the step's adapters (loading those not in one) and each flat token's slot
+        (-1: the base model); None if no request in the step has an adapter."""
         assert self.lora is not None
         adapters = {r.lora_request.lora_int_id: r.lora_request for r, _ in sched.scheduled if r.lora_request is not None}
         if not adapters:
             return None
         slot = self.lora.activate(adapters)
         per_row = [-1 if r.lora_request is None else slot[r.lora_request.lora_int_id] for r, _ in sched.scheduled]
-        slots = np.repeat(np.array(per_row, dtype=np.int64), np.diff(batch.query_start_loc))
+        tokens = np.repeat(np.array(per_row, dtype=np.int64), np.diff(batch.query_start_loc))
+        return LoRAPlan({slot[i]: request for i, request in adapters.items()}, tokens)
+
+    def _lora_batch(self, plan: LoRAPlan | None) -> LoRABatch | None:
+        """The step's LoRA inputs on this rank: the plan's adapters in the plan's slots (the other ranks load what the
+        driver loaded), the token slots on the device, grouped by slot for the CUDA kernels."""
+        if plan is None:
+            return None
+        assert self.lora is not None
+        self.lora.activate({r.lora_int_id: r for r in plan.adapters.values()}, {r.lora_int_id: s for s, r in plan.adapters.items()})
         segments = None
         if self.device.type == "cuda":
             from pagedllm.kernels.lora import LoRASegments
 
-            segments = LoRASegments.build(slots, self.device)
-        return LoRABatch(torch.from_numpy(slots).to(self.device), segments)
+            segments = LoRASegments.build(plan.token_slots, self.device)
+        return LoRABatch(torch.from_numpy(plan.token_slots).to(self.device), segments)
 
     @torch.inference_mode()
     def forward_rows(self, sched: SchedulerOutput, kv_cache: KVCacheManager) -> torch.Tensor:
@@ -320,7 +332,8 @@ class ModelRunner:
         while (plan := broadcast_object(self.parallel)) is not None:
             batch: FlatBatch = plan.batch
             prev_ids = torch.empty(plan.num_prev_sampled, dtype=torch.int64, device=self.device) if batch.fill_dst.size else None
-            hidden, logits_index = self._forward(batch, prev_ids, turn)
+            with lora_context(self._lora_batch(plan.lora)):
+                hidden, logits_index = self._forward(batch, prev_ids, turn)
             turn = (turn + 1) % self._num_turns
             for lo, hi in plan.prompt_rows:
                 self.compute_logits(hidden[lo:hi])
