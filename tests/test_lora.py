@@ -124,8 +124,10 @@ def test_server(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         assert set(models) == {"base", "first"} and models["first"].model_extra["parent"] == "base"
 
         def complete(model: str) -> str:
-            return client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
-                                             extra_body={"ignore_eos": True}).choices[0].text
+            response = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
+                                                 extra_body={"ignore_eos": True})
+            assert response.model == model  # an adapter answers under its own name
+            return response.choices[0].text
 
         assert [complete("base"), complete("first")] == expected[:2]
         with pytest.raises(openai.NotFoundError):

@@ -117,6 +117,7 @@ class ChatServing(OpenAIServing):
 
     async def create(self, request: ChatCompletionRequest, arrival_time: float) -> Response:
         lora = self.check_request(request)
+        served = self.model_name if lora is None else lora.lora_name  # an adapter answers under its name
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs=true.", 400, param="top_logprobs")
         mode = self._tool_mode(request)
@@ -142,7 +143,7 @@ class ChatServing(OpenAIServing):
         created = int(time.time())
         if request.stream:
             def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
-                return ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
+                return ChatCompletionChunk(id=request_id, created=created, model=served, choices=choices, usage=usage)
 
             return SSEResponse(self.events(stream, acc, chunk))
         try:
@@ -150,7 +151,7 @@ class ChatServing(OpenAIServing):
         finally:
             self.engine.abort(stream.unfinished)
         ordered = [choices[i] for i in sorted(choices)]
-        return json_response(ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage()))
+        return json_response(ChatCompletionResponse(id=request_id, created=created, model=served, choices=ordered, usage=acc.usage()))
 
     async def _collect(self, stream: RequestStream, acc: _Accumulator) -> dict[int, ChatChoice]:
         choices: dict[int, ChatChoice] = {}

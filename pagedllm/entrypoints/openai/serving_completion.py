@@ -104,6 +104,7 @@ def _merge(into: CompletionChoice, delta: CompletionChoice) -> None:
 class CompletionServing(OpenAIServing):
     async def create(self, request: CompletionRequest, arrival_time: float) -> Response:
         lora = self.check_request(request)
+        served = self.model_name if lora is None else lora.lora_name  # an adapter answers under its name
         prompts = _prompts(request.prompt)
         if request.use_beam_search:
             return await self._beam_search(request, prompts)
@@ -117,7 +118,7 @@ class CompletionServing(OpenAIServing):
         created = int(time.time())
         if request.stream:
             def chunk(choices: list[CompletionChoice], usage: UsageInfo | None) -> CompletionResponse:
-                return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
+                return CompletionResponse(id=request_id, created=created, model=served, choices=choices, usage=usage)
 
             return SSEResponse(self.events(stream, acc, chunk))
         try:
@@ -125,7 +126,7 @@ class CompletionServing(OpenAIServing):
         finally:
             self.engine.abort(stream.unfinished)  # only if something failed midway
         ordered = [choices[i] for i in sorted(choices)]
-        return json_response(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=ordered, usage=acc.usage()))
+        return json_response(CompletionResponse(id=request_id, created=created, model=served, choices=ordered, usage=acc.usage()))
 
     async def _beam_search(self, request: CompletionRequest, prompts: list[PromptType]) -> Response:
         """Each prompt's n best beams (of n) as its choices, best first; the sampling fields do not apply."""
