@@ -93,7 +93,9 @@ class Scheduler:
                 i += 1
             # else: `request` itself was preempted (it was the newest), and the loop ends.
         skipped: list[Request] = []  # grammars still compiling, adapters over max_loras: they keep their place
-        loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None} if self.max_loras else set()
+        loras: set[int] = set()
+        if self.max_loras:  # the adapters already running (LoRA off: nothing to walk)
+            loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             request = self.waiting[0]
             if request.structured_output is not None and not request.structured_output.ready:

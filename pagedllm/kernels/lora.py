@@ -62,7 +62,8 @@ def _sgmv_kernel(x_ptr, w_ptr, out_ptr, order_ptr, slot_ptr, start_ptr, length_p
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ok_k = k0 + k < K
-        a = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + k)[None, :], mask=ok_m[:, None] & ok_k[None, :], other=0.0)
+        a = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + k)[None, :], mask=ok_m[:, None] & ok_k[None, :],
+                    other=0.0)
         w = tl.load(w_base + n[None, :] * stride_wn + (k0 + k)[:, None], mask=ok_k[:, None] & ok_n[None, :], other=0.0)
         acc = acc + tile_dot(a.to(w.dtype), w, PREC, UPCAST)
     ptrs = out_ptr + tokens[:, None] * stride_o + n[None, :]
@@ -87,7 +88,8 @@ def sgmv(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, segments: Lo
     return out
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, segments: LoRASegments) -> torch.Tensor:
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+               segments: LoRASegments) -> torch.Tensor:
     """out += (x @ A[slot].T) @ B[slot].T per adapted token: the shrink into float32, then the expand added."""
     inter = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
     sgmv(x, a, inter, segments, add=False)

@@ -38,8 +38,9 @@ def load_adapter(request: LoRARequest, max_rank: int, modules: set[str]) -> LoRA
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     if rank > max_rank:
         raise ValueError(f"LoRA adapter {request.lora_name!r}: rank {rank} exceeds max_lora_rank={max_rank}.")
-    for key, ok in (("bias", config.get("bias", "none") == "none"), ("modules_to_save", not config.get("modules_to_save")),
-                    ("use_dora", not config.get("use_dora")), ("fan_in_fan_out", not config.get("fan_in_fan_out"))):
+    supported = {"bias": config.get("bias", "none") == "none", "modules_to_save": not config.get("modules_to_save"),
+                 "use_dora": not config.get("use_dora"), "fan_in_fan_out": not config.get("fan_in_fan_out")}
+    for key, ok in supported.items():
         if not ok:
             raise ValueError(f"LoRA adapter {request.lora_name!r}: {key}={config.get(key)!r} is not supported.")
     weights_file = os.path.join(path, "adapter_model.safetensors")

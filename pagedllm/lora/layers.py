@@ -49,7 +49,8 @@ def lora_context(batch: LoRABatch | None) -> Iterator[None]:
         _batch = previous
 
 
-def lora_delta_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+def lora_delta_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                   token_slots: torch.Tensor) -> torch.Tensor:
     """The same per-adapter loop in torch (float64 for the tests' reference, or the CPU path's dtype)."""
     for slot in torch.unique(token_slots[token_slots >= 0]).tolist():
         rows = (token_slots == slot).nonzero().squeeze(1)

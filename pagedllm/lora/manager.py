@@ -27,7 +27,8 @@ class LoRAManager:
         self.layers: list[LoRASlots] = []
         for name, module in model.named_modules():
             if isinstance(module, Linear) and name.rpartition(".")[2] in _TARGETS:
-                fused = sorted((i, name.replace(f".{f}", f".{shard}")) for f, shard, i in stacked if name.endswith(f".{f}"))
+                fused = sorted((i, name.replace(f".{f}", f".{shard}"))
+                               for f, shard, i in stacked if name.endswith(f".{f}"))
                 slots = LoRASlots(module, [n for _, n in fused] or [name], max_loras, max_rank)
                 wrap(module, slots)
                 self.layers.append(slots)
