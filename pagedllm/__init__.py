@@ -2,9 +2,10 @@
 
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.lora.request import LoRARequest
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from pagedllm.pooling.params import PoolingParams
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 __all__ = ["LLM", "LoRARequest", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind",
-           "StructuredOutputsParams"]
+           "StructuredOutputsParams", "PoolingParams", "EmbeddingOutput", "EmbeddingRequestOutput"]
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -56,6 +58,10 @@ class EngineConfig:
     speculative_config: Any = None
     # Multi-LoRA (pagedllm/lora/): requests may name a PEFT adapter (LoRARequest); at most max_loras adapters per step,
     # of rank <= max_lora_rank, and max_cpu_loras (default: max_loras) kept loaded on the host.
+    # generate | pooling (embeddings: LLM.embed, /v1/embeddings) | auto: pooling for a sentence-transformers directory
+    # (modules.json); pooler_config overrides the pooling read from it: {"pooling_type": LAST|MEAN|CLS, "normalize": bool}
+    runner: str = "auto"
+    pooler_config: Any = None
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -115,6 +121,12 @@ class EngineConfig:
             self.speculative_config = SpeculativeConfig.from_user(self.speculative_config)
         if self.enable_lora:
             self._check_lora()
+        if self.runner == "auto":
+            self.runner = "pooling" if os.path.isfile(os.path.join(self.model_path, "modules.json")) else "generate"
+        if self.runner not in ("generate", "pooling"):
+            raise ValueError(f"runner must be auto, generate or pooling; got {self.runner!r}.")
+        if isinstance(self.pooler_config, str):
+            self.pooler_config = json.loads(self.pooler_config)
         if self.reasoning_parser is not None:
             from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
 

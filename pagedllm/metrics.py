@@ -121,7 +121,8 @@ class ServerMetrics:
                 self.spec_per_pos.labels(self._model_name, str(pos)).inc(count - seen)
             self._spec_seen = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens, list(spec.accepted_per_pos))
         for output in outputs:
-            self._record_output(output, now)
+            if isinstance(output, RequestOutput):  # pooling outputs carry no tokens to count
+                self._record_output(output, now)
 
     def record_finished(self, output: RequestOutput, now: float) -> None:
         """Offline: a finished FINAL_ONLY output, its whole completion at once, its first token at the engine's

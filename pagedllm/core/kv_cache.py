@@ -80,8 +80,9 @@ class KVCacheManager:
     # ---- prefix caching -------------------------------------------------------------------
     def find_cached_blocks(self, request: Request) -> list[int]:
         """The cached blocks that hold the longest run of the request's leading full blocks."""
-        if not self.enable_prefix_caching or request.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position computed
+        if not self.enable_prefix_caching or request.prompt_logprobs is not None or (
+                request.pooling is not None and request.pooling.needs_every_row):
+            return []  # prompt logprobs, and MEAN / CLS pooling, need every prompt position computed
         limit = (len(request.all_token_ids) - 1) // self.block_size
         blocks: list[int] = []
         for block_hash in self._hashes(request, limit):

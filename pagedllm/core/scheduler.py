@@ -80,6 +80,9 @@ class Scheduler:
             if windowed and computed:
                 self.kv_cache.release_outside_window(request.request_id, computed)
             known = len(request.all_token_ids) + pending - computed
+            if known <= 0:  # a pooling request whose prompt is all computed: it finishes when its step is processed
+                i += 1
+                continue
             num_new = min(known + len(request.spec_token_ids), budget)
             if request.spec_token_ids and num_new < known + len(request.spec_token_ids):
                 request.spec_token_ids = request.spec_token_ids[: max(0, num_new - known)]  # drafts the budget allows

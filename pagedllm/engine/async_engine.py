@@ -24,6 +24,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.core import WireOutput, from_wire
 from pagedllm.engine.core_client import EngineCoreClient
 from pagedllm.engine.llm_engine import EngineStats, LLMEngine, PromptType, load_tokenizer
+from pagedllm.pooling.params import PoolingParams
 from pagedllm.beam_search import BeamSearch, BeamSearchOutput
 from pagedllm.outputs import LogprobsDict, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -150,7 +151,8 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine is not running ({self.error!r})" if self.error else "the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use.")
-        if self.max_queued_samples is not None and self.num_samples_in_flight + params.n > self.max_queued_samples:
+        samples = 1 if isinstance(params, PoolingParams) else params.n
+        if self.max_queued_samples is not None and self.num_samples_in_flight + samples > self.max_queued_samples:
             raise EngineOverloadedError(
                 f"the server is at capacity ({self.num_samples_in_flight} sequences in flight, limit {self.max_queued_samples}); retry later."
             )
@@ -158,8 +160,9 @@ class AsyncLLM:
         text, token_ids = self.core.tokenize_prompt(prompt)  # here, not on the core's step loop
         tokenized: dict[str, Any] = {**prompt, "prompt": text, "prompt_token_ids": token_ids} if isinstance(prompt, dict) \
             else {"prompt": text, "prompt_token_ids": token_ids}
-        params = params.clone()
-        params.output_kind = RequestOutputKind.DELTA
+        if not isinstance(params, PoolingParams):  # a pooling request's one output is final anyway
+            params = params.clone()
+            params.output_kind = RequestOutputKind.DELTA
         stream = stream if stream is not None else RequestStream()
         future: asyncio.Future[None] = self._loop.create_future()
         self.core.send("add", request_id, tokenized, params, arrival_time or time.time(), lora_request)
@@ -168,8 +171,8 @@ class AsyncLLM:
         self._streams[request_id] = stream
         self._prompts[request_id] = (text, token_ids)
         self._pending[request_id] = future
-        self._samples[request_id] = params.n
-        self.num_samples_in_flight += params.n
+        self._samples[request_id] = samples
+        self.num_samples_in_flight += samples
         try:
             await future
         except asyncio.CancelledError:

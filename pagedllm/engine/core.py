@@ -37,7 +37,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import EngineStats, LLMEngine
-from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ class CoreInfo:
     stats: EngineStats
 
 
-def to_wire(output: RequestOutput) -> WireOutput:
+def to_wire(output: RequestOutput | EmbeddingRequestOutput) -> WireOutput:
+    if isinstance(output, EmbeddingRequestOutput):  # (request_id, vector): a pooling request's whole output
+        return output.request_id, output.outputs.embedding
     m = output.metrics
     metrics = None if m is None else (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
                                       m.finished_time)
@@ -65,7 +67,9 @@ def to_wire(output: RequestOutput) -> WireOutput:
     return output.request_id, output.finished, output.num_cached_tokens, output.prompt_logprobs, metrics, completions
 
 
-def from_wire(wire: WireOutput, prompt: str | None, prompt_token_ids: list[int]) -> RequestOutput:
+def from_wire(wire: WireOutput, prompt: str | None, prompt_token_ids: list[int]) -> RequestOutput | EmbeddingRequestOutput:
+    if len(wire) == 2:
+        return EmbeddingRequestOutput(wire[0], EmbeddingOutput(wire[1]), prompt_token_ids, True)
     request_id, finished, num_cached, prompt_logprobs, metrics, completions = wire
     return RequestOutput(
         request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, prompt_logprobs=prompt_logprobs,

@@ -40,7 +40,9 @@ from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.executor.workers import FailureCallback, Workers, start_workers
 from pagedllm.layers.attention import uniform_sliding_window
 from pagedllm.logger import get_logger
-from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling.params import PoolingParams
+from pagedllm.pooling.pooler import PoolingState
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.spec_decode.decoder import SpecDecodeStats, make_spec_decoder
 from pagedllm.structured_output import StructuredOutputManager
@@ -144,10 +146,18 @@ class LLMEngine:
         return cls(EngineConfig.from_kwargs(**kwargs))
 
     # ---- requests in ----------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None, lora_request: Any = None) -> None:
         """Queues a request; raises ValueError (naming the field) if it could never run. lora_request: a LoRARequest
-        (enable_lora), loaded and checked now."""
+        (enable_lora), loaded and checked now. PoolingParams: a pooling request (runner="pooling"), whose output is
+        its prompt's vector."""
+        pooling = None
+        if isinstance(params, PoolingParams) or (params is None and self.config.runner == "pooling"):
+            pooling = self._pooling_state(params or PoolingParams())
+            params = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
+        elif self.config.runner == "pooling":
+            raise ValueError("this model runs as a pooling model (runner='pooling'): it embeds prompts (LLM.embed, "
+                             "/v1/embeddings) and generates nothing.")
         params = params or SamplingParams()
         if lora_request is not None:
             if self.runner.lora is None:
@@ -171,7 +181,7 @@ class LLMEngine:
             child_params.all_stop_token_ids = set(params.stop_token_ids or []) | self.eos_token_ids
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed),
-                              request_id, i, cache_salt=salt, lora_request=lora_request)
+                              request_id, i, cache_salt=salt, lora_request=lora_request, pooling=pooling)
             if arrival_time is not None:
                 request.metrics.arrival_time = arrival_time
             if self.tokenizer is not None:
@@ -198,6 +208,19 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("This engine was started with skip_tokenizer_init=True: pass {'prompt_token_ids': [...]}.")
         return prompt, self.tokenizer(prompt).input_ids
+
+    def _pooling_state(self, params: PoolingParams) -> PoolingState:
+        if self.config.runner != "pooling":
+            raise ValueError("pooling requests (embed) need a model run as a pooling model: runner='pooling' "
+                             "(--runner pooling).")
+        hf = self.config.hf_config
+        if params.dimensions is not None:
+            if not (getattr(hf, "is_matryoshka", False) or getattr(hf, "matryoshka_dimensions", None)):
+                raise ValueError("dimensions: this model does not support Matryoshka truncation.")
+            if not 1 <= params.dimensions <= hf.hidden_size:
+                raise ValueError(f"dimensions must be in [1, {hf.hidden_size}], got {params.dimensions}.")
+        assert self.runner.pooler is not None
+        return PoolingState(params, needs_every_row=self.runner.pooler.pooling_type != "LAST")
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
         max_len = self.config.max_model_len
@@ -312,6 +335,12 @@ class LLMEngine:
             if not request.status.finished:
                 assert request.prompt_logprobs is not None
                 request.prompt_logprobs.extend(entries)
+        for request, vector in result.pooled:
+            if not request.status.finished:
+                request.pooling.result = vector
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                key = request.parent_id or request.request_id
+                touched[key] = self.groups[key]
         logprobs, groups, rows, sampled = result.logprobs, self.groups, handle.requests, result.sampled_token_ids
         row = 0
         while row < len(rows):
@@ -386,8 +415,12 @@ class LLMEngine:
         self.groups[request.parent_id or request.request_id].num_unfinished -= 1
 
     # ---- outputs --------------------------------------------------------------------------
-    def _make_output(self, group: _Group) -> RequestOutput:
+    def _make_output(self, group: _Group) -> RequestOutput | EmbeddingRequestOutput:
         """The group's output now (`step` skips unfinished FINAL_ONLY groups)."""
+        first = group.children[0]
+        if first.pooling is not None:  # finished (pooling requests are FINAL_ONLY); an abort leaves no vector
+            return EmbeddingRequestOutput(group.request_id, EmbeddingOutput(first.pooling.result or []),
+                                          first.prompt_token_ids, True)
         finished = group.finished
         delta = group.output_kind is RequestOutputKind.DELTA
         completions = []

@@ -35,6 +35,10 @@ _HELP = {
     "speculative_config": "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 3}' "
                           "(prompt_lookup_min/max) or '{\"method\": \"draft_model\", \"model\": PATH, "
                           "\"num_speculative_tokens\": 3}'",
+    "runner": "auto | generate | pooling (embeddings: LLM.embed, /v1/embeddings); auto: pooling for a "
+              "sentence-transformers directory (modules.json)",
+    "pooler_config": "pooling models, as JSON: '{\"pooling_type\": \"LAST\" | \"MEAN\" | \"CLS\", \"normalize\": true}' "
+                     "(default: from the model's sentence-transformers files, else LAST, normalized)",
     "enable_expert_parallel": "MoE models: each tensor-parallel rank holds E/N whole experts instead of a slice of "
                               "every expert (E must divide by N); the same one all-reduce per block",
 }

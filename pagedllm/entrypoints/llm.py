@@ -14,7 +14,8 @@ from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import Metric, ServerMetrics, read_metrics
 from pagedllm.beam_search import BeamSearch, BeamSearchOutput
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling.params import PoolingParams
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -54,6 +55,24 @@ class LLM:
         with the server's `/metrics` names (pagedllm.metrics)."""
         self._metrics.record_step(self.llm_engine.get_stats(), [], time.time())
         return read_metrics(self._metrics.registry)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Each prompt's vector (`outputs.embedding`), in order, from a model run as a pooling model."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        engine, order = self.llm_engine, {}
+        try:
+            for i, prompt in enumerate(prompts):
+                request_id = str(next(self._ids))
+                engine.add_request(request_id, prompt, pooling_params or PoolingParams())
+                order[request_id] = i
+            return self._run(order, use_tqdm)  # type: ignore[return-value]
+        except BaseException:
+            engine.abort_request(list(order))
+            while engine.has_unfinished_requests():
+                engine.step()
+            raise
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
@@ -109,7 +128,7 @@ class LLM:
                 now = time.time()
                 self._metrics.record_step(engine.get_stats(), [], now)
                 for output in outputs:
-                    if output.finished:
+                    if output.finished and isinstance(output, RequestOutput):
                         self._metrics.record_finished(output, now)
                     if output.finished and output.request_id in order:
                         results[order[output.request_id]] = output

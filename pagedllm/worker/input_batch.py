@@ -142,7 +142,7 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
         s, ids = starts_l[i], request.all_token_ids
         if s < len(ids):
             decode_ids.append(ids[s])
-            if s + 1 == len(ids) + request.num_pending:
+            if s + 1 == len(ids) + request.num_pending and request.pooling is None:
                 sample_rows.append(i)
         else:  # the token in flight (pending tokens are always last)
             decode_ids.append(0)
@@ -168,7 +168,7 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
             if known < s + k:
                 fill_dst.append(q + k - 1)
                 fill_src.append(request.pending_row)
-            if s + k == request.num_tokens:
+            if s + k == request.num_tokens and request.pooling is None:  # a pooling request pools, never samples
                 sample_rows.append(i)
                 if spec_index:
                     spec_index.append(q + k - 1)

@@ -35,6 +35,7 @@ from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.lora.layers import LoRABatch, LoRAPlan, lora_context
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.models.loader import load_model
+from pagedllm.pooling.pooler import Pooler
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import CudaGraphRunner
 from pagedllm.worker.piecewise_graph import PiecewiseGraphRunner
@@ -73,6 +74,7 @@ class ModelRunner:
                                                    config.quantization)
         self.vocab_size: int = hf.vocab_size
         self.hidden_size: int = hf.hidden_size
+        self.pooler = Pooler.for_model(config.model_path, config.pooler_config) if config.runner == "pooling" else None
         self.lora: LoRAManager | None = None
         if config.enable_lora:
             assert config.max_cpu_loras is not None
@@ -244,14 +246,34 @@ class ModelRunner:
             starts = batch.query_start_loc.tolist()
             self.last_step = (hidden if aux is None else aux[: hidden.shape[0]],
                               [(r.request_id, r.num_computed_tokens, starts[i], n) for i, (r, n) in enumerate(sched.scheduled)])
+        pooled = self._pool(sched, batch, hidden) if self.pooler is not None else []
         # The sampled rows, selected on this stream: the index lives in the staging buffer the next step refills.
         rows = hidden if logits_index is None or not batch.sample_rows else hidden.index_select(0, logits_index)
         if self._sample_stream is None:
-            return self._sample(sched, batch, spans, hidden, rows, turn)
-        self._sample_stream.wait_stream(torch.cuda.current_stream(self.device))
-        rows.record_stream(self._sample_stream)
-        with torch.cuda.stream(self._sample_stream):
-            return self._sample(sched, batch, spans, hidden, rows, turn)
+            handle = self._sample(sched, batch, spans, hidden, rows, turn)
+        else:
+            self._sample_stream.wait_stream(torch.cuda.current_stream(self.device))
+            rows.record_stream(self._sample_stream)
+            with torch.cuda.stream(self._sample_stream):
+                handle = self._sample(sched, batch, spans, hidden, rows, turn)
+        handle.pooled = pooled
+        return handle
+
+    def _pool(self, sched: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor) -> list[tuple[Request, torch.Tensor]]:
+        """Feeds each pooling request's rows of this step to its pooling state; the vectors of those whose prompt
+        this step completes."""
+        assert self.pooler is not None
+        done = []
+        starts = batch.query_start_loc
+        for i, (request, n) in enumerate(sched.scheduled):
+            state = request.pooling
+            if state is None:
+                continue
+            rows = hidden[int(starts[i]) : int(starts[i]) + n]
+            state.add(rows)
+            if request.num_computed_tokens + n == len(request.prompt_token_ids):
+                done.append((request, state.finish(self.pooler, rows[-1])))
+        return done
 
     def _sample(
         self, sched: SchedulerOutput, batch: FlatBatch, spans: list[tuple[Request, range, int, int]],

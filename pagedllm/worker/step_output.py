@@ -21,6 +21,7 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     logprobs: list[LogprobsDict | None] | None = None  # None when no row asked
     prompt_logprobs: list[tuple[Request, list[LogprobsDict]]] = field(default_factory=list)
+    pooled: list[tuple[Request, list[float]]] = field(default_factory=list)  # pooling requests finished this step
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StepHandle:
     event: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host (ids, values, ranks)
     prompt_logprobs: list[PromptLogprobs]
+    pooled: list[tuple[Request, torch.Tensor]] = field(default_factory=list)  # (request, its vector on the device)
 
     def result(self) -> ModelRunnerOutput:
         if self.event is not None:
@@ -45,6 +47,7 @@ class StepHandle:
                 None if r.params.logprobs is None else _logprobs_dict(ids[i], values[i], ranks[i], r.params.logprobs)
                 for i, r in enumerate(self.requests)
             ]
+        out.pooled = [(request, vector.tolist()) for request, vector in self.pooled]
         for request, k, ids_t, values_t, ranks_t in self.prompt_logprobs:
             ids_l, values_l, ranks_l = ids_t.tolist(), values_t.tolist(), ranks_t.tolist()
             out.prompt_logprobs.append((request, [_logprobs_dict(ids_l[j], values_l[j], ranks_l[j], k) for j in range(len(ids_l))]))

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLM
 from pagedllm.entrypoints.openai.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse, VersionResponse,
 )
 from pagedllm.entrypoints.openai.serving_base import (
@@ -40,6 +40,7 @@ from pagedllm.entrypoints.openai.serving_base import (
 )
 from pagedllm.entrypoints.openai.lora import LoadLoRARequest, LoRARegistry, UnloadLoRARequest, parse_lora_modules
 from pagedllm.entrypoints.openai.serving_chat import ChatServing, render_messages
+from pagedllm.entrypoints.openai.serving_embedding import EmbeddingServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 from pagedllm.metrics import ServerMetrics
 
@@ -109,6 +110,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     chats = ChatServing(engine, settings.model_names, settings.max_n, settings.enable_auto_tool_choice,
                         settings.tool_call_parser, settings.reasoning_parser)
     base = OpenAIServing(engine, settings.model_names, settings.max_n)
+    embeddings = EmbeddingServing(engine, settings.model_names, settings.max_n)
     completions.loras = chats.loras = base.loras = loras
     max_model_len = engine.config.max_model_len or 0
 
@@ -127,6 +129,10 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     @app.post("/v1/completions")
     async def create_completion(raw: Request) -> Response:
         return await handle(raw, CompletionRequest, completions.create)
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(raw: Request) -> Response:
+        return await handle(raw, EmbeddingRequest, embeddings.create)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(raw: Request) -> Response:

@@ -105,7 +105,7 @@ class CompletionServing(OpenAIServing):
     async def create(self, request: CompletionRequest, arrival_time: float) -> Response:
         lora = self.check_request(request)
         served = self.model_name if lora is None else lora.lora_name  # an adapter answers under its name
-        prompts = _prompts(request.prompt)
+        prompts = prompts_of(request.prompt)
         if request.use_beam_search:
             return await self._beam_search(request, prompts)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
@@ -162,7 +162,8 @@ class CompletionServing(OpenAIServing):
         return choices
 
 
-def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[PromptType]:
+def prompts_of(prompt: str | list[str] | list[int] | list[list[int]], param: str = "prompt") -> list[PromptType]:
+    """OpenAI's prompt forms (a string, strings, token ids, lists of them) as engine prompts; 400 for an empty one."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -170,5 +171,5 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prom
     else:
         items = list(prompt)
     if not items or any(len(p) == 0 for p in items):
-        raise APIError("prompt is empty: it must hold at least one token.", 400, param="prompt")
+        raise APIError(f"{param} is empty: it must hold at least one token.", 400, param=param)
     return [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in items]
