@@ -72,7 +72,8 @@ class PoolingState:
 
     def finish(self, pooler: Pooler, last_row: torch.Tensor) -> torch.Tensor:
         assert self.first is not None and self.total is not None
-        vector = {"LAST": last_row, "CLS": self.first, "MEAN": self.total / self.count}[pooler.pooling_type].float()
+        vector = {"LAST": last_row, "CLS": self.first, "MEAN": self.total / self.count}[pooler.pooling_type]
+        vector = vector.to(torch.float32, copy=True)  # own memory: the rows may be a CUDA graph's output buffer
         if self.params.dimensions is not None:
             vector = vector[: self.params.dimensions]
         normalize = pooler.normalize if self.params.normalize is None else self.params.normalize

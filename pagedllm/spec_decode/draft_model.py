@@ -58,6 +58,8 @@ class DraftView:
     spec_token_ids: list[int] = field(default_factory=list)
     prompt_logprobs: None = None
     structured_output: None = None
+    pooling: None = None
+    lora_request: None = None
     plain_greedy: bool = True
 
     @property
