@@ -20,7 +20,7 @@ from pagedllm.spec_decode.decoder import SpecDecoder
 
 
 class _Guess:
-    def propose_batch(self, batch):  # type: ignore[no-untyped-def]
+    def propose_batch(self, batch, running):  # type: ignore[no-untyped-def]
         return [[7] * k for _, k in batch]
 
     def retain(self, request_ids: set[str]) -> None:
