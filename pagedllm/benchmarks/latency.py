@@ -4,6 +4,7 @@ repeated; the median iteration is the figure, as one stream's speed is what a us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -39,16 +40,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     if args.backend in ("pagedllm", "both"):
         if setup.config.speculative_config is not None:  # speculation off first, on the same requests, for the ratio
-            off = BenchSetup(setup.workload, setup.config, {**setup.llm_kwargs, "speculative_config": None},
-                             setup.token_pool, setup.environment)
+            off = dataclasses.replace(setup, llm_kwargs={**setup.llm_kwargs, "speculative_config": None})
             results["pagedllm-no-spec"] = _report("no spec", _time_pagedllm(off, requests, args), requests)
         lora = None
         if args.num_loras:  # the base model alone first, then one adapter for the batch
             results["pagedllm-no-lora"] = _report("no lora", _time_pagedllm(setup, requests, args), requests)
             lora = bench_lora.random_adapters(setup.config.hf_config, args.num_loras, args.lora_rank)[0]
-            setup = BenchSetup(setup.workload, setup.config,
-                               {**setup.llm_kwargs, **bench_lora.engine_overrides(args.num_loras, args.lora_rank)},
-                               setup.token_pool, setup.environment)
+            lora_kwargs = bench_lora.engine_overrides(args.num_loras, args.lora_rank)
+            setup = dataclasses.replace(setup, llm_kwargs={**setup.llm_kwargs, **lora_kwargs})
         results["pagedllm"] = _report("pagedllm", _time_pagedllm(setup, requests, args, lora), requests)
         if lora is not None:
             ratio = results["pagedllm"]["output_tokens_per_s"] / results["pagedllm-no-lora"]["output_tokens_per_s"]

@@ -80,6 +80,14 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     return sorted_ids[:-1], block_expert
 
 
+@triton.jit
+def _block_tile(N, BLOCK_N: tl.constexpr):
+    """(sorted block, N tile) of this program: consecutive programs take one N tile over the blocks, so an expert's
+    weight tile stays in L2 while its blocks pass."""
+    num_blocks = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    return tl.program_id(0) % num_blocks, tl.program_id(0) // num_blocks
+
+
 @triton.jit(do_not_specialize=["entries"])
 def _moe_gate_up_kernel(
     x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, entries, N, K, stride_xm, stride_we, stride_wn, stride_om,
@@ -87,9 +95,7 @@ def _moe_gate_up_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (block b, N tile): out[b * BLOCK_M + i, n] = silu(x[t_i] . gate_e[n]) * (x[t_i] . up_e[n])."""
-    num_blocks = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
-    b = tl.program_id(0) % num_blocks  # consecutive programs: one N tile over blocks (an expert's weight tile in L2)
-    pid_n = tl.program_id(0) // num_blocks
+    b, pid_n = _block_tile(N, BLOCK_N)
     pdl_prologue(USE_PDL)
     expert = tl.load(expert_ptr + b)
     if expert < 0:
@@ -136,9 +142,7 @@ def _moe_down_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (block b, N tile): out[entry_i, n] = w[entry_i] * (a[b * BLOCK_M + i] . down_e[n])."""
-    num_blocks = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
-    b = tl.program_id(0) % num_blocks
-    pid_n = tl.program_id(0) // num_blocks
+    b, pid_n = _block_tile(N, BLOCK_N)
     pdl_prologue(USE_PDL)
     expert = tl.load(expert_ptr + b)
     if expert < 0:

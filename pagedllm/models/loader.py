@@ -111,6 +111,11 @@ def _safetensors_weights(model_path: str) -> Iterator[tuple[str, Weight]]:
                 yield name, f.get_slice(name)
 
 
+def checkpoint_names(model_path: str) -> set[str]:
+    """The tensor names of a directory's safetensors files (their headers only)."""
+    return {name for name, _ in _safetensors_weights(model_path)}
+
+
 def _load_safetensors(model: nn.Module, model_path: str, replaced: dict[str, Any] | None = None) -> None:
     """replaced: checkpoint tensors read from elsewhere (a .gguf file's blocks) instead of the directory's."""
     params = dict(model.named_parameters())

@@ -16,15 +16,13 @@ target verifies every draft (spec_decode/decoder.py). One rank only: tensor and 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.engine.request import Request
+from pagedllm.models.loader import checkpoint_names
 from pagedllm.spec_decode.draft_model import DraftView
 
 
@@ -40,14 +38,6 @@ def enable_aux_hidden(model: Any, max_tokens: int, device: Any) -> None:
     inner.aux_buffer = torch.zeros(max_tokens, width, dtype=inner.embed_tokens.weight.dtype, device=device)
 
 
-def _checkpoint_keys(path: str) -> set[str]:
-    keys: set[str] = set()
-    for file in glob.glob(os.path.join(path, "*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            keys.update(f.keys())
-    return keys
-
-
 class EagleProposer:
     def __init__(self, config: Any, target_runner: Any, kv_cache: Any) -> None:
         from pagedllm.worker.model_runner import ModelRunner
@@ -61,7 +51,7 @@ class EagleProposer:
             num_gpu_blocks_override=target_runner.num_blocks, hf_config=None, model_path=None,
             skip_tokenizer_init=True, async_scheduling=False)
         head.finalize()
-        keys = _checkpoint_keys(head.model_path)
+        keys = checkpoint_names(head.model_path)
         eagle3 = spec.method == "eagle3"
         marker = "midlayer.self_attn.q_proj.weight" if eagle3 else "layers.0.self_attn.q_proj.weight"
         if "fc.weight" not in keys or marker not in keys:

@@ -324,12 +324,10 @@ class ModelRunner:
         return LoRAPlan({slot[i]: request for i, request in adapters.items()}, tokens)
 
     def _lora_batch(self, plan: LoRAPlan | None) -> LoRABatch | None:
-        """The step's LoRA inputs on this rank: the plan's adapters in the plan's slots (the other ranks load what the
-        driver loaded), the token slots on the device, grouped by slot for the CUDA kernels."""
+        """The step's LoRA inputs on this rank (its adapters already in their slots): the token slots on the device,
+        grouped by slot for the CUDA kernels."""
         if plan is None:
             return None
-        assert self.lora is not None
-        self.lora.activate({r.lora_int_id: r for r in plan.adapters.values()}, {r.lora_int_id: s for s, r in plan.adapters.items()})
         segments = None
         if self.device.type == "cuda":
             from pagedllm.kernels.lora import LoRASegments
@@ -354,6 +352,10 @@ class ModelRunner:
         while (plan := broadcast_object(self.parallel)) is not None:
             batch: FlatBatch = plan.batch
             prev_ids = torch.empty(plan.num_prev_sampled, dtype=torch.int64, device=self.device) if batch.fill_dst.size else None
+            if plan.lora is not None:  # the driver's adapters, in the driver's slots
+                assert self.lora is not None
+                self.lora.activate({r.lora_int_id: r for r in plan.lora.adapters.values()},
+                                   {r.lora_int_id: slot for slot, r in plan.lora.adapters.items()})
             with lora_context(self._lora_batch(plan.lora)):
                 hidden, logits_index = self._forward(batch, prev_ids, turn)
             turn = (turn + 1) % self._num_turns
