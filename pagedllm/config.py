@@ -96,6 +96,8 @@ class EngineConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}.")
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if self.is_encoder:
+            model_max = self._encoder_defaults(model_max)
         if self.max_model_len is None:
             self.max_model_len = model_max
         if self.max_model_len < 1:
@@ -122,15 +124,40 @@ class EngineConfig:
         if self.enable_lora:
             self._check_lora()
         if self.runner == "auto":
-            self.runner = "pooling" if os.path.isfile(os.path.join(self.model_path, "modules.json")) else "generate"
+            st_files = os.path.isfile(os.path.join(self.model_path, "modules.json"))
+            self.runner = "pooling" if st_files or self.is_encoder else "generate"
         if self.runner not in ("generate", "pooling"):
             raise ValueError(f"runner must be auto, generate or pooling; got {self.runner!r}.")
+        if self.is_encoder and self.runner != "pooling":
+            raise ValueError(f"{self.hf_config.architectures} is an encoder: it runs as a pooling model only "
+                             "(runner='pooling': embed, score, classify).")
         if isinstance(self.pooler_config, str):
             self.pooler_config = json.loads(self.pooler_config)
         if self.reasoning_parser is not None:
             from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
 
             get_reasoning_parser(self.reasoning_parser)  # an unknown name fails now
+
+    def _encoder_defaults(self, model_max: int) -> int:
+        """An encoder's prompts run whole (bidirectional attention: no chunks, no prefix cache) and eagerly; its
+        context is its position table (less RoBERTa's offset), or sentence-transformers' max_seq_length."""
+        from pagedllm.models.registry import get_model_class
+
+        self.enable_chunked_prefill = False
+        self.enable_prefix_caching = False
+        self.enforce_eager = True
+        model_max -= get_model_class(self.hf_config).position_offset_for(self.hf_config)
+        st_config = os.path.join(self.model_path or "", "sentence_bert_config.json")
+        if os.path.isfile(st_config):
+            with open(st_config) as f:
+                model_max = min(model_max, int(json.load(f).get("max_seq_length") or model_max))
+        return model_max
+
+    @property
+    def is_encoder(self) -> bool:
+        from pagedllm.models.registry import is_encoder
+
+        return self.hf_config is not None and is_encoder(self.hf_config)
 
     def _check_lora(self) -> None:
         if self.max_loras < 1 or self.max_lora_rank < 1:

@@ -1,4 +1,4 @@
-"""The `bench` subcommand: `pagedllm bench throughput | latency | perplexity | serve`."""
+"""The `bench` subcommand: `pagedllm bench throughput | latency | perplexity | embed | serve`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def add_bench_parser(subparsers: Any) -> None:
         module.add_arguments(parser)
         parser.set_defaults(func=module.main)
     _add_perplexity(kinds)
+    _add_embed(kinds)
     _add_serve(kinds)
 
 
@@ -67,6 +68,18 @@ def _add_perplexity(kinds: Any) -> None:
     add_engine_args(parser)
     perplexity.add_arguments(parser)
     parser.set_defaults(func=perplexity.main)
+
+
+def _add_embed(kinds: Any) -> None:
+    from pagedllm.benchmarks import embed
+    from pagedllm.entrypoints.cli import add_engine_args
+
+    parser = kinds.add_parser("embed", help="embedding throughput against sentence-transformers / transformers",
+                              description=embed.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(parser)
+    parser.set_defaults(model=None)
+    embed.add_arguments(parser)
+    parser.set_defaults(func=embed.main)
 
 
 def _add_serve(kinds: Any) -> None:

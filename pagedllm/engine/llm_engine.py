@@ -169,22 +169,24 @@ class LLMEngine:
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if salt is not None and not isinstance(salt, str):
             raise ValueError("cache_salt must be a string.")
-        max_tokens = self._validate(token_ids, params)
+        token_types = self._token_type_ids(prompt, token_ids)
+        max_tokens = self._validate(token_ids, params, pooling=pooling is not None)
         # Parsed now (an invalid schema is this ValueError); compiled on a worker while the request waits.
         grammar = None if params.structured_outputs is None else self.structured_output.validate(params.structured_outputs)
         children = []
         for i in range(params.n):
-            child_params = params.clone()
+            child_params = params if pooling is not None else params.clone()  # a pooling request's are its own
             child_params.n = 1
             if params.seed is not None:
                 child_params.seed = params.seed + i
             child_params.all_stop_token_ids = set(params.stop_token_ids or []) | self.eos_token_ids
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed),
-                              request_id, i, cache_salt=salt, lora_request=lora_request, pooling=pooling)
+                              request_id, i, cache_salt=salt, lora_request=lora_request, pooling=pooling,
+                              token_type_ids=token_types)
             if arrival_time is not None:
                 request.metrics.arrival_time = arrival_time
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and pooling is None:  # a pooling request has no text to detokenize
                 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 
                 request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
@@ -209,6 +211,18 @@ class LLMEngine:
             raise ValueError("This engine was started with skip_tokenizer_init=True: pass {'prompt_token_ids': [...]}.")
         return prompt, self.tokenizer(prompt).input_ids
 
+    def _token_type_ids(self, prompt: PromptType, token_ids: list[int]) -> list[int] | None:
+        """A prompt's segment ids (`token_type_ids`, as a tokenizer gives them for a text pair), for an encoder."""
+        types = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
+        if types is None or not any(types):
+            return None
+        if not self.config.is_encoder:
+            raise ValueError("token_type_ids are for encoder models (BERT-style cross-encoders).")
+        vocab = max(1, getattr(self.config.hf_config, "type_vocab_size", 1))
+        if len(types) != len(token_ids) or not all(isinstance(t, int) and 0 <= t < vocab for t in types):
+            raise ValueError(f"token_type_ids must hold one id in [0, {vocab}) per prompt token.")
+        return list(types)
+
     def _pooling_state(self, params: PoolingParams) -> PoolingState:
         if self.config.runner != "pooling":
             raise ValueError("pooling requests (embed) need a model run as a pooling model: runner='pooling' "
@@ -222,7 +236,8 @@ class LLMEngine:
         assert self.runner.pooler is not None
         return PoolingState(params, needs_every_row=self.runner.pooler.pooling_type != "LAST")
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+    def _validate(self, token_ids: list[int], params: SamplingParams, pooling: bool = False) -> int:
+        """The request's resolved max_tokens (1 for a pooling request, which fills the context with its prompt)."""
         max_len = self.config.max_model_len
         assert max_len is not None
         if not token_ids:
@@ -230,6 +245,11 @@ class LLMEngine:
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids hold ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}.")
+        if pooling:
+            if len(token_ids) > max_len:
+                raise ValueError(f"prompt is {len(token_ids)} tokens long, but the model's context (max_model_len) "
+                                 f"holds {max_len}.")
+            return 1
         params.verify_token_ids(self.vocab_size)
         if len(token_ids) >= max_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens long, but the context (max_model_len) holds {max_len}.")

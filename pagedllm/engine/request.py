@@ -51,6 +51,7 @@ class Request:
     cache_salt: str | None = None  # mixed into the first block's hash: only requests with the same salt share blocks
     lora_request: Any = None  # LoRARequest: the adapter it runs with (its id is mixed into the hashes too)
     pooling: Any = None  # PoolingState: a pooling request's vector in the making (it samples nothing)
+    token_type_ids: list[int] | None = None  # an encoder's segment of each prompt token (a cross-encoder's pair)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks, extended as tokens come
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission
     stop_reason: int | str | None = None

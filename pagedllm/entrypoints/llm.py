@@ -14,8 +14,13 @@ from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.lora.request import LoRARequest
 from pagedllm.metrics import Metric, ServerMetrics, read_metrics
 from pagedllm.beam_search import BeamSearch, BeamSearchOutput
-from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedllm.outputs import (
+    ClassificationOutput, ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput,
+    ScoringRequestOutput,
+)
 from pagedllm.pooling.params import PoolingParams
+from pagedllm.pooling.pooler import pooling_task
+from pagedllm.pooling.score import cosine, pair_prompt, score_pairs
 from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -59,9 +64,52 @@ class LLM:
     def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
         """Each prompt's vector (`outputs.embedding`), in order, from a model run as a pooling model."""
+        self._check_task("embed", "embed")
+        return self._pool(prompts, pooling_params, use_tqdm)
+
+    def classify(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        """Each prompt's label scores (`outputs.probs`: softmax over the labels, sigmoid for one), from a
+        classification model (BertForSequenceClassification and the like)."""
+        self._check_task("classify", "classify")
+        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(o.outputs.embedding), o.prompt_token_ids)
+                for o in self._pool(prompts, pooling_params, use_tqdm)]
+
+    def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str], truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = True, pooling_params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
+        """The score of each (data_1, data_2) pair (one text against many, or two lists pairwise), as vLLM's: a
+        cross-encoder's relevance (sigmoid of its one logit), or an embedding model's cosine similarity."""
+        task = pooling_task(self.llm_engine.config)
+        pairs = score_pairs(data_1, data_2)
+        if task == "classify":
+            if self.llm_engine.runner.pooler.num_labels != 1:  # type: ignore[union-attr]
+                raise ValueError("score needs a cross-encoder: a classification model with one label.")
+            tokenizer = self.get_tokenizer()
+            prompts = [pair_prompt(tokenizer, a, b, truncate_prompt_tokens) for a, b in pairs]
+            return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.embedding[0]), o.prompt_token_ids)
+                    for o in self._pool(prompts, pooling_params, use_tqdm)]
+        self._check_task("embed", "score")
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each distinct text embedded once
+        vectors = dict(zip(texts, self._pool(texts, pooling_params, use_tqdm)))
+        return [ScoringRequestOutput(f"score-{i}", ScoringOutput(cosine(vectors[a].outputs.embedding, vectors[b].outputs.embedding)),
+                                     vectors[a].prompt_token_ids + vectors[b].prompt_token_ids)
+                for i, (a, b) in enumerate(pairs)]
+
+    def _check_task(self, task: str, call: str) -> None:
+        actual = pooling_task(self.llm_engine.config)
+        if actual != task:
+            what = "a generative model" if actual is None else f"a pooling model that does {actual}"
+            raise ValueError(f"{call} needs a pooling model (runner='pooling') that does {task}; this is {what}.")
+
+    def _pool(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None,
+              use_tqdm: bool) -> list[EmbeddingRequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         engine, order = self.llm_engine, {}
+        texts = [p for p in prompts if isinstance(p, str)]
+        if texts and engine.tokenizer is not None:  # one batched call to the tokenizer, not one per text
+            ids = iter(engine.tokenizer(texts).input_ids)
+            prompts = [{"prompt": p, "prompt_token_ids": next(ids)} if isinstance(p, str) else p for p in prompts]
         try:
             for i, prompt in enumerate(prompts):
                 request_id = str(next(self._ids))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import KV_FP8, AttentionBackend, AttentionMetadata
+from pagedllm.attention.bidirectional import PaddedLayout, bidirectional_attention, takes_flash
 from pagedllm.attention.torch_backend import write_kv
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -39,19 +40,28 @@ class ForwardContext:
     backend: AttentionBackend
     meta: AttentionMetadata
     cut: AttentionCut | None = None
+    token_type_ids: torch.Tensor | None = None  # encoders: each flat token's segment (cross-encoder pairs); None: 0
+    padded_layout: PaddedLayout | None = None  # encoders: built by the first layer that needs it, shared by the rest
 
 
 _context: ForwardContext | None = None
 
 
 @contextmanager
-def forward_context(backend: AttentionBackend, meta: AttentionMetadata, cut: AttentionCut | None = None) -> Iterator[None]:
+def forward_context(backend: AttentionBackend, meta: AttentionMetadata, cut: AttentionCut | None = None,
+                    token_type_ids: torch.Tensor | None = None) -> Iterator[None]:
     global _context
-    previous, _context = _context, ForwardContext(backend, meta, cut)
+    previous, _context = _context, ForwardContext(backend, meta, cut, token_type_ids)
     try:
         yield
     finally:
         _context = previous
+
+
+def current_token_type_ids() -> torch.Tensor | None:
+    """The step's token-type (segment) ids, for an encoder's embeddings; None: every token is segment 0."""
+    assert _context is not None, "an encoder ran outside the model runner's forward_context."
+    return _context.token_type_ids
 
 
 def layer_sliding_window(config: Any, layer: int) -> int | None:
@@ -119,3 +129,21 @@ class Attention(nn.Module):
         if cut is not None:
             return cut.attend(q, self.kv_cache, self.scale, k_scale, v_scale, window, cap).flatten(1)
         return backend.forward(q, self.kv_cache, meta, self.scale, None, k_scale, v_scale, window, cap).flatten(1)
+
+
+class EncoderAttention(nn.Module):
+    """An encoder's self-attention: bidirectional within each prompt of the step, nothing cached
+    (attention/bidirectional.py)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [T, (H + 2 Hkv) * D] -> [T, H * D]."""
+        context = _context
+        assert context is not None, "EncoderAttention ran outside the model runner's forward_context."
+        heads, kv_heads, meta = self.num_heads, self.num_kv_heads, context.meta
+        if context.padded_layout is None and not takes_flash(qkv, heads, kv_heads):
+            context.padded_layout = PaddedLayout.build(meta.query_start_loc_cpu, qkv.device)
+        return bidirectional_attention(qkv, heads, kv_heads, self.head_dim, meta, self.scale, context.padded_layout)

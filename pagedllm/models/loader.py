@@ -165,6 +165,8 @@ def _targets(model: nn.Module, params: dict[str, nn.Parameter], name: str) -> li
         return []
     for old, new in getattr(model, "renamed_params", []):  # checkpoint module names the model spells otherwise
         name = name.replace(old, new)
+    if any(part in name for part in getattr(model, "ignored_params", ())):  # tensors the model has no use for
+        return []
     expert = _EXPERT.fullmatch(name)
     if expert and expert[3] in getattr(model, "expert_params", {}):  # one expert's tensor -> its stacked parameter
         param, shard = model.expert_params[expert[3]]
@@ -245,8 +247,8 @@ def _randomize(model: nn.Module) -> None:
     so every tensor/pipeline layout holds the same model."""
     tied = getattr(model, "tie_word_embeddings", False)
     for name, param in model.named_parameters():
-        if "norm" in name:
-            param.data.fill_(1.0)
+        if "norm" in name.lower():  # RMSNorm / LayerNorm: identity scales, zero shifts
+            param.data.fill_(0.0 if name.endswith(".bias") else 1.0)
             continue
         key = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
         generator = torch.Generator(device=param.device).manual_seed(zlib.crc32(key.encode()))

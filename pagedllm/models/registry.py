@@ -6,6 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from pagedllm.models.bert import (
+    BertForSequenceClassification, BertModel, XLMRobertaForSequenceClassification, XLMRobertaModel,
+)
 from pagedllm.models.eagle import Eagle3LlamaForCausalLM, EagleLlamaForCausalLM
 from pagedllm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagedllm.models.llama import LlamaForCausalLM
@@ -28,6 +31,13 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "EagleLlamaForCausalLM": EagleLlamaForCausalLM,  # speculative-decoding heads (spec_decode/eagle.py)
     "Eagle3LlamaForCausalLM": Eagle3LlamaForCausalLM,
+    # Encoders (pooling models only): embedders and cross-encoders
+    "BertModel": BertModel,
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "RobertaModel": XLMRobertaModel,
+    "RobertaForSequenceClassification": XLMRobertaForSequenceClassification,
+    "XLMRobertaModel": XLMRobertaModel,
+    "XLMRobertaForSequenceClassification": XLMRobertaForSequenceClassification,
 }
 
 
@@ -39,3 +49,8 @@ def get_model_class(hf_config: Any) -> type[nn.Module]:
         f"Model architectures {getattr(hf_config, 'architectures', None)} are not supported; "
         f"supported: {', '.join(MODELS)}."
     )
+
+
+def is_encoder(hf_config: Any) -> bool:
+    """Whether the model is a bidirectional encoder: its prompts run whole, with no KV cache and no prefix cache."""
+    return getattr(get_model_class(hf_config), "is_encoder", False)

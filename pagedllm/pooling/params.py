@@ -9,3 +9,4 @@ from dataclasses import dataclass
 class PoolingParams:
     dimensions: int | None = None  # Matryoshka truncation (models trained for it), before normalizing
     normalize: bool | None = None  # None: as the model's pooler says
+    use_activation: bool | None = None  # classifiers: sigmoid (one label) / softmax over the logits; None: True

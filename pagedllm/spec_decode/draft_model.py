@@ -59,6 +59,7 @@ class DraftView:
     prompt_logprobs: None = None
     structured_output: None = None
     pooling: None = None
+    token_type_ids: None = None
     lora_request: None = None
     plain_greedy: bool = True
 

@@ -85,6 +85,7 @@ class FlatBatch:
     sample_rows: list[int]  # rows whose last token is sampled this step (a row with drafts: once per verified position)
     any_prompt_logprobs: bool
     common_prefix_len: int = 0  # decode-only batches: tokens of the leading blocks every row shares
+    token_type_ids: np.ndarray | None = None  # int64, each token's segment where a request has them (cross-encoders)
 
 
 @dataclass
@@ -195,9 +196,17 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
     shared = 0
     if shared_prefix_min is not None and query_lens is None and n >= shared_prefix_min[0]:
         shared = common_prefix_len(table_array, seq_lens, block_size, shared_prefix_min[1])
+    token_types = None
+    if any(r.token_type_ids is not None for r, _ in scheduled):
+        token_types = np.zeros(num_tokens, dtype=np.int64)
+        for i, (request, k) in enumerate(scheduled):
+            if request.token_type_ids is not None:
+                start = int(query_start_loc[i])
+                token_types[start : start + k] = request.token_type_ids[starts_l[i] : starts_l[i] + k]
     return FlatBatch(
         input_ids, positions, slot_mapping,
         np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
         logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
         1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs, shared,
+        token_types,
     )

@@ -74,7 +74,7 @@ class ModelRunner:
                                                    config.quantization)
         self.vocab_size: int = hf.vocab_size
         self.hidden_size: int = hf.hidden_size
-        self.pooler = Pooler.for_model(config.model_path, config.pooler_config) if config.runner == "pooling" else None
+        self.pooler = Pooler.for_model(config.model_path, self.model, config.pooler_config) if config.runner == "pooling" else None
         self.lora: LoRAManager | None = None
         if config.enable_lora:
             assert config.max_cpu_loras is not None
@@ -117,6 +117,8 @@ class ModelRunner:
 
     # ---- KV cache -----------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
+        if not self.attn_layers:
+            return 0  # an encoder: its blocks only number the tokens of a step
         layer = self.attn_layers[0]
         per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * self.kv_dtype.itemsize
         return per_layer * len(self.attn_layers)
@@ -125,6 +127,8 @@ class ModelRunner:
         from pagedllm.spec_decode.draft_model import kv_reservation
 
         # A draft model (speculative decoding) shares the budget: its weights, and a block of its own per block here.
+        if not self.attn_layers:  # an encoder keeps no KV: blocks for every sequence at full length, costing nothing
+            return self.config.max_num_seqs * self.config.max_blocks_per_seq
         draft_weights, draft_per_block = kv_reservation(self.config)
         budget = self.config.kv_cache_memory
         if budget is None:
@@ -206,7 +210,7 @@ class ModelRunner:
         """On CUDA: compiles the kernels, then captures the decode graphs and the piecewise ones. Every rank
         runs this at start-up, in the same order, so the collectives of the warm-up forwards and of the
         captures pair up."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.attn_layers:  # encoders run eagerly, without paged attention
             return
         self._compile_kernels()
         if self.config.enforce_eager:
@@ -263,7 +267,7 @@ class ModelRunner:
         """Feeds each pooling request's rows of this step to its pooling state; the vectors of those whose prompt
         this step completes."""
         assert self.pooler is not None
-        done = []
+        done, pooled = [], []
         starts = batch.query_start_loc
         for i, (request, n) in enumerate(sched.scheduled):
             state = request.pooling
@@ -272,8 +276,12 @@ class ModelRunner:
             rows = hidden[int(starts[i]) : int(starts[i]) + n]
             state.add(rows)
             if request.num_computed_tokens + n == len(request.prompt_token_ids):
-                done.append((request, state.finish(self.pooler, rows[-1])))
-        return done
+                done.append(request)
+                pooled.append(state.pooled(self.pooler, rows[-1]))
+        if not done:
+            return []
+        vectors = self.pooler.head(self.model, [r.pooling.params for r in done], torch.stack(pooled))
+        return list(zip(done, vectors))
 
     def _sample(
         self, sched: SchedulerOutput, batch: FlatBatch, spans: list[tuple[Request, range, int, int]],
@@ -394,7 +402,8 @@ class ModelRunner:
         if self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
             inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(input_ids.shape[0])
             return self._pass_on(self.piecewise.run(input_ids, positions, slot_mapping, meta, inter)), logits_index
-        with forward_context(self.backend, meta):
+        token_types = None if batch.token_type_ids is None else torch.from_numpy(batch.token_type_ids).to(self.device)
+        with forward_context(self.backend, meta, token_type_ids=token_types):
             return self.run_model(input_ids, positions), logits_index
 
     def _run_stage(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
