@@ -9,7 +9,9 @@ layers."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,16 +65,21 @@ def _group(starts: list[int], lens: list[int], device: torch.device) -> PromptGr
                        None if cells is None else cells.to(device), flat[real].to(device), len(lens), longest)
 
 
-_varlen_attn = None
-try:  # torch >= 2.9 on CUDA
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover
-    pass
+@functools.cache
+def _varlen_attn() -> Callable[..., torch.Tensor] | None:
+    """torch's variable-length flash attention (torch >= 2.9), imported on first use on CUDA: its module imports
+    triton, which a CPU process must not import before its kernel tests set TRITON_INTERPRET."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover
+        return None
+    return varlen_attn
 
 
 def takes_flash(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
     """Whether the variable-length flash kernel runs (no padded layout needed)."""
-    return _varlen_attn is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and num_heads == num_kv_heads
+    return (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and num_heads == num_kv_heads
+            and _varlen_attn() is not None)
 
 
 def bidirectional_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -81,10 +88,11 @@ def bidirectional_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int
     step's padded groups (needed unless the flash path runs)."""
     split = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
     if takes_flash(qkv, num_heads, num_kv_heads):
-        assert _varlen_attn is not None
+        varlen_attn = _varlen_attn()
+        assert varlen_attn is not None
         q, k, v = (x.view(-1, h, head_dim) for x, h in zip(qkv.split(split, dim=-1), (num_heads, num_kv_heads, num_kv_heads)))
         cu, longest = meta.query_start_loc, meta.max_query_len
-        return _varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale).flatten(1)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale).flatten(1)
     assert layout is not None
     out = qkv.new_empty(qkv.shape[0], num_heads * head_dim)
     for g in layout.groups:
