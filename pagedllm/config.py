@@ -167,8 +167,6 @@ class EngineConfig:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}).")
         if self.pipeline_parallel_size > 1:
             raise ValueError("enable_lora with pipeline parallelism is not supported yet (tensor parallelism is).")
-        if self.device.startswith("cuda"):
-            self.enforce_eager = True  # the LoRA delta's torch path syncs on the host: no CUDA graphs yet
 
     def _check_quantization(self) -> None:
         """Resolves the method now, so that an unsupported one fails before any rank starts."""

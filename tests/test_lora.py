@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 
@@ -163,3 +164,23 @@ def test_tensor_parallel(tiny_models: dict[str, str], adapters: list[LoRARequest
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)] == expected
     finally:
         llm.llm_engine.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_equal_eager(tiny_models: dict[str, str], adapters: list[LoRARequest]) -> None:
+    """Decode steps replay graphs whose row-indexed LoRA kernels read each row's slot from a persistent buffer: the
+    same tokens as eager steps (segmented kernels), float32, over batches that mix adapters, the base, and swaps."""
+    base = tiny_models["llama"]
+    rng = random.Random(6)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(4, 40))]} for _ in range(24)]
+    loras = [None if i % 5 == 0 else adapters[i % 4] for i in range(len(prompts))]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs = []
+    for eager in (True, False):
+        llm = LLM(base, enable_lora=True, max_loras=2, dtype="float32", enforce_eager=eager, **ARGS)
+        graphs = llm.llm_engine.runner.graph_runner
+        assert (graphs is None) == eager and (eager or graphs.lora_slots is not None)
+        outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)])
+        assert_clean(llm.llm_engine)
+        del llm
+    assert outputs[0] == outputs[1]

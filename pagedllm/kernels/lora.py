@@ -1,5 +1,5 @@
-"""Multi-LoRA products for a batch whose tokens belong to different adapters (Punica's SGMV, segmented):
-out[t] (+)= x[t] @ W[slot(t)].T for the tokens of each adapter slot, W [slots, N, K].
+"""Multi-LoRA products for a batch whose tokens belong to different adapters: out[t] (+)= x[t] @ W[slot(t)].T,
+W [slots, N, K]. Two kernels: segmented (Punica's SGMV) for eager steps, and row-indexed (BGMV) for CUDA graphs.
 
 The host sorts the step's tokens by slot once (`LoRASegments`: the token order, and per slot its first sorted row
 and count), so program (segment, M tile, N tile) gathers BLOCK_M of one adapter's token rows and reads only that
@@ -7,6 +7,11 @@ adapter's weight tiles: a prefill chunk reuses each tile over its rows, and a de
 share theirs. The same kernel runs the shrink (x @ A.T into a float32 [T, parts * R] buffer) and the expand (that
 buffer @ B.T added into the layer's output). Base-model tokens (slot -1) are in no segment. The torch reference is
 pagedllm/lora/layers.py's `lora_delta_ref` (the CPU path, free of triton).
+
+Row-indexed (`bgmv`): program (token, N tile) reads its token's slot on the device and skips base tokens, so it
+needs nothing from the host: a decode CUDA graph captures it with the slots in a persistent buffer, and every replay
+serves whatever adapters the step's rows use. Each row reads its adapter's tiles itself, which suits decode batches
+(one token per request); eager prefills keep the segmented kernel.
 """
 
 from __future__ import annotations
@@ -88,9 +93,49 @@ def sgmv(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, segments: Lo
     return out
 
 
+@triton.jit
+def _bgmv_kernel(x_ptr, w_ptr, out_ptr, slots_ptr, N, K, stride_x, stride_ws, stride_wn, stride_o,
+                 ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    token, n_tile = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slots_ptr + token)
+    if slot >= 0:
+        n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok_n = n < N
+        k = tl.arange(0, BLOCK_K)
+        w_base = w_ptr + slot * stride_ws
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok_k = k0 + k < K
+            a = tl.load(x_ptr + token * stride_x + k0 + k, mask=ok_k, other=0.0).to(tl.float32)
+            w = tl.load(w_base + n[:, None] * stride_wn + (k0 + k)[None, :], mask=ok_n[:, None] & ok_k[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(w * a[None, :], axis=1)
+        ptrs = out_ptr + token * stride_o + n
+        if ADD:
+            acc += tl.load(ptrs, mask=ok_n, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok_n)
+
+
+def bgmv(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, token_slots: torch.Tensor, add: bool) -> torch.Tensor:
+    """out[t] = (out[t] +) x[t] @ weights[token_slots[t]].T for every t with a slot >= 0; nothing read from the host."""
+    n, k = weights.shape[1], weights.shape[2]
+    assert x.stride(1) == 1 and weights.stride(2) == 1 and out.stride(1) == 1 and x.shape[1] == k
+    block_n = max(16, min(64, triton.next_power_of_2(n)))
+    block_k = max(16, min(128, triton.next_power_of_2(k)))
+    grid = (x.shape[0], triton.cdiv(n, block_n))
+    _bgmv_kernel[grid](x, weights, out, token_slots, n, k, x.stride(0), weights.stride(0), weights.stride(1),
+                       out.stride(0), ADD=add, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-               segments: LoRASegments) -> torch.Tensor:
-    """out += (x @ A[slot].T) @ B[slot].T per adapted token: the shrink into float32, then the expand added."""
+               segments: LoRASegments | None, token_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """out += (x @ A[slot].T) @ B[slot].T per adapted token: the shrink into float32, then the expand added; by
+    segments when given, else row-indexed by token_slots (CUDA graphs)."""
     inter = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    if segments is None:
+        assert token_slots is not None
+        bgmv(x, a, inter, token_slots, add=False)
+        return bgmv(inter, b, out, token_slots, add=True)
     sgmv(x, a, inter, segments, add=False)
     return sgmv(inter, b, out, segments, add=True)

@@ -5,7 +5,8 @@ the adapter does not target stays zero. Under tensor parallelism B takes this ra
 A this rank's input columns (row-parallel: each rank's partial delta is summed by the layer's all-reduce).
 
 Each step's flat tokens carry the slot of their request's adapter (`LoRABatch.token_slots`, -1: the base model). On
-CUDA the delta is one shrink and one expand over the tokens grouped by slot (kernels/lora.py); elsewhere the
+CUDA the delta is one shrink and one expand over the tokens grouped by slot (kernels/lora.py), or, in a decode CUDA
+graph, row-indexed by the slots in the graph's persistent buffer (no segments: nothing from the host); elsewhere the
 per-slot torch loop those kernels are tested against.
 """
 
@@ -33,10 +34,14 @@ class LoRAPlan:
 @dataclass
 class LoRABatch:
     token_slots: torch.Tensor  # [tokens] int64: each flat token's adapter slot, -1 for the base model
-    segments: Any = None  # kernels.lora.LoRASegments on CUDA
+    segments: Any = None  # kernels.lora.LoRASegments on CUDA eagerly; None in a CUDA graph (row-indexed)
 
 
 _batch: LoRABatch | None = None  # the step being run; None: no adapter in it
+
+
+def current_lora_batch() -> LoRABatch | None:
+    return _batch
 
 
 @contextlib.contextmanager
@@ -87,10 +92,10 @@ class LoRASlots:
         batch = _batch
         if batch is None or x.dim() != 2 or x.shape[0] != batch.token_slots.shape[0]:
             return out
-        if batch.segments is not None:
+        if x.is_cuda:
             from pagedllm.kernels.lora import lora_delta
 
-            return lora_delta(x, self.a, self.b, out, batch.segments)
+            return lora_delta(x, self.a, self.b, out, batch.segments, batch.token_slots)
         return lora_delta_ref(x, self.a, self.b, out, batch.token_slots)
 
 

@@ -8,6 +8,9 @@ small decode batches, disappears. Sizes at which the attention backend attends a
 requests share once for all (AttentionMetadata.common_prefix; the backend names them) get a second
 graph that does, replayed for batches that have one; its length sits in a persistent buffer too.
 
+With LoRA on, the graphs also run every adapted linear's row-indexed LoRA kernels over a persistent buffer of each
+row's adapter slot (-1: the base model), filled at each replay, so one graph serves any mix of adapters.
+
 Under tensor parallelism every rank captures the same sizes in the same order, so the all-reduces
 inside the graphs pair up at replay as they did eagerly. Under pipeline parallelism a graph holds one
 stage's layers: a later stage's (hidden, residual) input arrives in persistent buffers (received
@@ -23,6 +26,7 @@ from torch import nn
 
 from pagedllm.attention.backend import GRAPH_BATCH_SIZES, AttentionBackend, AttentionMetadata
 from pagedllm.layers.attention import Attention, forward_context
+from pagedllm.lora.layers import LoRABatch, current_lora_batch, lora_context
 
 
 MAX_CAPTURE_SIZE = GRAPH_BATCH_SIZES[-1]  # 512: larger decode batches are compute-bound enough to run eagerly
@@ -79,9 +83,10 @@ def first_rows(out: Output, n: int) -> Output:
 class CudaGraphRunner:
     def __init__(
         self, model: nn.Module, backend: AttentionBackend, max_num_seqs: int, max_blocks: int, device: torch.device,
-        intermediate: tuple[int, torch.dtype] | None = None,
+        intermediate: tuple[int, torch.dtype] | None = None, lora: bool = False,
     ) -> None:
-        """`intermediate`: (hidden size, dtype) of the activations a later pipeline stage receives."""
+        """`intermediate`: (hidden size, dtype) of the activations a later pipeline stage receives; lora: the model's
+        linears carry LoRA slots (enable_lora)."""
         self.model, self.backend = model, backend
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
@@ -91,6 +96,7 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=i32, device=device)
         self.common_prefix = torch.zeros(1, dtype=i32, device=device)
+        self.lora_slots = torch.full((n,), -1, dtype=torch.int64, device=device) if lora else None
         kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
         self.shared_sizes = [s for s in self.sizes if backend.takes_shared_prefix(s, kv_heads, device)]
         # One memory pool and capture stream, shared with the piecewise graphs (worker/piecewise_graph.py).
@@ -114,7 +120,8 @@ class CudaGraphRunner:
     def capture(self) -> None:
         keys = [(bs, False) for bs in self.sizes] + [(bs, True) for bs in self.shared_sizes]
         for key in sorted(keys, reverse=True):  # largest first, so smaller graphs reuse its memory pool
-            with forward_context(self.backend, self._meta(*key)):
+            lora = None if self.lora_slots is None else LoRABatch(self.lora_slots[: key[0]])
+            with forward_context(self.backend, self._meta(*key)), lora_context(lora):
                 self._forward(key[0])  # warm-up: compile kernels (and pair up collectives) outside capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -148,6 +155,13 @@ class CudaGraphRunner:
         self.seq_lens[:n].copy_(seq_lens)
         self.seq_lens[n:bs].fill_(0)
         self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
+        if self.lora_slots is not None:  # the step's adapter slots (lora_context), one token per row
+            lora = current_lora_batch()
+            if lora is None:
+                self.lora_slots[:bs].fill_(-1)
+            else:
+                self.lora_slots[:n].copy_(lora.token_slots)
+                self.lora_slots[n:bs].fill_(-1)
         key = (bs, common_prefix is not None and (bs, True) in self.graphs)
         if key[1]:
             assert common_prefix is not None

@@ -218,8 +218,11 @@ class ModelRunner:
         inter = None if self.parallel.is_first_stage else (self.hidden_size, self.dtype)
         self.graph_runner = CudaGraphRunner(
             self.model, self.backend, self.config.max_num_seqs, self.config.max_blocks_per_seq, self.device, intermediate=inter,
+            lora=self.lora is not None,
         )
         self.graph_runner.capture()
+        if self.lora is not None:
+            return  # steps with prompts run eagerly with LoRA: the segmented kernels take their segments from the host
         assert self.config.max_num_batched_tokens is not None
         self.piecewise = PiecewiseGraphRunner(self.model, self.backend, self.config.max_num_batched_tokens, self.block_size, self.device, inter)
         self.piecewise.capture(self.graph_runner.pool, self.graph_runner.stream)

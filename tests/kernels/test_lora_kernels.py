@@ -1,6 +1,6 @@
-"""The segmented multi-LoRA shrink/expand (kernels/lora.py) against the per-adapter torch loop in float64, on fresh
-random inputs: ranks 8 / 16 / 64, fused parts (3 x rank columns), 1 to 300 tokens, skewed adapter mixes with base
-tokens among them."""
+"""The multi-LoRA shrink/expand (kernels/lora.py), segmented and row-indexed, against the per-adapter torch loop in
+float64, on fresh random inputs: ranks 8 / 16 / 64, fused parts (3 x rank columns), 1 to 300 tokens, skewed adapter
+mixes with base tokens among them."""
 
 import numpy as np
 import pytest
@@ -15,7 +15,8 @@ from pagedllm.lora.layers import lora_delta_ref  # noqa: E402
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 @pytest.mark.parametrize("rank_width", [8, 16, 3 * 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_delta(device, assert_close, tokens, rank_width, dtype):
+@pytest.mark.parametrize("kernel", ["segmented", "row-indexed"])
+def test_lora_delta(device, assert_close, tokens, rank_width, dtype, kernel):
     g = torch.Generator().manual_seed(tokens * 7 + rank_width)
     slots_n, k, n = 4, 96, 80
     rng = np.random.default_rng(tokens + rank_width)
@@ -25,7 +26,10 @@ def test_lora_delta(device, assert_close, tokens, rank_width, dtype):
     b = (torch.randn(slots_n, n, rank_width, generator=g) / rank_width**0.5).to(device, dtype)
     base = torch.randn(tokens, n, generator=g).to(device, dtype)
     ref = lora_delta_ref(x.double(), a.double(), b.double(), base.double().clone(), torch.from_numpy(token_slots).to(device))
-    segments = LoRASegments.build(token_slots, device)
-    out = base.clone() if segments is None else lora_delta(x, a, b, base.clone(), segments)
+    if kernel == "segmented":
+        segments = LoRASegments.build(token_slots, device)
+        out = base.clone() if segments is None else lora_delta(x, a, b, base.clone(), segments)
+    else:
+        out = lora_delta(x, a, b, base.clone(), None, torch.from_numpy(token_slots).to(device))
     assert_close(out, ref, interp_bound=3e-2)
     assert torch.equal(out[torch.from_numpy(token_slots < 0).to(device)], base[torch.from_numpy(token_slots < 0).to(device)])
