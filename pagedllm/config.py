@@ -165,8 +165,6 @@ class EngineConfig:
         self.max_cpu_loras = self.max_cpu_loras or self.max_loras
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}).")
-        if self.pipeline_parallel_size > 1:
-            raise ValueError("enable_lora with pipeline parallelism is not supported yet (tensor parallelism is).")
 
     def _check_quantization(self) -> None:
         """Resolves the method now, so that an unsupported one fails before any rank starts."""

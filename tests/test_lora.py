@@ -184,3 +184,20 @@ def test_cuda_graphs_equal_eager(tiny_models: dict[str, str], adapters: list[LoR
         assert_clean(llm.llm_engine)
         del llm
     assert outputs[0] == outputs[1]
+
+
+def test_pipeline_parallel(tiny_models: dict[str, str], adapters: list[LoRARequest]) -> None:
+    """PP=2: each stage loads its own layers' share of every adapter (the driver's slots, broadcast with the step)."""
+    base = tiny_models["llama"]
+    rng = random.Random(5)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(4, 40))]} for _ in range(8)]
+    loras = [adapters[2], None, *adapters, adapters[0], None]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(base, enable_lora=True, max_loras=2, **ARGS).generate(
+        prompts, params, lora_request=loras, use_tqdm=False)]
+    llm = LLM(base, enable_lora=True, max_loras=2, pipeline_parallel_size=2, num_gpu_blocks_override=64,
+              **{**ARGS, "kv_cache_memory": None})
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)] == expected
+    finally:
+        llm.llm_engine.shutdown()

@@ -4,6 +4,7 @@ use is reused, least recently used first)."""
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import torch
@@ -32,7 +33,7 @@ class LoRAManager:
                 slots = LoRASlots(module, [n for _, n in fused] or [name], max_loras, max_rank)
                 wrap(module, slots)
                 self.layers.append(slots)
-        self.modules = {part for layer in self.layers for part in layer.parts}
+        self.modules = _every_stage(model, {part for layer in self.layers for part in layer.parts})
         self.cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # by lora_int_id, least recently used first
         self.slot_ids: list[int | None] = [None] * max_loras
         self.slot_used = [0] * max_loras  # the step that last used each slot
@@ -84,3 +85,13 @@ class LoRAManager:
             self.slot_used[slot] = self.steps
             placed[lora_id] = slot
         return placed
+
+
+def _every_stage(model: nn.Module, local: set[str]) -> set[str]:
+    """The LoRA-able module names of the whole model, from this pipeline stage's: an adapter targets every layer, and
+    each stage loads the layers it holds."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        return local
+    templates = {re.sub(r"\.layers\.\d+\.", ".layers.{}.", name) for name in local}
+    return local | {t.format(i) for t in templates if "{}" in t for i in range(len(layers))}
