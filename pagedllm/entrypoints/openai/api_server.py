@@ -32,8 +32,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLM
 from pagedllm.entrypoints.openai.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, ModelCard, ModelList,
-    TokenizeRequest, TokenizeResponse, VersionResponse,
+    ChatCompletionRequest, ClassificationRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+    EmbeddingRequest, ModelCard, ModelList, RerankRequest, ScoreRequest, TokenizeRequest, TokenizeResponse,
+    VersionResponse,
 )
 from pagedllm.entrypoints.openai.serving_base import (
     APIError, OpenAIServing, internal_error, json_response, read_json, until_disconnect,
@@ -42,6 +43,7 @@ from pagedllm.entrypoints.openai.lora import LoadLoRARequest, LoRARegistry, Unlo
 from pagedllm.entrypoints.openai.serving_chat import ChatServing, render_messages
 from pagedllm.entrypoints.openai.serving_embedding import EmbeddingServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
+from pagedllm.entrypoints.openai.serving_pooling import PoolingServing
 from pagedllm.metrics import ServerMetrics
 
 logger = logging.getLogger("pagedllm.server")
@@ -111,7 +113,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
                         settings.tool_call_parser, settings.reasoning_parser)
     base = OpenAIServing(engine, settings.model_names, settings.max_n)
     embeddings = EmbeddingServing(engine, settings.model_names, settings.max_n)
-    completions.loras = chats.loras = base.loras = loras
+    pooling = PoolingServing(engine, settings.model_names, settings.max_n)
+    completions.loras = chats.loras = base.loras = embeddings.loras = pooling.loras = loras
     max_model_len = engine.config.max_model_len or 0
 
     async def handle(raw: Request, model: type[T], serve: Callable[[T, float], Awaitable[Response]]) -> Response:
@@ -133,6 +136,23 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     @app.post("/v1/embeddings")
     async def create_embedding(raw: Request) -> Response:
         return await handle(raw, EmbeddingRequest, embeddings.create)
+
+    # vLLM's pooling endpoints, under each path vLLM serves them at (rerank: Jina's v1 and Cohere's v2 clients).
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def create_score(raw: Request) -> Response:
+        return await handle(raw, ScoreRequest, pooling.score)
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def create_rerank(raw: Request) -> Response:
+        return await handle(raw, RerankRequest, pooling.rerank)
+
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def create_classify(raw: Request) -> Response:
+        return await handle(raw, ClassificationRequest, pooling.classify)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(raw: Request) -> Response:

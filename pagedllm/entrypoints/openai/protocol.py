@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
@@ -380,4 +380,88 @@ class EmbeddingResponse(OpenAIModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+# ---- /v1/score, /rerank, /classify (vLLM's pooling endpoints) ----------------------------------
+# -1: truncate to max_model_len (vLLM's meaning); None: no truncation, a pair longer than the context is a 400.
+TruncatePromptTokens = Annotated[int | None, Field(ge=-1)]
+
+
+class ScoreRequest(OpenAIModel):
+    model: str | None = None
+    text_1: str | list[str]  # one text against every text_2, or a list paired with text_2 index by index
+    text_2: str | list[str]
+    truncate_prompt_tokens: TruncatePromptTokens = None
+    use_activation: bool | None = None  # a cross-encoder's sigmoid; False: its raw logit
+
+
+class ScoreData(OpenAIModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreData]
+    usage: UsageInfo
+
+
+class RerankRequest(OpenAIModel):
+    """Jina's and Cohere's rerank body, as vLLM serves it at /rerank, /v1/rerank and /v2/rerank."""
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int | None = Field(None, ge=0)  # None or 0: every document
+    return_documents: bool = True
+    truncate_prompt_tokens: TruncatePromptTokens = None
+    use_activation: bool | None = None
+
+
+class RerankDocument(OpenAIModel):
+    text: str
+
+
+class RerankResult(OpenAIModel):
+    index: int  # the document's position in the request
+    document: RerankDocument | None = None  # None unless return_documents
+    relevance_score: float
+
+
+class RerankUsage(OpenAIModel):
+    total_tokens: int
+
+
+class RerankResponse(OpenAIModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]  # by relevance_score, highest first
+
+
+class ClassificationRequest(OpenAIModel):
+    model: str | None = None
+    input: str | list[str] | TokenIds | list[TokenIds]
+    use_activation: bool | None = None  # softmax over the labels (sigmoid for one); False: the raw logits
+    user: str | None = None
+
+
+class ClassificationData(OpenAIModel):
+    index: int
+    label: str  # the config's id2label name of the most probable class
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
     usage: UsageInfo

@@ -142,8 +142,12 @@ class OpenAIServing:
         return lora
 
     def check_request(self, request: SamplingRequest) -> Any:
-        """The request's LoRARequest (None: the base model), after its model and n are checked."""
+        """The request's LoRARequest (None: the base model), after its model and n are checked, and that the model
+        generates at all (a pooling model's 400 names what it serves, before a chat template fails on an encoder)."""
         lora = self.check_model(request.model)
+        if self.engine.config.runner == "pooling":
+            raise APIError("This model runs as a pooling model (--runner pooling): it generates nothing; it serves "
+                           "/v1/embeddings, /v1/score, /rerank or /classify, as its task allows.", 400, param="model")
         if request.n > self.max_n:
             raise APIError(f"n must be at most {self.max_n}, got {request.n}.", 400, param="n")
         return lora
