@@ -32,6 +32,12 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True  # share full KV blocks between requests with the same leading tokens
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | fp8_e4m3: KV stored in float8 with per-tensor scales
+    # Bytes of host memory for the prefix cache's second tier (kv_transfer/): full blocks are written through to it,
+    # and a prefix that left the GPU pool comes back by copy instead of recompute. 0: off.
+    kv_offload_bytes: int = 0
+    # KV transfer between engines (disaggregated prefill), as vLLM's JSON: {"kv_connector": "TcpConnector", "kv_role":
+    # "kv_producer" | "kv_consumer" | "kv_both", "kv_ip": ..., "kv_port": ...} (kv_transfer/config.py)
+    kv_transfer_config: Any = None
     # Scheduler
     # Defaults: 512 sequences and 16384 tokens per step on CUDA (vLLM's offline defaults are 1024 and 16384 on
     # 80 GB GPUs; 512 measured best on W1 and P1), 256 and 2048 on CPU, where matmuls peak around 2k rows.
@@ -123,6 +129,13 @@ class EngineConfig:
             self.speculative_config = SpeculativeConfig.from_user(self.speculative_config)
         if self.enable_lora:
             self._check_lora()
+        from pagedllm.kv_transfer.config import KVTransferConfig
+
+        self.kv_transfer_config = KVTransferConfig.from_user(self.kv_transfer_config)
+        if self.kv_transfer_config is not None and self.kv_transfer_config.kv_connector == "TcpConnector":
+            if self.world_size > 1 or not self.enable_prefix_caching:
+                raise ValueError("the TcpConnector runs on one rank with prefix caching on (its transfers are keyed by "
+                                 "block hashes); tensor / pipeline parallelism is not supported with it yet.")
         if self.runner == "auto":
             st_files = os.path.isfile(os.path.join(self.model_path, "modules.json"))
             self.runner = "pooling" if st_files or self.is_encoder else "generate"

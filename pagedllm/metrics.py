@@ -61,6 +61,13 @@ class ServerMetrics:
         self.preemptions = counter("num_preemptions", "Cumulative number of preemptions from the engine.")
         self.prefix_queries = counter("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.")
         self.prefix_hits = counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
+        # The KV tier beyond the GPU pool (kv_transfer/): host-memory offload and blocks received from other engines
+        self.external_queries = counter("external_prefix_cache_queries",
+                                        "External prefix cache queries from KV connector cross-instance cache sharing, "
+                                        "in terms of number of queried tokens.")
+        self.external_hits = counter("external_prefix_cache_hits",
+                                     "External prefix cache hits from KV connector cross-instance cache sharing, in "
+                                     "terms of number of cached tokens.")
         self.success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
                                labels + ["finished_reason"], registry=r)
         for reason in ("stop", "length", "abort"):  # exported at 0 from the start, so rates work
@@ -93,6 +100,7 @@ class ServerMetrics:
         self._num_tokens: dict[tuple[str, int], int] = {}
         self._preemptions_seen = 0
         self._prefix_seen = (0, 0)  # queries, hits
+        self._external_seen = (0, 0)
 
     def record_step(self, stats: EngineStats, outputs: list[RequestOutput], now: float) -> None:
         """Engine-thread hook: one step's stats and DELTA outputs."""
@@ -107,6 +115,11 @@ class ServerMetrics:
             self.prefix_queries.inc(stats.prefix_cache_queries - queries)
             self.prefix_hits.inc(stats.prefix_cache_hits - hits)
             self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        queries, hits = self._external_seen
+        if stats.external_prefix_cache_queries > queries:
+            self.external_queries.inc(stats.external_prefix_cache_queries - queries)
+            self.external_hits.inc(stats.external_prefix_cache_hits - hits)
+            self._external_seen = (stats.external_prefix_cache_queries, stats.external_prefix_cache_hits)
         if self.max_lora:
             self.lora_info.clear()
             self.lora_info.labels(str(self.max_lora), ",".join(stats.waiting_loras), ",".join(stats.running_loras)).set(now)

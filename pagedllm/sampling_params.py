@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestOutputKind(enum.Enum):
@@ -78,6 +79,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Anything else a caller passes through the engine, as vLLM's: e.g. {"kv_transfer_params": {...}} (kv_transfer/)
+    extra_args: dict[str, Any] | None = None
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (pagedllm/structured_output/)
     # Filled in by the engine: the model's EOS ids, which also stop the request unless ignore_eos.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)

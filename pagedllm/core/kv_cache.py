@@ -33,6 +33,7 @@ from array import array
 import numpy as np
 
 from pagedllm.core.block_pool import BlockHash, BlockPool
+from pagedllm.kv_transfer.host_tier import BlockCopies, HostTier
 from pagedllm.engine.request import Request
 
 
@@ -49,8 +50,10 @@ def _root(request: Request) -> BlockHash:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 16, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, host_tier: HostTier | None = None) -> None:
+        """host_tier: the prefix cache's second tier in host memory (kv_transfer/host_tier.py), or None."""
         self.pool = BlockPool(num_blocks)
+        self.host_tier = host_tier if enable_prefix_caching else None
         self.sliding_window = sliding_window
         self.num_released: dict[str, int] = {}  # request -> leading blocks of its table given back (outside the window)
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -85,12 +88,43 @@ class KVCacheManager:
             return []  # prompt logprobs, and MEAN / CLS pooling, need every prompt position computed
         limit = (len(request.all_token_ids) - 1) // self.block_size
         blocks: list[int] = []
-        for block_hash in self._hashes(request, limit):
+        hashes = self._hashes(request, limit)
+        for block_hash in hashes:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             blocks.append(block)
+        if self.host_tier is not None and len(blocks) < len(hashes):
+            self._restore_from_host(hashes[len(blocks) :], blocks)
         return blocks
+
+    def _restore_from_host(self, hashes: list[BlockHash], blocks: list[int]) -> None:
+        """Extends `blocks` (GPU hits) with the host tier's run of `hashes`: each takes a GPU block that the step
+        loads before its forward, registered like any cached block (free, at the queue's tail)."""
+        tier = self.host_tier
+        assert tier is not None
+        self.pool.touch(blocks)  # the GPU hits must not be the blocks taken below
+        restored: list[int] = []
+        for block_hash in hashes:
+            tier.queries += self.block_size
+            slot = tier.lookup(block_hash)
+            if slot is None or self.pool.num_free == 0:
+                break
+            block = self.pool.take(1)[0]
+            self.pool.cache(block, block_hash)
+            tier.load(slot, block)
+            tier.hits += self.block_size
+            restored.append(block)
+        self.pool.release(blocks + restored)
+        blocks.extend(restored)
+
+    def prompt_block_hashes(self, request: Request) -> list[BlockHash]:
+        """The hashes of the prompt's full blocks a prefix-cache lookup may hit (all but the last token's)."""
+        return self._hashes(request, (len(request.all_token_ids) - 1) // self.block_size)
+
+    def take_copies(self) -> BlockCopies | None:
+        """The host-tier copies of the step being scheduled (None: none, or no tier)."""
+        return None if self.host_tier is None else self.host_tier.take_copies()
 
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         if self.enable_prefix_caching:
@@ -108,8 +142,11 @@ class KVCacheManager:
         if full <= done:
             return
         table = self.block_tables[request_id]
+        tier = self.host_tier
         for i, block_hash in enumerate(self._hashes(request, full)[done:full], done):
             self.pool.cache(table[i], block_hash)
+            if tier is not None:  # write-through: saved to the host after the step that computes it
+                tier.save(table[i], block_hash)
         self.num_hashed[request_id] = full
 
     def _hashes(self, request: Request, count: int) -> list[BlockHash]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.kv_transfer.host_tier import BlockCopies
 from pagedllm.engine.request import Request, RequestStatus
 
 
@@ -33,6 +34,7 @@ class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     grammar_bitmask: Any = None  # GrammarBitmask of the constrained sampled rows, set by the engine; None: none
+    kv_copies: BlockCopies | None = None  # host-tier loads before the forward, saves after it (kv_transfer/)
 
     @property
     def num_tokens(self) -> int:
@@ -95,13 +97,13 @@ class Scheduler:
                 budget -= num_new
                 i += 1
             # else: `request` itself was preempted (it was the newest), and the loop ends.
-        skipped: list[Request] = []  # grammars still compiling, adapters over max_loras: they keep their place
+        skipped: list[Request] = []  # grammars still compiling, KV pulls, adapters over max_loras: they keep their place
         loras: set[int] = set()
         if self.max_loras:  # the adapters already running (LoRA off: nothing to walk)
             loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             request = self.waiting[0]
-            if request.structured_output is not None and not request.structured_output.ready:
+            if (request.structured_output is not None and not request.structured_output.ready) or request.kv_transfer_pending:
                 skipped.append(self.waiting.popleft())
                 continue
             lora = request.lora_request
@@ -135,6 +137,8 @@ class Scheduler:
         if skipped:
             self.waiting.extendleft(reversed(skipped))
         out.scheduled = decodes + chunks
+        if out.scheduled:  # an empty step launches nothing: its copies wait for the next one
+            out.kv_copies = self.kv_cache.take_copies()
         return out
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:

@@ -35,6 +35,8 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.kv_transfer.connector import TcpConnector
+from pagedllm.kv_transfer.host_tier import HostTier
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.executor.workers import FailureCallback, Workers, start_workers
@@ -67,6 +69,8 @@ class EngineStats:
     generation_tokens: int
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # tokens found there
+    external_prefix_cache_queries: int = 0  # tokens looked up in the host tier after a GPU miss (kv_transfer/)
+    external_prefix_cache_hits: int = 0  # tokens loaded from it
     spec_decode: SpecDecodeStats | None = None  # with speculative decoding
     running_loras: tuple[str, ...] = ()  # LoRA adapters of running / waiting requests, by name (enable_lora)
     waiting_loras: tuple[str, ...] = ()
@@ -111,8 +115,9 @@ class LLMEngine:
         if self.workers is not None:
             self._shutdown = weakref.finalize(self, _stop_workers, self.runner, self.workers)
         self.vocab_size = self.runner.vocab_size
+        host_tier = HostTier(self.runner.num_host_slots) if self.runner.num_host_slots else None
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.max_blocks_per_seq,
-                                       config.enable_prefix_caching, uniform_sliding_window(config.hf_config))
+                                       config.enable_prefix_caching, uniform_sliding_window(config.hf_config), host_tier)
         assert config.max_model_len is not None
         logger.info(
             "%s on %s (%s, %s attention%s): KV cache of %d blocks x %d tokens in %s (%.2f GiB), max concurrency at "
@@ -140,6 +145,10 @@ class LLMEngine:
                                                          config.max_num_seqs, config.reasoning_parser)
         self._num_constrained = 0
         self.spec = None if config.speculative_config is None else make_spec_decoder(config, self.runner, self.kv_cache)
+        self.kv_connector: TcpConnector | None = None
+        if config.kv_transfer_config is not None and config.kv_transfer_config.kv_connector == "TcpConnector":
+            self.kv_connector = TcpConnector(config.kv_transfer_config, self.kv_cache, self.runner.host_store)
+            weakref.finalize(self, self.kv_connector.close)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
@@ -194,6 +203,8 @@ class LLMEngine:
         self.groups[request_id] = _Group(request_id, children, params.output_kind)
         for request in children:
             self.requests[request.request_id] = request
+            if self.kv_connector is not None:
+                self.kv_connector.on_request(request, params.extra_args)
             self._num_penalized += request.params.needs_penalties
             if grammar is not None:
                 self.structured_output.add_request(request, grammar)  # each sample has its own matcher
@@ -218,7 +229,9 @@ class LLMEngine:
             return None
         if not self.config.is_encoder:
             raise ValueError("token_type_ids are for encoder models (BERT-style cross-encoders).")
-        vocab = max(1, getattr(self.config.hf_config, "type_vocab_size", 1))
+        vocab = getattr(self.config.hf_config, "type_vocab_size", 1)
+        if vocab <= 1:
+            return None  # a one-segment model (XLM-R): a tokenizer's segment ids have nothing to select
         if len(types) != len(token_ids) or not all(isinstance(t, int) and 0 <= t < vocab for t in types):
             raise ValueError(f"token_type_ids must hold one id in [0, {vocab}) per prompt token.")
         return list(types)
@@ -296,6 +309,8 @@ class LLMEngine:
         self._aborted = []
         if self._num_constrained:
             self._fail_grammars(touched)
+        if self.kv_connector is not None:
+            self.kv_connector.collect()  # pulled prompts may be scheduled now
         # Steps overlap unless a step's tokens must be known before the next is built: penalties and grammars read
         # them, and drafts are proposed from them.
         overlap = (bool(self.config.async_scheduling) and not self._num_penalized and not self._num_constrained
@@ -313,6 +328,8 @@ class LLMEngine:
             self._process(inflight.popleft(), touched)
         elif self.structured_output.num_waiting:  # only grammars still compiling: wait for one, do not spin
             self.structured_output.wait(0.05)
+        elif self.kv_connector is not None and self.kv_connector.pulling:  # only KV pulls in progress
+            time.sleep(0.001)
         # The oldest step's tokens, while the newer ones run (at once if nothing is left to wait for).
         while len(inflight) > depth or (inflight and not self.requests):
             self._process(inflight.popleft(), touched)
@@ -334,6 +351,7 @@ class LLMEngine:
         if self._num_constrained:
             sched.grammar_bitmask = self.structured_output.grammar_bitmask(sched)
         handle = self.runner.execute(sched, self.kv_cache, prev)
+        handle.kv_copies = sched.kv_copies
         for request, num_new in sched.scheduled:
             computed = request.num_computed_tokens
             if computed < len(request.prompt_token_ids):
@@ -350,6 +368,8 @@ class LLMEngine:
     def _process(self, handle: StepHandle, touched: dict[str, _Group]) -> None:
         """Applies a step's results (waiting for them); rows of requests that finished meanwhile are dropped."""
         result = handle.result()
+        if handle.kv_copies is not None and self.kv_cache.host_tier is not None:
+            self.kv_cache.host_tier.mark_saved(handle.kv_copies)
         now = time.time()
         for request, entries in result.prompt_logprobs:
             if not request.status.finished:
@@ -429,6 +449,8 @@ class LLMEngine:
             return  # already finished
         del self.requests[request.request_id]
         self.scheduler.finish_request(request, status)
+        if request.kv_transfer_pending and self.kv_connector is not None:
+            self.kv_connector.discard(request.request_id)
         request.metrics.finished_time = time.time()
         self._num_penalized -= request.params.needs_penalties
         self._num_constrained -= request.structured_output is not None
@@ -497,6 +519,7 @@ class LLMEngine:
 
     # ---- introspection --------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
+        tier = self.kv_cache.host_tier
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -507,6 +530,8 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             prefix_cache_queries=self.kv_cache.prefix_queries,
             prefix_cache_hits=self.kv_cache.prefix_hits,
+            external_prefix_cache_queries=0 if tier is None else tier.queries,
+            external_prefix_cache_hits=0 if tier is None else tier.hits,
             spec_decode=None if self.spec is None else self.spec.stats,
             running_loras=_lora_names(self.scheduler.running) if self.runner.lora else (),
             waiting_loras=_lora_names(self.scheduler.waiting) if self.runner.lora else (),

@@ -52,6 +52,7 @@ class Request:
     lora_request: Any = None  # LoRARequest: the adapter it runs with (its id is mixed into the hashes too)
     pooling: Any = None  # PoolingState: a pooling request's vector in the making (it samples nothing)
     token_type_ids: list[int] | None = None  # an encoder's segment of each prompt token (a cross-encoder's pair)
+    kv_transfer_pending: bool = False  # its prompt's blocks are being pulled from another engine (kv_transfer/)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks, extended as tokens come
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission
     stop_reason: int | str | None = None

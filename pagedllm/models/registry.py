@@ -53,4 +53,5 @@ def get_model_class(hf_config: Any) -> type[nn.Module]:
 
 def is_encoder(hf_config: Any) -> bool:
     """Whether the model is a bidirectional encoder: its prompts run whole, with no KV cache and no prefix cache."""
-    return getattr(get_model_class(hf_config), "is_encoder", False)
+    archs = getattr(hf_config, "architectures", None) or []
+    return any(getattr(MODELS.get(arch), "is_encoder", False) for arch in archs)

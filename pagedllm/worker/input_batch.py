@@ -97,6 +97,7 @@ class StepPlan:
     prompt_rows: list[tuple[int, int]]  # flat row ranges whose logits prompt logprobs need, in the driver's order
     num_prev_sampled: int  # rows the previous step sampled: tokens in flight are read from them
     lora: Any = None  # LoRAPlan: the step's adapters by slot and each token's slot (enable_lora)
+    kv_copies: Any = None  # BlockCopies: host-tier loads and saves (kv_offload_bytes)
 
 
 _EMPTY = np.empty(0, dtype=np.int64)

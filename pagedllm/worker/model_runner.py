@@ -31,6 +31,7 @@ from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.distributed.communication import broadcast_object, min_over_world, recv, send, tp_broadcast
 from pagedllm.distributed.parallel_state import ParallelState, building
 from pagedllm.engine.request import Request
+from pagedllm.kv_transfer.host_store import HostKVStore
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.lora.layers import LoRABatch, LoRAPlan, lora_context
 from pagedllm.lora.manager import LoRAManager
@@ -124,6 +125,8 @@ class ModelRunner:
         return per_layer * len(self.attn_layers)
 
     def _allocate_kv_cache(self) -> int:
+        self.host_store: HostKVStore | None = None
+        self.num_host_slots = 0
         from pagedllm.spec_decode.draft_model import kv_reservation
 
         # A draft model (speculative decoding) shares the budget: its weights, and a block of its own per block here.
@@ -141,7 +144,29 @@ class ModelRunner:
         for layer in self.attn_layers:
             # Zeroed: padded reads past a sequence's end must meet finite values (0 * NaN would poison softmax @ V).
             layer.bind_kv_cache(self._kv_blocks(layer, num_blocks))
+        self._allocate_host_tier()
         return int(num_blocks)
+
+    def _allocate_host_tier(self) -> None:
+        """The host-memory tier of the prefix cache (kv_offload_bytes): as many slots as fit, the same on every rank."""
+        caches = [layer.kv_cache for layer in self.attn_layers]
+        connector = self.config.kv_transfer_config
+        size = self.config.kv_offload_bytes
+        if not size and connector is not None:
+            size = connector.offload_bytes(HostKVStore.slot_bytes(caches))
+        if not size:
+            return
+        slots = size // HostKVStore.slot_bytes(caches)
+        if self.distributed:
+            slots = min_over_world(self.parallel, slots)
+        if slots < 1:
+            raise ValueError(f"kv_offload_bytes={size} is less than one block of every layer "
+                             f"({HostKVStore.slot_bytes(caches)} bytes).")
+        self.host_store, self.num_host_slots = HostKVStore(caches, int(slots)), int(slots)
+
+    def _host_store(self) -> HostKVStore:
+        assert self.host_store is not None, "host-tier copies without kv_offload_bytes"
+        return self.host_store
 
     def _kv_blocks(self, layer: Attention, num_blocks: int) -> torch.Tensor:
         shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
@@ -242,12 +267,17 @@ class ModelRunner:
         batch = build_batch(sched, kv_cache, self.backend.shared_prefix_min)
         spans = self._prompt_logprob_spans(sched, batch)
         lora = None if self.lora is None else self._lora_plan(sched, batch)
+        copies = sched.kv_copies
         if self.distributed:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans],
-                                                     0 if prev is None else len(prev.requests), lora))
+                                                     0 if prev is None else len(prev.requests), lora, copies))
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
+        if copies is not None:
+            self._host_store().load(copies)
         with lora_context(self._lora_batch(lora)):
             hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
+        if copies is not None:
+            self._host_store().save(copies)
         if self.keep_hidden:  # the final hidden states, or an EAGLE-3 head's three layers' (written by the forward)
             aux = getattr(getattr(self.model, "model", None), "aux_buffer", None)
             starts = batch.query_start_loc.tolist()
@@ -367,8 +397,12 @@ class ModelRunner:
                 assert self.lora is not None
                 self.lora.activate({r.lora_int_id: r for r in plan.lora.adapters.values()},
                                    {r.lora_int_id: slot for slot, r in plan.lora.adapters.items()})
+            if plan.kv_copies is not None:
+                self._host_store().load(plan.kv_copies)
             with lora_context(self._lora_batch(plan.lora)):
                 hidden, logits_index = self._forward(batch, prev_ids, turn)
+            if plan.kv_copies is not None:
+                self._host_store().save(plan.kv_copies)
             turn = (turn + 1) % self._num_turns
             for lo, hi in plan.prompt_rows:
                 self.compute_logits(hidden[lo:hi])

@@ -4,6 +4,7 @@ token in flight from there) while their copy to the host completes; `result()` w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ class StepHandle:
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host (ids, values, ranks)
     prompt_logprobs: list[PromptLogprobs]
     pooled: list[tuple[Request, torch.Tensor]] = field(default_factory=list)  # (request, its vector on the device)
+    kv_copies: Any = None  # BlockCopies the step made (host KV tier): its saves are readable once it has finished
 
     def result(self) -> ModelRunnerOutput:
         if self.event is not None:

@@ -1,0 +1,71 @@
+"""`kv_transfer_config` as vLLM spells it: {"kv_connector": ..., "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+"kv_ip": ..., "kv_port": ...}. Connectors here: "TcpConnector" (disaggregated prefill between engines, over TCP:
+works on any host and on the CPU) and "OffloadingConnector" (the host-memory tier alone; `kv_connector_extra_config`
+{"kv_offload_bytes": N} or vLLM's {"num_cpu_blocks": N}).
+
+A request asks for a transfer through `SamplingParams.extra_args["kv_transfer_params"]` (the server maps the body's
+`kv_transfer_params` there, as vLLM does): {"do_remote_decode": true} on the producer (a prefill-only request whose
+response carries the producer's address), {"do_remote_prefill": true, "remote_host": ..., "remote_port": ...} on the
+consumer, which pulls the prompt's blocks before it schedules the request."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONNECTORS = ("TcpConnector", "OffloadingConnector")
+ROLES = ("kv_producer", "kv_consumer", "kv_both")
+DEFAULT_OFFLOAD_BYTES = 4 << 30  # the host tier a TcpConnector keeps unless kv_offload_bytes says otherwise
+
+
+@dataclass
+class KVTransferConfig:
+    kv_connector: str
+    kv_role: str = "kv_both"
+    kv_ip: str = "127.0.0.1"
+    kv_port: int = 14579
+    kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_user(cls, value: Any) -> KVTransferConfig | None:
+        if value is None or isinstance(value, KVTransferConfig):
+            return value
+        raw = json.loads(value) if isinstance(value, str) else dict(value)
+        names = {"kv_connector", "kv_role", "kv_ip", "kv_port", "kv_connector_extra_config"}
+        unknown = sorted(set(raw) - names - {"kv_rank", "kv_parallel_size", "engine_id", "kv_buffer_device"})
+        if unknown:
+            raise ValueError(f"kv_transfer_config: unknown keys {unknown}; it takes {sorted(names)}.")
+        config = cls(**{k: v for k, v in raw.items() if k in names})
+        if config.kv_connector not in CONNECTORS:
+            raise ValueError(f"kv_transfer_config: kv_connector must be one of {', '.join(CONNECTORS)}; got "
+                             f"{config.kv_connector!r}.")
+        if config.kv_role not in ROLES:
+            raise ValueError(f"kv_transfer_config: kv_role must be one of {', '.join(ROLES)}; got {config.kv_role!r}.")
+        return config
+
+    @property
+    def produces(self) -> bool:
+        return self.kv_connector == "TcpConnector" and self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def consumes(self) -> bool:
+        return self.kv_connector == "TcpConnector" and self.kv_role in ("kv_consumer", "kv_both")
+
+    def offload_bytes(self, block_bytes: int) -> int:
+        """The host tier's size this connector asks for (kv_connector_extra_config), given one block's bytes."""
+        extra = self.kv_connector_extra_config
+        if "num_cpu_blocks" in extra:
+            return int(extra["num_cpu_blocks"]) * block_bytes
+        return int(extra.get("kv_offload_bytes", DEFAULT_OFFLOAD_BYTES if self.kv_connector == "TcpConnector" else 0))
+
+    def producer_params(self) -> dict[str, Any]:
+        """What a producer's response hands the proxy for the consumer: where to pull the blocks from."""
+        return {"do_remote_prefill": True, "remote_host": self.kv_ip, "remote_port": self.kv_port}
+
+
+def transfer_params(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    params = (extra_args or {}).get("kv_transfer_params")
+    if params is not None and not isinstance(params, dict):
+        raise ValueError("kv_transfer_params must be an object.")
+    return params
