@@ -44,6 +44,7 @@ class EngineConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None  # at least max_model_len without chunked prefill
     enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"  # fcfs | priority: requests' `priority` (lower first) orders the queue and preemption
     # Worker
     attention_backend: str | None = None
     enforce_eager: bool = False
@@ -123,6 +124,10 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1.")
         self._check_parallel()
+        from pagedllm.core.queues import POLICIES
+
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}; got {self.scheduling_policy!r}.")
         from pagedllm.spec_decode.config import SpeculativeConfig
 
         if not isinstance(self.speculative_config, SpeculativeConfig):

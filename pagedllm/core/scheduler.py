@@ -7,6 +7,11 @@ already holds for it. When the pool runs dry, the most recently admitted running
 request is preempted: its blocks are freed and it goes back to the head of the queue, to be
 recomputed (prompt + what it generated so far) when there is room again.
 
+Under the priority policy (queues.py) waiting and running requests are ordered by priority first (lower runs first),
+so the budget goes to better priorities and the pool's victims are the worst; before each step, running requests of a
+worse priority than the best waiting one are preempted while it could not start otherwise. Equal priorities behave
+exactly as fcfs.
+
 A request with draft tokens (speculative decoding) is scheduled for its last token and the drafts, as one chunk.
 
 With async scheduling a request's `num_tokens` counts the token its in-flight step will sample, so
@@ -17,12 +22,14 @@ with a token in flight is left out altogether, so each step holds other requests
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.core.queues import WaitingQueue, waiting_queue
 from pagedllm.kv_transfer.host_tier import BlockCopies
 from pagedllm.engine.request import Request, RequestStatus
 
@@ -44,16 +51,18 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(
         self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool,
-        disjoint_steps: bool = False, max_loras: int = 0,
+        disjoint_steps: bool = False, max_loras: int = 0, policy: str = "fcfs",
     ) -> None:
-        """max_loras: the most LoRA adapters one step may hold (0: LoRA off)."""
+        """max_loras: the most LoRA adapters one step may hold (0: LoRA off); policy: fcfs | priority (queues.py)."""
         self.kv_cache = kv_cache
+        self.priority = policy == "priority"
+        self._admissions = itertools.count()
         self.max_loras = max_loras
         self.disjoint_steps = disjoint_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.waiting: deque[Request] = deque()
+        self.waiting: WaitingQueue = waiting_queue(policy)
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -65,6 +74,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.priority and self.waiting and self.running:
+            self._preempt_for_priority(out)
+        starved = False  # a running request had to be preempted for room: admit no one this step
         budget = self.max_num_batched_tokens
         decodes: list[tuple[Request, int]] = []  # one-token steps go first in the batch
         chunks: list[tuple[Request, int]] = []
@@ -90,6 +102,7 @@ class Scheduler:
                 request.spec_token_ids = request.spec_token_ids[: max(0, num_new - known)]  # drafts the budget allows
             table = tables.get(request.request_id)
             fits = table is not None and len(table) * block_size >= computed + num_new  # most steps need no new block
+            preempted = len(out.preempted)
             if fits or self._allocate_or_preempt(request, num_new, out):
                 if hashed is not None and (computed + num_new) // block_size > hashed[request.request_id]:
                     self.kv_cache.cache_full_blocks(request, computed + num_new)  # a block is full (if its ids are known)
@@ -97,11 +110,12 @@ class Scheduler:
                 budget -= num_new
                 i += 1
             # else: `request` itself was preempted (it was the newest), and the loop ends.
+            starved = starved or len(out.preempted) > preempted
         skipped: list[Request] = []  # grammars still compiling, KV pulls, adapters over max_loras: they keep their place
         loras: set[int] = set()
         if self.max_loras:  # the adapters already running (LoRA off: nothing to walk)
             loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not starved:
             request = self.waiting[0]
             if (request.structured_output is not None and not request.structured_output.ready) or request.kv_transfer_pending:
                 skipped.append(self.waiting.popleft())
@@ -131,7 +145,11 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
-            self.running.append(request)
+            if self.priority:  # by (priority, admission): the newest of the worst priority is last
+                request.queue_key = (request.priority, next(self._admissions))
+                bisect.insort(self.running, request, key=lambda r: r.queue_key)
+            else:
+                self.running.append(request)
             (decodes if num_new == 1 else chunks).append((request, num_new))
             budget -= num_new
         if skipped:
@@ -149,6 +167,19 @@ class Scheduler:
             if victim is request:
                 return False
         return True
+
+    def _preempt_for_priority(self, out: SchedulerOutput) -> None:
+        """Before anything is scheduled: running requests of a worse priority than the best waiting one make room
+        for it (worst and newest first) while it could not start for lack of blocks or of a sequence slot."""
+        head = next((r for r in self.waiting if not r.num_pending), None)
+        if head is None:
+            return
+        need = self.kv_cache.blocks_for(head.num_tokens)  # at most: prefix hits would need fewer
+        while self.running and self.running[-1].priority > head.priority and (
+                need > self.kv_cache.num_free_blocks or len(self.running) >= self.max_num_seqs):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)

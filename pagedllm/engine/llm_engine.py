@@ -132,7 +132,7 @@ class LLMEngine:
         assert config.max_num_batched_tokens is not None
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                                    disjoint_steps=config.pipeline_parallel_size > 1,
-                                   max_loras=config.max_loras if config.enable_lora else 0)
+                                   max_loras=config.max_loras if config.enable_lora else 0, policy=config.scheduling_policy)
         self.groups: dict[str, _Group] = {}
         self.requests: dict[str, Request] = {}  # every unfinished sample, by its own id
         self._aborted: list[_Group] = []
@@ -156,10 +156,15 @@ class LLMEngine:
 
     # ---- requests in ----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
-                    arrival_time: float | None = None, lora_request: Any = None) -> None:
+                    arrival_time: float | None = None, lora_request: Any = None, priority: int = 0) -> None:
         """Queues a request; raises ValueError (naming the field) if it could never run. lora_request: a LoRARequest
         (enable_lora), loaded and checked now. PoolingParams: a pooling request (runner="pooling"), whose output is
-        its prompt's vector."""
+        its prompt's vector. priority: lower runs first (scheduling_policy="priority")."""
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority={priority}, but priority scheduling is off: start the engine with "
+                             "scheduling_policy='priority' (--scheduling-policy priority).")
+        if not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
         pooling = None
         if isinstance(params, PoolingParams) or (params is None and self.config.runner == "pooling"):
             pooling = self._pooling_state(params or PoolingParams())
@@ -192,7 +197,7 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed),
                               request_id, i, cache_salt=salt, lora_request=lora_request, pooling=pooling,
-                              token_type_ids=token_types)
+                              token_type_ids=token_types, priority=priority)
             if arrival_time is not None:
                 request.metrics.arrival_time = arrival_time
             if self.tokenizer is not None and pooling is None:  # a pooling request has no text to detokenize

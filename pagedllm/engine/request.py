@@ -53,6 +53,8 @@ class Request:
     pooling: Any = None  # PoolingState: a pooling request's vector in the making (it samples nothing)
     token_type_ids: list[int] | None = None  # an encoder's segment of each prompt token (a cross-encoder's pair)
     kv_transfer_pending: bool = False  # its prompt's blocks are being pulled from another engine (kv_transfer/)
+    priority: int = 0  # scheduling_policy="priority": lower runs first
+    queue_key: tuple[int, int] = (0, 0)  # its place in a priority queue (core/queues.py)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks, extended as tokens come
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission
     stop_reason: int | str | None = None

@@ -134,9 +134,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in the order of the prompts. lora_request: one adapter
-        for all prompts, or one (or None: the base model) per prompt (enable_lora)."""
+        for all prompts, or one (or None: the base model) per prompt (enable_lora); priority: one per prompt, lower
+        first (scheduling_policy="priority")."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -152,11 +154,14 @@ class LLM:
             loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(prompts)
             if len(loras) != len(prompts):
                 raise ValueError(f"Got {len(prompts)} prompts but {len(loras)} lora_requests.")
-            for i, (prompt, params, lora) in enumerate(zip(prompts, params_list, loras)):
+            priorities = [0] * len(prompts) if priority is None else list(priority)
+            if len(priorities) != len(prompts):
+                raise ValueError(f"Got {len(prompts)} prompts but {len(priorities)} priorities.")
+            for i, (prompt, params, lora, prio) in enumerate(zip(prompts, params_list, loras, priorities)):
                 params = params.clone()
                 params.output_kind = RequestOutputKind.FINAL_ONLY
                 request_id = str(next(self._ids))
-                engine.add_request(request_id, prompt, params, lora_request=lora)
+                engine.add_request(request_id, prompt, params, lora_request=lora, priority=prio)
                 order[request_id] = i
             return self._run(order, use_tqdm)
         except BaseException:
