@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     shape = kwargs.get("model") in SHAPES
     if shape:  # random weights of a real shape, pooled at the last token
         kwargs.update(model=shape_dir(kwargs["model"]), load_format="dummy", runner="pooling")
-    kwargs.setdefault("model", default_model())
+    if "model" not in kwargs:
+        kwargs["model"] = default_model()
     kwargs["skip_tokenizer_init"] = False
     texts = make_texts(args.num_texts, args.seed)
     results: dict[str, dict[str, Any]] = {}

@@ -139,8 +139,9 @@ def other_builds() -> list[tuple[str, callable]]:
         consts = dict(ADD=add, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, PREC="tf32", UPCAST=False)
         builds.append((f"lora sgmv {'expand' if add else 'shrink'}", lambda t=types, c=consts: build(lora._sgmv_kernel, t, c, 4)))
         types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "out_ptr": "*fp32" if not add else f"*{dt}", "slots_ptr": "*i64"}
-        consts = dict(ADD=add, BLOCK_N=64, BLOCK_K=128)
-        builds.append((f"lora bgmv {'expand' if add else 'shrink'}", lambda t=types, c=consts: build(lora._bgmv_kernel, t, c, 4)))
+        consts = dict(ADD=add, X_SPLITS=8 if add else 1, BLOCK_N=64, BLOCK_K=128)
+        builds.append((f"lora bgmv {'expand' if add else 'shrink (split K)'}",
+                       lambda t=types, c=consts: build(lora._bgmv_kernel, t, c, 4)))
     builds += int_weight_builds()
     builds += gguf_builds()
     builds += moe_builds()

@@ -62,10 +62,10 @@ def _check_fp8_gemv(device, assert_close, rows: int, shape: tuple[int, int], bia
     w = (torch.randn(n, k, generator=g) * 100).clamp(-127, 127) if weight_dtype == torch.int8 else \
         (torch.randn(n, k, generator=g) * 100).clamp(-448, 448)
     w = w.to(weight_dtype).to(device)
-    scale = (torch.rand(n, 1, generator=g) + 0.5) / (100 * k**0.5)
+    scale = ((torch.rand(n, 1, generator=g) + 0.5) / (100 * k**0.5)).to(device)
     b = torch.randn(n, generator=g).to(device, dtype) if bias else None
     ref = x.double() @ (w.double() * scale.double()).T + (0 if b is None else b.double())
-    assert_close(gemv(x, w, b, config=config, weight_scale=scale.to(device)), ref)
+    assert_close(gemv(x, w, b, config=config, weight_scale=scale), ref)
 
 
 FP8_SHAPES = SHAPES + [(40, 199)]  # and an odd input width: fp8 rows of 199 bytes
