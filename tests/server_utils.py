@@ -1,4 +1,5 @@
-"""Start `pagedllm serve` as a real subprocess on a free 127.0.0.1 port, wait for /health, and always stop it."""
+"""Start `pagedllm serve` (or `pagedllm proxy`) as a real subprocess on a free 127.0.0.1 port, wait for /health,
+and always stop it."""
 
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, start_timeout: float = 240.0) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, start_timeout: float = 240.0,
+                 command: str = "serve") -> None:
+        """command: the `pagedllm` subcommand (serve, or proxy), given --host, --port and --uvicorn-log-level."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="pagedllm-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *args,
+        cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", command, *args,
                "--host", "127.0.0.1", "--port", str(self.port), "--uvicorn-log-level", "warning"]
         full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         # Its own session, so teardown can kill the whole group should anything survive.

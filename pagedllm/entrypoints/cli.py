@@ -1,4 +1,4 @@
-"""`pagedllm generate | chat | serve | bench`: the command line.
+"""`pagedllm generate | chat | serve | bench | proxy`: the command line.
 
 Engine flags are derived from `EngineConfig`'s fields (`max_num_seqs` -> `--max-num-seqs`), so the
 CLI, `LLM(...)` and the config never drift apart.
@@ -141,6 +141,28 @@ def _add_optional_commands(sub: Any) -> None:
 
     add_serve_parser(sub)
     add_bench_parser(sub)
+    _add_proxy_parser(sub)
+
+
+def _add_proxy_parser(sub: Any) -> None:
+    proxy = sub.add_parser("proxy", help="disaggregated prefill: an OpenAI-compatible front for prefill and decode "
+                                         "instances (pagedllm serve --kv-transfer-config ...)")
+    proxy.add_argument("--prefill", nargs="+", required=True, metavar="URL",
+                       help="prefill instances (kv_role kv_producer), e.g. http://10.0.0.1:8100")
+    proxy.add_argument("--decode", nargs="+", required=True, metavar="URL", help="decode instances (kv_role kv_consumer)")
+    proxy.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    proxy.add_argument("--port", type=int, default=8000)
+    proxy.add_argument("--prefill-timeout", type=float, default=300.0,
+                       help="seconds a prefill may take before the decode instance prefills the request itself")
+    proxy.add_argument("--uvicorn-log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    proxy.set_defaults(func=_run_proxy)
+
+
+def _run_proxy(args: argparse.Namespace) -> None:
+    from pagedllm.entrypoints.proxy import run_proxy  # web stack imported only when proxying
+
+    run_proxy(args)
 
 
 if __name__ == "__main__":

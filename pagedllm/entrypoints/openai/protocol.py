@@ -11,7 +11,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictInt, ValidationInfo, field_validator, model_serializer,
+)
 
 LOGPROBS_CAP = 20  # OpenAI's limit on logprobs / top_logprobs
 # Token ids must be real integers: lax mode would read true/false or "7" as ids.
@@ -103,6 +105,10 @@ class SamplingRequest(StructuredFields):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(None, min_length=1)  # only requests with the same salt share prefix-cache blocks
+    # Disaggregated prefill (kv_transfer/config.py), as vLLM's P/D: {"do_remote_decode": true} asks a producer for a
+    # prefill whose KV a consumer pulls; the producer's answer ({"do_remote_prefill": true, "remote_host", ...}) is
+    # what a consumer gets. The engine sees it as SamplingParams.extra_args["kv_transfer_params"].
+    kv_transfer_params: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None  # declared after `stream`, so its validator sees it
 
@@ -161,13 +167,26 @@ class UsageInfo(OpenAIModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
-class CompletionResponse(OpenAIModel):
+class KVTransferResponse(OpenAIModel):
+    """A producer's answer to a do_remote_decode request carries `kv_transfer_params` (where a consumer pulls the
+    prompt's KV from); every other answer omits the field (pydantic < 2.12 has no Field(exclude_if=...))."""
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_transfer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("kv_transfer_params", 0) is None:
+            del data["kv_transfer_params"]
+        return data
+
+
+class CompletionResponse(KVTransferResponse):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------
@@ -283,13 +302,14 @@ class ChatChoice(OpenAIModel):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(OpenAIModel):
+class ChatCompletionResponse(KVTransferResponse):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class DeltaMessage(OpenAIModel):

@@ -19,6 +19,7 @@ from pagedllm.engine.async_engine import AsyncLLM, EngineDeadError, EngineOverlo
 from pagedllm.engine.detokenizer import decode_token
 from pagedllm.engine.llm_engine import PromptType
 from pagedllm.entrypoints.openai.protocol import PROMPT_FORMS, ErrorInfo, ErrorResponse, SamplingRequest
+from pagedllm.kv_transfer.config import KVTransferConfig
 from pagedllm.outputs import LogprobsDict
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -123,6 +124,8 @@ class OpenAIServing:
         self.model_names = model_names
         self.max_n = max_n
         self.loras: Any = None  # LoRARegistry, when the server serves adapters
+        # Read defensively: engines (and test doubles) without a kv_transfer_config field have no connector.
+        self.kv_transfer_config = KVTransferConfig.from_user(getattr(getattr(engine, "config", None), "kv_transfer_config", None))
 
     @property
     def model_name(self) -> str:
@@ -152,6 +155,22 @@ class OpenAIServing:
             raise APIError(f"n must be at most {self.max_n}, got {request.n}.", 400, param="n")
         return lora
 
+    def kv_transfer(self, request: SamplingRequest) -> dict[str, Any] | None:
+        """What a non-streamed answer carries as `kv_transfer_params`: this producer's address when the request asks
+        for a prefill that another engine decodes (`do_remote_decode`, sent by `pagedllm proxy`); else None."""
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_decode"):
+            return None
+        config = self.kv_transfer_config
+        if config is None or not config.produces:
+            raise APIError("kv_transfer_params.do_remote_decode needs a prefill instance: start this server with "
+                           "--kv-transfer-config '{\"kv_connector\": \"TcpConnector\", \"kv_role\": \"kv_producer\"}' "
+                           "(or kv_both).", 400, param="kv_transfer_params")
+        if request.stream:
+            raise APIError("kv_transfer_params.do_remote_decode needs stream false: the answer tells where the KV is.",
+                           400, param="kv_transfer_params")
+        return config.producer_params()
+
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None,
                         structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
@@ -173,6 +192,7 @@ class OpenAIServing:
                 min_tokens=request.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 skip_special_tokens=request.skip_special_tokens, structured_outputs=structured_outputs,
+                extra_args=None if request.kv_transfer_params is None else {"kv_transfer_params": request.kv_transfer_params},
             )
         except ValueError as error:
             raise value_error(error) from None

@@ -131,6 +131,7 @@ class ChatServing(OpenAIServing):
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        transfer = self.kv_transfer(request)
         params = self.sampling_params(request, max_tokens, logprobs, structured_outputs=forced or constraint)
         request_id = random_id("chatcmpl")
         aliases = {"prompt": "messages", "max_tokens": max_field, "structured_outputs": constraint_field or "tools"}
@@ -151,7 +152,8 @@ class ChatServing(OpenAIServing):
         finally:
             self.engine.abort(stream.unfinished)
         ordered = [choices[i] for i in sorted(choices)]
-        return json_response(ChatCompletionResponse(id=request_id, created=created, model=served, choices=ordered, usage=acc.usage()))
+        return json_response(ChatCompletionResponse(id=request_id, created=created, model=served, choices=ordered,
+                                                    usage=acc.usage(), kv_transfer_params=transfer))
 
     async def _collect(self, stream: RequestStream, acc: _Accumulator) -> dict[int, ChatChoice]:
         choices: dict[int, ChatChoice] = {}

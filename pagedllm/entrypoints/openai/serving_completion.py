@@ -110,6 +110,7 @@ class CompletionServing(OpenAIServing):
             return await self._beam_search(request, prompts)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         constraint, field = structured_outputs_of(request)
+        transfer = self.kv_transfer(request)
         params = self.sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs, constraint)
         request_id = random_id("cmpl")
         stream, ids = await self.submit(request_id, prompts, params, arrival_time, {"structured_outputs": field or "structured_outputs"},
@@ -126,7 +127,8 @@ class CompletionServing(OpenAIServing):
         finally:
             self.engine.abort(stream.unfinished)  # only if something failed midway
         ordered = [choices[i] for i in sorted(choices)]
-        return json_response(CompletionResponse(id=request_id, created=created, model=served, choices=ordered, usage=acc.usage()))
+        return json_response(CompletionResponse(id=request_id, created=created, model=served, choices=ordered, usage=acc.usage(),
+                                                kv_transfer_params=transfer))
 
     async def _beam_search(self, request: CompletionRequest, prompts: list[PromptType]) -> Response:
         """Each prompt's n best beams (of n) as its choices, best first; the sampling fields do not apply."""
