@@ -108,3 +108,29 @@ def test_errors(tiny_models: dict[str, str]) -> None:
     out = llm.generate([{"prompt_token_ids": [5, 6]}] * 2, SamplingParams(max_tokens=2), priority=[3, -2], use_tqdm=False)
     assert len(out) == 2
     assert_clean(llm.llm_engine)
+
+
+def test_server_takes_priority() -> None:
+    """`priority` on completions and chat reaches the engine core (its own process) under --scheduling-policy priority;
+    a server without it answers 400 naming the field."""
+    import openai
+
+    from tests.server_utils import SMALL_SERVER_ARGS, ServerProcess
+
+    server = ServerProcess([*SMALL_SERVER_ARGS, "--scheduling-policy", "priority"])
+    try:
+        client = server.client()
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt="Hello", max_tokens=3, extra_body={"priority": -5})
+        assert out.choices[0].text
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                              extra_body={"priority": 7})
+        assert chat.choices[0].message.content is not None
+    finally:
+        assert server.stop() == 0, server.logs()
+    plain = ServerProcess(list(SMALL_SERVER_ARGS))
+    try:
+        with pytest.raises(openai.BadRequestError, match="priority"):
+            plain.client().completions.create(model=model, prompt="Hello", max_tokens=3, extra_body={"priority": 1})
+    finally:
+        plain.stop()

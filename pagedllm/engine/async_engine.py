@@ -140,9 +140,10 @@ class AsyncLLM:
     async def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams,
         arrival_time: float | None = None, stream: RequestStream | None = None, lora_request: Any = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Queues a request and returns the stream its outputs go to (pass `stream` to share one); lora_request: the
-        LoRARequest it runs with.
+        LoRARequest it runs with; priority: lower runs first (--scheduling-policy priority).
 
         Raises the engine's ValueError for invalid input, EngineOverloadedError when over capacity, and
         EngineDeadError once the engine has stopped.
@@ -165,7 +166,7 @@ class AsyncLLM:
             params.output_kind = RequestOutputKind.DELTA
         stream = stream if stream is not None else RequestStream()
         future: asyncio.Future[None] = self._loop.create_future()
-        self.core.send("add", request_id, tokenized, params, arrival_time or time.time(), lora_request)
+        self.core.send("add", request_id, tokenized, params, arrival_time or time.time(), lora_request, priority)
         # Registered before the core can answer: its messages are read on this loop, later.
         stream.unfinished.add(request_id)
         self._streams[request_id] = stream

@@ -6,7 +6,7 @@ the front has sent (new requests join the very next step), steps, and hands the 
 thread: no step ever waits on the front. Idle, it sleeps on the pipe.
 
 Messages are pickled tuples over a multiprocessing pipe (a Unix socket pair), one `send_bytes` each.
-Front -> core:  ("add", request_id, prompt, params, arrival_time, lora_request)   the prompt tokenized by the front
+Front -> core:  ("add", request_id, prompt, params, arrival_time, lora_request, priority)   the prompt tokenized by the front
                 ("abort", [request_id, ...])
                 ("call", call_id, fn, args)                         fn(engine, *args) between two steps
                 ("shutdown",)
@@ -144,9 +144,9 @@ class EngineCore:
     def _apply(self, message: tuple[Any, ...], verdicts: list[tuple[str, BaseException | None]]) -> bool:
         kind = message[0]
         if kind == "add":
-            _, request_id, prompt, params, arrival_time, lora_request = message
+            _, request_id, prompt, params, arrival_time, lora_request, priority = message
             try:
-                self.engine.add_request(request_id, prompt, params, arrival_time, lora_request)
+                self.engine.add_request(request_id, prompt, params, arrival_time, lora_request, priority)
                 verdicts.append((request_id, None))
             except Exception as error:  # noqa: BLE001 - fails this request only (ValueError: its input is invalid)
                 verdicts.append((request_id, portable(error)))

@@ -96,11 +96,13 @@ class DPAsyncLLM:
     async def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams,
         arrival_time: float | None = None, stream: RequestStream | None = None, lora_request: Any = None,
+        priority: int = 0,
     ) -> RequestStream:
         """AsyncLLM.add_request on the least-loaded replica."""
         if any(r.has_request(request_id) for r in self.replicas):
             raise ValueError(f"request_id {request_id!r} is already in use.")
-        return await self._least_loaded().add_request(request_id, prompt, params, arrival_time, stream, lora_request)
+        return await self._least_loaded().add_request(request_id, prompt, params, arrival_time, stream, lora_request,
+                                                      priority)
 
     async def add_lora(self, lora_request: Any) -> bool:
         return all(await asyncio.gather(*(r.add_lora(lora_request) for r in self.replicas)))

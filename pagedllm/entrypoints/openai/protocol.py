@@ -105,6 +105,7 @@ class SamplingRequest(StructuredFields):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(None, min_length=1)  # only requests with the same salt share prefix-cache blocks
+    priority: int = 0  # --scheduling-policy priority: lower runs first
     # Disaggregated prefill (kv_transfer/config.py), as vLLM's P/D: {"do_remote_decode": true} asks a producer for a
     # prefill whose KV a consumer pulls; the producer's answer ({"do_remote_prefill": true, "remote_host", ...}) is
     # what a consumer gets. The engine sees it as SamplingParams.extra_args["kv_transfer_params"].

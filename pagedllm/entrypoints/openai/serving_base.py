@@ -199,12 +199,12 @@ class OpenAIServing:
 
     async def submit(self, request_id: str, prompts: list[PromptType], params: SamplingParams, arrival_time: float,
                      aliases: dict[str, str] | None = None, cache_salt: str | None = None,
-                     lora_request: Any = None) -> tuple[RequestStream, dict[str, int]]:
+                     lora_request: Any = None, priority: int = 0) -> tuple[RequestStream, dict[str, int]]:
         """Adds every prompt as its own engine request, all feeding one stream; all or nothing."""
         stream = RequestStream()
         prompts = with_cache_salt(prompts, cache_salt)
         ids = {f"{request_id}-{i}": i for i in range(len(prompts))}
-        adds = [self.engine.add_request(rid, prompt, params, arrival_time, stream, lora_request)
+        adds = [self.engine.add_request(rid, prompt, params, arrival_time, stream, lora_request, priority)
                 for rid, prompt in zip(ids, prompts)]
         results = await asyncio.gather(*adds, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]

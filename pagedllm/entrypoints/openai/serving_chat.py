@@ -135,7 +135,8 @@ class ChatServing(OpenAIServing):
         params = self.sampling_params(request, max_tokens, logprobs, structured_outputs=forced or constraint)
         request_id = random_id("chatcmpl")
         aliases = {"prompt": "messages", "max_tokens": max_field, "structured_outputs": constraint_field or "tools"}
-        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, aliases, request.cache_salt, lora)
+        stream, _ = await self.submit(request_id, [prompt], params, arrival_time, aliases, request.cache_salt, lora,
+                                      request.priority)
         parsers = None
         if self.reasoning_parser is not None or mode != "none":
             named = named_tool(request).function.name if mode == "named" else None

@@ -114,7 +114,7 @@ class CompletionServing(OpenAIServing):
         params = self.sampling_params(request, request.max_tokens, request.logprobs, prompt_logprobs, constraint)
         request_id = random_id("cmpl")
         stream, ids = await self.submit(request_id, prompts, params, arrival_time, {"structured_outputs": field or "structured_outputs"},
-                                        cache_salt=request.cache_salt, lora_request=lora)
+                                        cache_salt=request.cache_salt, lora_request=lora, priority=request.priority)
         acc = _Accumulator(request, ids, self.tokenizer)
         created = int(time.time())
         if request.stream:
