@@ -35,6 +35,7 @@ class RequestResult:
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
+    priority: int = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--high-priority-fraction", type=float, default=0.0, metavar="F",
+                        help="send this share of the requests (seeded) with priority -1, the rest with 0, and report "
+                             "TTFT per class (a server with --scheduling-policy priority)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
     parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before one request counts as failed")
@@ -184,10 +188,15 @@ async def _run(args: argparse.Namespace,
         limit = asyncio.Semaphore(args.max_concurrency or len(requests))
         bar = tqdm(total=len(requests), desc="requests", disable=args.disable_tqdm, dynamic_ncols=True)
 
-        async def one(request: BenchRequest) -> RequestResult:
+        urgent = random.Random(args.seed + 1)
+
+        async def one(request: BenchRequest, priority: int) -> RequestResult:
             async with limit:
                 payload = {**common, "prompt": request.prompt_token_ids, "max_tokens": request.output_len}
+                if priority:
+                    payload["priority"] = priority
                 result = await _send(client, url, payload, len(request.prompt_token_ids))
+            result.priority = priority
             bar.update(1)
             return result
 
@@ -196,7 +205,8 @@ async def _run(args: argparse.Namespace,
         before = await _read_tpot_totals(client, base)  # after the probe, whose one token adds no TPOT sample
         start = time.perf_counter()
         for i, request in enumerate(requests):
-            tasks.append(asyncio.create_task(one(request)))
+            priority = -1 if urgent.random() < args.high_priority_fraction else 0
+            tasks.append(asyncio.create_task(one(request, priority)))
             if args.request_rate != float("inf") and i + 1 < len(requests):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -227,6 +237,12 @@ def summarize(results: list[RequestResult], duration: float, engine_tpot: float 
         summary["engine_mean_tpot_ms"] = engine_tpot
         if tpots:  # the same per-request mean, as the clients saw it
             summary["server_overhead"] = summary["mean_tpot_ms"] / engine_tpot
+    classes = {"high_priority": [r for r in done if r.priority < 0], "low_priority": [r for r in done if r.priority >= 0]}
+    if classes["high_priority"]:  # --high-priority-fraction: TTFT per class, and the p99 ratio
+        for name, members in classes.items():
+            ms = np.array([r.ttft for r in members] or [0.0]) * 1000
+            summary[f"{name}_p50_ttft_ms"], summary[f"{name}_p99_ttft_ms"] = float(np.median(ms)), float(np.percentile(ms, 99))
+        summary["high_over_low_p99_ttft"] = summary["high_priority_p99_ttft_ms"] / summary["low_priority_p99_ttft_ms"]
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         summary["errors"] = errors[:5]
@@ -250,6 +266,11 @@ def _print(summary: dict[str, Any], args: argparse.Namespace, ignore_eos: bool) 
         print("{s:{c}^50}".format(s=f" {title} ", c="-"))
         for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
             print(f"{f'{label} {name.upper()} (ms):':<40}{summary[f'{stat}_{name}_ms']:>10.2f}")
+    if "high_over_low_p99_ttft" in summary:
+        print("{s:{c}^50}".format(s=" TTFT by priority ", c="-"))
+        for name in ("high_priority", "low_priority"):
+            print(f"{f'{name} P50 / P99 TTFT (ms):':<40}{summary[f'{name}_p50_ttft_ms']:>8.1f} / {summary[f'{name}_p99_ttft_ms']:.1f}")
+        print(f"{'High / low P99 TTFT:':<40}{summary['high_over_low_p99_ttft']:>10.3f}")
     print("{s:{c}^50}".format(s=" Server (from /metrics) ", c="-"))
     engine, overhead = summary.get("engine_mean_tpot_ms"), summary.get("server_overhead")
     print(f"{'Engine TPOT, mean (ms):':<40}{'n/a' if engine is None else f'{engine:.2f}':>10}")
