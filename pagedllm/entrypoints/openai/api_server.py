@@ -19,12 +19,13 @@ import signal
 import time
 from contextlib import asynccontextmanager
 from multiprocessing import resource_tracker
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,6 +37,7 @@ from pagedllm.entrypoints.openai.protocol import (
     EmbeddingRequest, ModelCard, ModelList, RerankRequest, ScoreRequest, TokenizeRequest, TokenizeResponse,
     VersionResponse,
 )
+from pagedllm.entrypoints.openai.dashboard import Dashboard
 from pagedllm.entrypoints.openai.serving_base import (
     APIError, OpenAIServing, internal_error, json_response, read_json, until_disconnect,
 )
@@ -49,7 +51,9 @@ from pagedllm.metrics import ServerMetrics
 logger = logging.getLogger("pagedllm.server")
 T = TypeVar("T", bound=BaseModel)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-OPEN_PATHS = frozenset({"/health", "/version"})  # reachable without the API key
+# Reachable without the API key: the dashboard's page holds no data (a browser cannot send a Bearer header when it
+# opens a page); its stream, which does, stays behind the key (the page sends the key given as #key=...).
+OPEN_PATHS = frozenset({"/health", "/version", "/dashboard"})
 
 
 class ServerSettings(BaseModel):
@@ -63,6 +67,7 @@ class ServerSettings(BaseModel):
     reasoning_parser: str | None = None
     lora_modules: dict[str, str] = {}  # name -> PEFT directory, loaded at start (--lora-modules)
     allow_runtime_lora_updating: bool = False
+    dashboard: bool = True  # GET /dashboard (--no-dashboard: off)
 
 
 class _Guard:
@@ -199,6 +204,21 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     async def version() -> VersionResponse:
         return VersionResponse(version=pagedllm.__version__)
 
+    if settings.dashboard:  # behind the API key like every route; snapshots only while a page is connected
+        dashboard = app.state.dashboard = Dashboard(engine)
+        for front in getattr(engine, "replicas", [engine]):  # fed after every step, after the metrics' hook
+            front.on_step = dashboard.hook(front.on_step)
+        page = (Path(__file__).parent / "static" / "dashboard.html").read_text()
+
+        @app.get("/dashboard")
+        async def dashboard_page() -> Response:
+            return HTMLResponse(page)
+
+        @app.get("/dashboard/stream")
+        async def dashboard_stream() -> Response:
+            return StreamingResponse(dashboard.stream(lambda: app.state.draining), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
     @app.get("/metrics")
     async def get_metrics() -> Response:
         if metrics is None:
@@ -301,6 +321,7 @@ def run_server(args: argparse.Namespace) -> None:
         reasoning_parser=engine_config.reasoning_parser, lora_modules=parse_lora_modules(args.lora_modules),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating
         or os.environ.get("PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+        dashboard=not args.no_dashboard,
     )
     if (settings.lora_modules or settings.allow_runtime_lora_updating) and not engine_config.enable_lora:
         raise SystemExit("--lora-modules and runtime LoRA updating need --enable-lora.")

@@ -34,6 +34,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                        help="how the model writes tool calls: hermes (Qwen2.5/Qwen3 <tool_call>), llama3_json")
     group.add_argument("--structured-outputs-backend", default="xgrammar", choices=["xgrammar", "auto"],
                        help="constrained-decoding backend (xgrammar; auto = xgrammar)")
+    group.add_argument("--no-dashboard", action="store_true",
+                       help="do not serve the live dashboard (GET /dashboard: KV block map, queues, throughput, latencies)")
     group.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.set_defaults(func=_run)
     return parser
