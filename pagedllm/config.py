@@ -73,6 +73,9 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Custom logits processors (pagedllm/logits_process/, vLLM v1's interface): classes, or their names as
+    # "module:Class" / "module.Class" (one comma-separated string on the command line); built once on the driver.
+    logits_processors: list | None = None
     # Filled in when the engine starts.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -149,6 +152,11 @@ class EngineConfig:
         if self.is_encoder and self.runner != "pooling":
             raise ValueError(f"{self.hf_config.architectures} is an encoder: it runs as a pooling model only "
                              "(runner='pooling': embed, score, classify).")
+        from pagedllm.logits_process.state import resolve_logits_processors
+
+        self.logits_processors = resolve_logits_processors(self.logits_processors)  # a bad name fails now
+        if self.logits_processors and self.runner == "pooling":
+            raise ValueError("logits_processors: a pooling model samples nothing, so it takes no logits processors.")
         if isinstance(self.pooler_config, str):
             self.pooler_config = json.loads(self.pooler_config)
         if self.reasoning_parser is not None:

@@ -82,8 +82,16 @@ class SamplingParams:
     # Anything else a caller passes through the engine, as vLLM's: e.g. {"kv_transfer_params": {...}} (kv_transfer/)
     extra_args: dict[str, Any] | None = None
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (pagedllm/structured_output/)
+    # Built-in logits processors (pagedllm/logits_process/): allowed_token_ids, the only tokens that may be sampled;
+    allowed_token_ids: list[int] | None = None
+    # bad words, never generated: a word's last token is masked while the output ends with its other tokens. Words as
+    # text need the engine's tokenizer (update_from_tokenizer, at add time); bad_words_token_ids are already tokenized.
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
     # Filled in by the engine: the model's EOS ids, which also stop the request unless ignore_eos.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled in by update_from_tokenizer: `bad_words` as token ids (each word bare and after a space).
+    bad_words_tokenized: list[list[int]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -131,10 +139,49 @@ class SamplingParams:
             fail("seed", "must be an integer")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             fail("structured_outputs", "must be a StructuredOutputsParams")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids
+            or any(not isinstance(t, int) for t in self.allowed_token_ids)
+        ):
+            fail("allowed_token_ids", "must be a non-empty list of token ids")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, (list, tuple))
+            or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
+        ):
+            fail("bad_words", "must be a list of non-empty strings")
+        if self.bad_words_token_ids is not None and (
+            not isinstance(self.bad_words_token_ids, (list, tuple))
+            or any(not isinstance(w, (list, tuple)) or not w or any(not isinstance(t, int) for t in w)
+                   for w in self.bad_words_token_ids)
+        ):
+            fail("bad_words_token_ids", "must be a list of non-empty lists of token ids")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            fail("extra_args", "must be a dict")
+
+    def update_from_tokenizer(self, tokenizer: Any) -> None:
+        """Tokenizes `bad_words` (each bare and after a space, as it reads mid-text), into bad_words_tokenized. Called
+        by the engine when the request is added; calling it again gives the same result."""
+        if not self.bad_words:
+            self.bad_words_tokenized = None
+            return
+        words: list[list[int]] = []
+        for word in self.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = list(tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in words:
+                    words.append(ids)
+        self.bad_words_tokenized = words
+
+    @property
+    def all_bad_words_token_ids(self) -> list[list[int]]:
+        return [*(self.bad_words_token_ids or ()), *(self.bad_words_tokenized or ())]
 
     def verify_token_ids(self, vocab_size: int) -> None:
         """Checks the token ids the request names against the model's vocabulary."""
-        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias or {}))):
+        named = (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias or {})),
+                 ("allowed_token_ids", self.allowed_token_ids or []),
+                 ("bad_words", [t for word in self.all_bad_words_token_ids for t in word]))
+        for name, ids in named:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")

@@ -36,6 +36,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.kv_transfer.connector import TcpConnector
+from pagedllm.logits_process import validate_params
 from pagedllm.kv_transfer.host_tier import HostTier
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
@@ -173,6 +174,10 @@ class LLMEngine:
             raise ValueError("this model runs as a pooling model (runner='pooling'): it embeds prompts (LLM.embed, "
                              "/v1/embeddings) and generates nothing.")
         params = params or SamplingParams()
+        if pooling is None:
+            if self.tokenizer is not None:
+                params.update_from_tokenizer(self.tokenizer)  # text bad_words into token sequences
+            validate_params(self.config.logits_processors, params)
         if lora_request is not None:
             if self.runner.lora is None:
                 raise ValueError("lora_request needs an engine started with enable_lora=True (--enable-lora).")

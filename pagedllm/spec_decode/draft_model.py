@@ -76,7 +76,7 @@ class DraftModelProposer:
         draft = dataclasses.replace(
             config, model=spec.model, tokenizer=None, quantization=None, speculative_config=None,
             num_gpu_blocks_override=target_runner.num_blocks, tensor_parallel_size=1, pipeline_parallel_size=1,
-            hf_config=None, model_path=None, skip_tokenizer_init=True, async_scheduling=False)
+            hf_config=None, model_path=None, skip_tokenizer_init=True, async_scheduling=False, logits_processors=None)
         draft.finalize()
         if draft.hf_config.vocab_size > target_runner.vocab_size:
             raise ValueError(f"speculative_config: the draft model's vocabulary ({draft.hf_config.vocab_size}) is larger "

@@ -49,7 +49,7 @@ class EagleProposer:
         head = dataclasses.replace(
             config, model=spec.model, tokenizer=None, quantization=None, speculative_config=None, enforce_eager=True,
             num_gpu_blocks_override=target_runner.num_blocks, hf_config=None, model_path=None,
-            skip_tokenizer_init=True, async_scheduling=False)
+            skip_tokenizer_init=True, async_scheduling=False, logits_processors=None)
         head.finalize()
         keys = checkpoint_names(head.model_path)
         eagle3 = spec.method == "eagle3"

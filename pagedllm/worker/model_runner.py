@@ -18,6 +18,8 @@ only, from logits gathered to it (and sent from the last stage under pipeline pa
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from pagedllm.distributed.parallel_state import ParallelState, building
 from pagedllm.engine.request import Request
 from pagedllm.kv_transfer.host_store import HostKVStore
 from pagedllm.layers.attention import Attention, forward_context
+from pagedllm.logits_process.state import LogitsProcessors
 from pagedllm.lora.layers import LoRABatch, LoRAPlan, lora_context
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.models.loader import load_model
@@ -56,6 +59,14 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 _NO_INT32 = np.empty(0, dtype=np.int32)
+
+
+def _host_ids(step: StepHandle | None) -> list[int]:
+    """A launched step's sampled ids on the host (waiting for the step)."""
+    assert step is not None, "a token in flight comes from the previous step"
+    if step.event is not None:
+        step.event.synchronize()
+    return step.host_token_ids.tolist()
 
 
 class ModelRunner:
@@ -92,6 +103,11 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
+        # Logits processors (built-in and custom) run where sampling does: on the driver of a generating model.
+        self.logits_processors: LogitsProcessors | None = None
+        if self.pooler is None and self.parallel.rank == 0:
+            self.logits_processors = LogitsProcessors(config, self.device, config.logits_processors,
+                                                      track_pending=bool(config.async_scheduling))
         self.graph_runner: CudaGraphRunner | None = None
         self.piecewise: PiecewiseGraphRunner | None = None
         self.num_blocks = self._allocate_kv_cache()
@@ -287,12 +303,12 @@ class ModelRunner:
         # The sampled rows, selected on this stream: the index lives in the staging buffer the next step refills.
         rows = hidden if logits_index is None or not batch.sample_rows else hidden.index_select(0, logits_index)
         if self._sample_stream is None:
-            handle = self._sample(sched, batch, spans, hidden, rows, turn)
+            handle = self._sample(sched, batch, spans, hidden, rows, turn, prev)
         else:
             self._sample_stream.wait_stream(torch.cuda.current_stream(self.device))
             rows.record_stream(self._sample_stream)
             with torch.cuda.stream(self._sample_stream):
-                handle = self._sample(sched, batch, spans, hidden, rows, turn)
+                handle = self._sample(sched, batch, spans, hidden, rows, turn, prev)
         handle.pooled = pooled
         return handle
 
@@ -318,9 +334,10 @@ class ModelRunner:
 
     def _sample(
         self, sched: SchedulerOutput, batch: FlatBatch, spans: list[tuple[Request, range, int, int]],
-        hidden: torch.Tensor, rows: torch.Tensor, turn: int,
+        hidden: torch.Tensor, rows: torch.Tensor, turn: int, prev: StepHandle | None = None,
     ) -> StepHandle:
-        """Logits of the rows that sample, the sampling itself and the copies to the host (all launched)."""
+        """Logits of the rows that sample, the sampling itself and the copies to the host (all launched). `prev`: the
+        step whose tokens are in flight, which logits processors may need to see (then this waits for it)."""
         prompt_logprobs = self._prompt_logprobs(spans, hidden)
         requests = [sched.scheduled[r][0] for r in batch.sample_rows]
         logprobs = None
@@ -328,11 +345,17 @@ class ModelRunner:
             logits = self.compute_logits(rows)
             if sched.grammar_bitmask is not None:  # constrained rows: tokens their grammar forbids -> -inf
                 sched.grammar_bitmask.apply(logits)
+            # Rows without sampling params (a proposer's draft views) never meet the processors.
+            procs = self.logits_processors if isinstance(requests[0], Request) else None
+            with_procs = procs is not None and procs.prepare(requests, lambda: _host_ids(prev))
             # The raw logits, in the model's dtype: the sampler upcasts only where it must.
             if all(r.plain_greedy for r in requests):
-                result = self.sampler(logits, SamplingBatch(len(requests), self.vocab_size, all_greedy=True))
+                sampling = SamplingBatch(len(requests), self.vocab_size, all_greedy=True)
             else:
-                result = self.sampler(logits, self._sampling_batch(requests))
+                sampling = self._sampling_batch(requests)
+            if with_procs:
+                sampling = dataclasses.replace(sampling, all_greedy=False, logits_processors=procs)
+            result = self.sampler(logits, sampling)
             token_ids = result.token_ids
             if result.logprobs is not None:
                 ids, values, ranks = result.logprob_token_ids, result.logprobs, result.sampled_ranks

@@ -1,6 +1,6 @@
 """Batched token sampler: one row of logits per request, each row with its own parameters.
 
-Order follows vLLM v1: logprobs from the raw logits, then logit_bias -> min_tokens -> penalties ->
+Order follows vLLM v1: logprobs from the raw logits, then logit_bias -> min_tokens -> logits processors -> penalties ->
 greedy argmax, or temperature -> min_p -> top_k -> top_p -> a draw. On CUDA, after the logit edits, if
 any, on a float32 copy, two Triton kernels (pagedllm/kernels/sampling.py): one turns min_p, top_k and
 top_p into a logit threshold per row (skipped when no row has them), one pass over the logits draws
@@ -15,6 +15,7 @@ depends on its own generator alone and never on the batch around it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -75,6 +76,9 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None = None  # [P, 1]
     seen_mask: torch.Tensor | None = None  # [P, V] bool: token in prompt or output
     output_counts: torch.Tensor | None = None  # [P, V] float32: occurrences in output
+    # The step's logits processors (pagedllm/logits_process/, already told of the rows): `apply(logits, any_random)`
+    # on the float32 copy, after logit_bias and min_tokens, before penalties. Set by the runner (all_greedy False).
+    logits_processors: Any = None
 
     @classmethod
     def build(
@@ -235,7 +239,8 @@ class Sampler:
         return logits.argmax(dim=-1)
 
     def _sample(self, raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        edits = batch.bias_index is not None or batch.stop_index is not None or batch.penalty_rows is not None
+        edits = (batch.bias_index is not None or batch.stop_index is not None or batch.penalty_rows is not None
+                 or batch.logits_processors is not None)
         use_kernel = self._kernels_for(raw) and batch.any_random
         if use_kernel and not edits:
             return _kernel_draw(raw, batch)  # reads the raw logits in their own dtype
@@ -252,12 +257,15 @@ class Sampler:
 
 
 def _edited(raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """logit_bias, min_tokens, penalties on a float32 copy: the raw logits stay intact for logprobs and the caller."""
+    """logit_bias, min_tokens, logits processors, penalties on a float32 copy: the raw logits stay intact for logprobs
+    and the caller."""
     logits = raw.to(dtype=torch.float32, copy=True)
     if batch.bias_index is not None:
         logits.index_put_(batch.bias_index, batch.bias_values, accumulate=True)
     if batch.stop_index is not None:
         logits[batch.stop_index] = _NEG_INF
+    if batch.logits_processors is not None:
+        logits = batch.logits_processors.apply(logits, batch.any_random)
     if batch.penalty_rows is not None:
         _apply_penalties(logits, batch)
     return logits

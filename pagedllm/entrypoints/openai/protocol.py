@@ -110,6 +110,11 @@ class SamplingRequest(StructuredFields):
     # prefill whose KV a consumer pulls; the producer's answer ({"do_remote_prefill": true, "remote_host", ...}) is
     # what a consumer gets. The engine sees it as SamplingParams.extra_args["kv_transfer_params"].
     kv_transfer_params: dict[str, Any] | None = None
+    # vLLM's logits-processing extensions: only these tokens may be sampled; words never to generate; and arguments
+    # for custom logits processors (--logits-processors), which the engine sees as SamplingParams.extra_args.
+    allowed_token_ids: TokenIds | None = None
+    bad_words: list[str] | None = None
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None  # declared after `stream`, so its validator sees it
 

@@ -182,6 +182,9 @@ class OpenAIServing:
                 raise APIError("logit_bias keys must be token ids (integers as strings).", 400, param="logit_bias") from None
             if any(not -100 <= value <= 100 for value in bias.values()):
                 raise APIError("logit_bias values must be in [-100, 100].", 400, param="logit_bias")
+        extra_args = dict(request.vllm_xargs or {})
+        if request.kv_transfer_params is not None:
+            extra_args["kv_transfer_params"] = request.kv_transfer_params
         try:
             return SamplingParams(
                 n=request.n, max_tokens=max_tokens, temperature=1.0 if request.temperature is None else request.temperature,
@@ -192,7 +195,7 @@ class OpenAIServing:
                 min_tokens=request.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 skip_special_tokens=request.skip_special_tokens, structured_outputs=structured_outputs,
-                extra_args=None if request.kv_transfer_params is None else {"kv_transfer_params": request.kv_transfer_params},
+                allowed_token_ids=request.allowed_token_ids, bad_words=request.bad_words, extra_args=extra_args or None,
             )
         except ValueError as error:
             raise value_error(error) from None
