@@ -180,7 +180,7 @@ def test_generative_model_is_refused() -> None:
 
     config = SimpleNamespace(runner="generate", max_model_len=64, hf_config=None)
     engine: Any = SimpleNamespace(config=config, tokenizer=None)
-    app = build_app(engine, ServerSettings(model_names=["gen"]))
+    app = build_app(engine, ServerSettings(model_names=["gen"], dashboard=False))  # a stub engine has no step hook
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gen") as http:

@@ -204,7 +204,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
     async def version() -> VersionResponse:
         return VersionResponse(version=pagedllm.__version__)
 
-    if settings.dashboard:  # behind the API key like every route; snapshots only while a page is connected
+    if settings.dashboard:  # the stream behind the API key (the page holds no data); snapshots only while one reads
         dashboard = app.state.dashboard = Dashboard(engine)
         for front in getattr(engine, "replicas", [engine]):  # fed after every step, after the metrics' hook
             front.on_step = dashboard.hook(front.on_step)
