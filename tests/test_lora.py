@@ -148,17 +148,23 @@ def test_server(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         server.stop()
 
 
-def test_tensor_parallel(tiny_models: dict[str, str], adapters: list[LoRARequest]) -> None:
+@pytest.mark.parametrize("layout, seed, picks", [
+    ({"tensor_parallel_size": 2}, 4, [None, 0, 1, 2, 3, None, 1, 3]),
+    ({"pipeline_parallel_size": 2}, 5, [2, None, 0, 1, 2, 3, 0, None]),
+], ids=["tp2", "pp2"])
+def test_parallel_equals_one_process(tiny_models: dict[str, str], adapters: list[LoRARequest], layout: dict[str, int],
+                                     seed: int, picks: list[int | None]) -> None:
     """TP=2: B split by output rows on q/k/v and gate/up, A by input columns on o and down (each rank's partial delta
-    summed by the layer's all-reduce); every rank loads the driver's adapters into the driver's slots."""
+    summed by the layer's all-reduce); every rank loads the driver's adapters into the driver's slots. PP=2: each
+    stage loads its own layers' share of every adapter (the driver's slots, broadcast with the step)."""
     base = tiny_models["llama"]
-    rng = random.Random(4)
+    rng = random.Random(seed)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(4, 40))]} for _ in range(8)]
-    loras = [None, *adapters, None, adapters[1], adapters[3]]
+    loras = [None if i is None else adapters[i] for i in picks]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in LLM(base, enable_lora=True, max_loras=2, **ARGS).generate(
         prompts, params, lora_request=loras, use_tqdm=False)]
-    llm = LLM(base, enable_lora=True, max_loras=2, tensor_parallel_size=2, num_gpu_blocks_override=64,
+    llm = LLM(base, enable_lora=True, max_loras=2, num_gpu_blocks_override=64, **layout,
               **{**ARGS, "kv_cache_memory": None})
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)] == expected
@@ -184,20 +190,3 @@ def test_cuda_graphs_equal_eager(tiny_models: dict[str, str], adapters: list[LoR
         assert_clean(llm.llm_engine)
         del llm
     assert outputs[0] == outputs[1]
-
-
-def test_pipeline_parallel(tiny_models: dict[str, str], adapters: list[LoRARequest]) -> None:
-    """PP=2: each stage loads its own layers' share of every adapter (the driver's slots, broadcast with the step)."""
-    base = tiny_models["llama"]
-    rng = random.Random(5)
-    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(4, 40))]} for _ in range(8)]
-    loras = [adapters[2], None, *adapters, adapters[0], None]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in LLM(base, enable_lora=True, max_loras=2, **ARGS).generate(
-        prompts, params, lora_request=loras, use_tqdm=False)]
-    llm = LLM(base, enable_lora=True, max_loras=2, pipeline_parallel_size=2, num_gpu_blocks_override=64,
-              **{**ARGS, "kv_cache_memory": None})
-    try:
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)] == expected
-    finally:
-        llm.llm_engine.shutdown()

@@ -132,8 +132,8 @@ def _bgmv(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, token_slots
     tokens = token_slots.shape[0]
     block_n = max(16, min(64, triton.next_power_of_2(n)))
     block_k = max(16, min(128, triton.next_power_of_2(k)))
-    x_rows, o_rows = x.view(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-    assert x_rows.stride(1) == 1 and weights.stride(2) == 1 and o_rows.stride(1) == 1 and x.shape[-1] == k
+    # The kernel steps rows by their width: x, out (and the partials) must be contiguous.
+    assert x.is_contiguous() and out.is_contiguous() and weights.stride(2) == 1 and x.shape[-1] == k
     _bgmv_kernel[(tokens, triton.cdiv(n, block_n), splits)](
         x, weights, out, token_slots, n, k, k_per_program, x.shape[-1], tokens * x.shape[-1], weights.stride(0),
         weights.stride(1), out.shape[-1], tokens * out.shape[-1], ADD=add, X_SPLITS=x_splits, BLOCK_N=block_n,

@@ -120,7 +120,6 @@ class BertModel(nn.Module):
 
     is_encoder = True
     default_pooling = "CLS"  # vLLM's for BERT embedders without sentence-transformers files
-    position_offset = 0
     stacked_params = [
         ("attention.qkv_proj", "attention.self.query", 0), ("attention.qkv_proj", "attention.self.key", 1),
         ("attention.qkv_proj", "attention.self.value", 2),
@@ -136,7 +135,8 @@ class BertModel(nn.Module):
 
     @classmethod
     def position_offset_for(cls, config: Any) -> int:
-        return cls.position_offset
+        """The position table's row of position 0: BERT numbers from 0."""
+        return 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Any = None) -> torch.Tensor:
         return self.encoder(self.embeddings(input_ids, positions))

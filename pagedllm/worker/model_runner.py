@@ -34,6 +34,7 @@ from pagedllm.distributed.communication import broadcast_object, min_over_world,
 from pagedllm.distributed.parallel_state import ParallelState, building
 from pagedllm.engine.request import Request
 from pagedllm.kv_transfer.host_store import HostKVStore
+from pagedllm.kv_transfer.host_tier import BlockCopies
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.logits_process.state import LogitsProcessors
 from pagedllm.lora.layers import LoRABatch, LoRAPlan, lora_context
@@ -141,13 +142,13 @@ class ModelRunner:
         return per_layer * len(self.attn_layers)
 
     def _allocate_kv_cache(self) -> int:
-        self.host_store: HostKVStore | None = None
-        self.num_host_slots = 0
         from pagedllm.spec_decode.draft_model import kv_reservation
 
-        # A draft model (speculative decoding) shares the budget: its weights, and a block of its own per block here.
+        self.host_store: HostKVStore | None = None
+        self.num_host_slots = 0
         if not self.attn_layers:  # an encoder keeps no KV: blocks for every sequence at full length, costing nothing
             return self.config.max_num_seqs * self.config.max_blocks_per_seq
+        # A draft model (speculative decoding) shares the budget: its weights, and a block of its own per block here.
         draft_weights, draft_per_block = kv_reservation(self.config)
         budget = self.config.kv_cache_memory
         if budget is None:
@@ -166,18 +167,17 @@ class ModelRunner:
     def _allocate_host_tier(self) -> None:
         """The host-memory tier of the prefix cache (kv_offload_bytes): as many slots as fit, the same on every rank."""
         caches = [layer.kv_cache for layer in self.attn_layers]
-        connector = self.config.kv_transfer_config
+        connector, slot_bytes = self.config.kv_transfer_config, HostKVStore.slot_bytes(caches)
         size = self.config.kv_offload_bytes
         if not size and connector is not None:
-            size = connector.offload_bytes(HostKVStore.slot_bytes(caches))
+            size = connector.offload_bytes(slot_bytes)
         if not size:
             return
-        slots = size // HostKVStore.slot_bytes(caches)
+        slots = size // slot_bytes
         if self.distributed:
             slots = min_over_world(self.parallel, slots)
         if slots < 1:
-            raise ValueError(f"kv_offload_bytes={size} is less than one block of every layer "
-                             f"({HostKVStore.slot_bytes(caches)} bytes).")
+            raise ValueError(f"kv_offload_bytes={size} is less than one block of every layer ({slot_bytes} bytes).")
         self.host_store, self.num_host_slots = HostKVStore(caches, int(slots)), int(slots)
 
     def _host_store(self) -> HostKVStore:
@@ -288,12 +288,7 @@ class ModelRunner:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans],
                                                      0 if prev is None else len(prev.requests), lora, copies))
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
-        if copies is not None:
-            self._host_store().load(copies)
-        with lora_context(self._lora_batch(lora)):
-            hidden, logits_index = self._forward(batch, None if prev is None else prev.token_ids, turn)
-        if copies is not None:
-            self._host_store().save(copies)
+        hidden, logits_index = self._step_forward(batch, None if prev is None else prev.token_ids, turn, lora, copies)
         if self.keep_hidden:  # the final hidden states, or an EAGLE-3 head's three layers' (written by the forward)
             aux = getattr(getattr(self.model, "model", None), "aux_buffer", None)
             starts = batch.query_start_loc.tolist()
@@ -420,17 +415,24 @@ class ModelRunner:
                 assert self.lora is not None
                 self.lora.activate({r.lora_int_id: r for r in plan.lora.adapters.values()},
                                    {r.lora_int_id: slot for slot, r in plan.lora.adapters.items()})
-            if plan.kv_copies is not None:
-                self._host_store().load(plan.kv_copies)
-            with lora_context(self._lora_batch(plan.lora)):
-                hidden, logits_index = self._forward(batch, prev_ids, turn)
-            if plan.kv_copies is not None:
-                self._host_store().save(plan.kv_copies)
+            hidden, logits_index = self._step_forward(batch, prev_ids, turn, plan.lora, plan.kv_copies)
             turn = (turn + 1) % self._num_turns
             for lo, hi in plan.prompt_rows:
                 self.compute_logits(hidden[lo:hi])
             if batch.sample_rows:
                 self.compute_logits(hidden if logits_index is None else hidden.index_select(0, logits_index))
+
+    def _step_forward(self, batch: FlatBatch, prev_ids: torch.Tensor | None, turn: int, lora: LoRAPlan | None,
+                      copies: BlockCopies | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A step's forward as every rank runs it: host-tier loads before it, saves after it (stream-ordered), under
+        the step's adapters."""
+        if copies is not None:
+            self._host_store().load(copies)
+        with lora_context(self._lora_batch(lora)):
+            out = self._forward(batch, prev_ids, turn)
+        if copies is not None:
+            self._host_store().save(copies)
+        return out
 
     def _forward(self, batch: FlatBatch, prev_ids: torch.Tensor | None, turn: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stages the batch, fills in tokens in flight from `prev_ids` (the previous step's sampled ids),

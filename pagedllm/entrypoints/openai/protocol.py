@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictInt, ValidationInfo, field_validator, model_serializer,
@@ -400,13 +400,22 @@ class EmbeddingData(OpenAIModel):
     index: int
 
 
-class EmbeddingResponse(OpenAIModel):
+DataT = TypeVar("DataT")
+
+
+class ListResponse(OpenAIModel, Generic[DataT]):
+    """The list answer of the pooling endpoints (embeddings, score, classify): their items in `data`."""
+
     id: str
     object: Literal["list"] = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    data: list[EmbeddingData]
+    data: list[DataT]
     usage: UsageInfo
+
+
+class EmbeddingResponse(ListResponse[EmbeddingData]):
+    pass
 
 
 # ---- /v1/score, /rerank, /classify (vLLM's pooling endpoints) ----------------------------------
@@ -428,13 +437,8 @@ class ScoreData(OpenAIModel):
     score: float
 
 
-class ScoreResponse(OpenAIModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    data: list[ScoreData]
-    usage: UsageInfo
+class ScoreResponse(ListResponse[ScoreData]):
+    pass
 
 
 class RerankRequest(OpenAIModel):
@@ -484,10 +488,5 @@ class ClassificationData(OpenAIModel):
     num_classes: int
 
 
-class ClassificationResponse(OpenAIModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    data: list[ClassificationData]
-    usage: UsageInfo
+class ClassificationResponse(ListResponse[ClassificationData]):
+    pass
