@@ -298,3 +298,22 @@ def test_server_request_fields() -> None:
     assert params.allowed_token_ids == [1, 2] and params.bad_words == ["x"]
     assert params.extra_args == {"ban": [3, 4], "mode": "strict", "kv_transfer_params": {"do_remote_decode": True}}
     assert serving.sampling_params(CompletionRequest(prompt="hi"), 8, None).extra_args is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_cuda_graphs_on_and_off_give_the_same_tokens(tiny_models: dict[str, str], async_scheduling: bool) -> None:
+    """On the GPU: a custom processor, allowed_token_ids, bad words, min_tokens and logit_bias give the same greedy
+    tokens with the decode graphs (and piecewise graphs) as eagerly, rows with and without them in one batch."""
+    prompts, max_tokens = _workload(12, seed=3)
+    per_row = dict(extra_args={i: {"ban": [7 * i + 3, 11 * i + 5]} for i in (0, 3, 4, 8)},
+                   allowed_token_ids={1: list(range(100, 160)), 6: [9, 300, 301]},
+                   bad_words_token_ids={2: [[40, 41], [42]], 9: [[5]]},
+                   min_tokens={5: 10}, logit_bias={7: {17: 5.0, 23: -3.0}})
+    runs = []
+    for eager in (True, False):
+        llm = LLM(tiny_models["llama"], logits_processors=[BanTokens], dtype="float32", enforce_eager=eager,
+                  async_scheduling=async_scheduling, **{**ARGS, "max_num_seqs": 8})
+        assert (llm.llm_engine.runner.graph_runner is None) == eager
+        runs.append(_generate(llm, prompts, _params(max_tokens, **per_row)))
+    assert runs[0] == runs[1]
