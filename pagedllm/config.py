@@ -35,8 +35,9 @@ class EngineConfig:
     # Bytes of host memory for the prefix cache's second tier (kv_transfer/): full blocks are written through to it,
     # and a prefix that left the GPU pool comes back by copy instead of recompute. 0: off.
     kv_offload_bytes: int = 0
-    # KV transfer between engines (disaggregated prefill), as vLLM's JSON: {"kv_connector": "TcpConnector", "kv_role":
-    # "kv_producer" | "kv_consumer" | "kv_both", "kv_ip": ..., "kv_port": ...} (kv_transfer/config.py)
+    # KV transfer between engines (disaggregated prefill), as vLLM's JSON: {"kv_connector": "TcpConnector" |
+    # "IpcConnector", "kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_ip": ..., "kv_port": ...}
+    # (kv_transfer/config.py)
     kv_transfer_config: Any = None
     # Scheduler
     # Defaults: 512 sequences and 16384 tokens per step on CUDA (vLLM's offline defaults are 1024 and 16384 on
@@ -76,6 +77,12 @@ class EngineConfig:
     # Custom logits processors (pagedllm/logits_process/, vLLM v1's interface): classes, or their names as
     # "module:Class" / "module.Class" (one comma-separated string on the command line); built once on the driver.
     logits_processors: list | None = None
+    # Multimodal inputs (pagedllm/multimodal/): the most items of each modality per prompt, as vLLM's dict or JSON
+    # ({"image": 2}; None: no limit); file:// media only from inside allowed_local_media_path (None: none); http(s)
+    # media only from the hosts in allowed_media_domains (a list, or one comma-separated string; None: any public host).
+    limit_mm_per_prompt: Any = None
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: Any = None
     # Filled in when the engine starts.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -97,7 +104,9 @@ class EngineConfig:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_path = resolve_model(self.model)
-        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        from pagedllm.models.vision_language import flatten_text_config
+
+        self.hf_config = flatten_text_config(AutoConfig.from_pretrained(self.model_path))
         self._check_quantization()
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
@@ -140,10 +149,11 @@ class EngineConfig:
         from pagedllm.kv_transfer.config import KVTransferConfig
 
         self.kv_transfer_config = KVTransferConfig.from_user(self.kv_transfer_config)
-        if self.kv_transfer_config is not None and self.kv_transfer_config.kv_connector == "TcpConnector":
-            if self.world_size > 1 or not self.enable_prefix_caching:
-                raise ValueError("the TcpConnector runs on one rank with prefix caching on (its transfers are keyed by "
-                                 "block hashes); tensor / pipeline parallelism is not supported with it yet.")
+        name = None if self.kv_transfer_config is None else self.kv_transfer_config.kv_connector
+        if name in ("TcpConnector", "IpcConnector") and (self.world_size > 1 or not self.enable_prefix_caching):
+            # IPC under TP would have each rank map its peer rank's pool, and pair ranks over the control channel.
+            raise ValueError(f"the {name} runs on one rank with prefix caching on (its transfers are keyed by block "
+                             "hashes); tensor / pipeline parallelism is not supported with it yet.")
         if self.runner == "auto":
             st_files = os.path.isfile(os.path.join(self.model_path, "modules.json"))
             self.runner = "pooling" if st_files or self.is_encoder else "generate"
@@ -159,6 +169,9 @@ class EngineConfig:
             raise ValueError("logits_processors: a pooling model samples nothing, so it takes no logits processors.")
         if isinstance(self.pooler_config, str):
             self.pooler_config = json.loads(self.pooler_config)
+        from pagedllm.multimodal.policy import check_media_options
+
+        check_media_options(self)  # a bad limit, directory or domain list fails now
         if self.reasoning_parser is not None:
             from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
 

@@ -1,4 +1,4 @@
-"""The `bench` subcommand: `pagedllm bench throughput | latency | perplexity | embed | serve`."""
+"""The `bench` subcommand: `pagedllm bench throughput | latency | perplexity | embed | mm | serve`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def add_bench_parser(subparsers: Any) -> None:
         parser.set_defaults(func=module.main)
     _add_perplexity(kinds)
     _add_embed(kinds)
+    _add_multimodal(kinds)
     _add_serve(kinds)
 
 
@@ -80,6 +81,17 @@ def _add_embed(kinds: Any) -> None:
     parser.set_defaults(model=None)
     embed.add_arguments(parser)
     parser.set_defaults(func=embed.main)
+
+
+def _add_multimodal(kinds: Any) -> None:
+    from pagedllm.benchmarks import multimodal
+    from pagedllm.entrypoints.cli import add_engine_args
+
+    parser = kinds.add_parser("mm", help="vision-language throughput: requests with one image each",
+                              description=multimodal.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(parser)
+    multimodal.add_arguments(parser)
+    parser.set_defaults(func=multimodal.main)
 
 
 def _add_serve(kinds: Any) -> None:

@@ -37,9 +37,10 @@ from pagedllm.kv_transfer.host_tier import BlockCopies, HostTier
 from pagedllm.engine.request import Request
 
 
-def hash_block(parent: BlockHash, token_ids: list[int]) -> BlockHash:
+def hash_block(parent: BlockHash, token_ids: list[int], extra: bytes = b"") -> BlockHash:
     # 128 bits: accidental collisions are out of reach; the salt keeps tenants from probing each other.
-    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
+    # extra: the hashes of the images the block's tokens stand for (the same placeholders, another image).
+    return hashlib.blake2b(parent + array("q", token_ids).tobytes() + extra, digest_size=16).digest()
 
 
 def _root(request: Request) -> BlockHash:
@@ -156,7 +157,8 @@ class KVCacheManager:
         while len(hashes) < count:
             i = len(hashes)
             parent = hashes[-1] if hashes else _root(request)
-            hashes.append(hash_block(parent, ids[i * size : (i + 1) * size]))
+            extra = b"" if request.mm is None else request.mm.block_keys(i * size, (i + 1) * size)
+            hashes.append(hash_block(parent, ids[i * size : (i + 1) * size], extra))
         return hashes
 
     def reset_prefix_cache(self) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.core.queues import WaitingQueue, waiting_queue
 from pagedllm.kv_transfer.host_tier import BlockCopies
+from pagedllm.multimodal.encoder_cache import EncoderCachePlanner, EncoderWork
 from pagedllm.engine.request import Request, RequestStatus
 
 
@@ -42,6 +43,8 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     grammar_bitmask: Any = None  # GrammarBitmask of the constrained sampled rows, set by the engine; None: none
     kv_copies: BlockCopies | None = None  # host-tier loads before the forward, saves after it (kv_transfer/)
+    encoder_work: EncoderWork | None = None  # images to encode before the forward, cache entries to drop
+    has_mm: bool = False  # a scheduled request has images (its positions / embeddings need the multimodal path)
 
     @property
     def num_tokens(self) -> int:
@@ -52,9 +55,12 @@ class Scheduler:
     def __init__(
         self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool,
         disjoint_steps: bool = False, max_loras: int = 0, policy: str = "fcfs",
+        encoder: EncoderCachePlanner | None = None,
     ) -> None:
-        """max_loras: the most LoRA adapters one step may hold (0: LoRA off); policy: fcfs | priority (queues.py)."""
+        """max_loras: the most LoRA adapters one step may hold (0: LoRA off); policy: fcfs | priority (queues.py);
+        encoder: a vision-language model's encoder cache bookkeeping (multimodal/encoder_cache.py)."""
         self.kv_cache = kv_cache
+        self.encoder = encoder
         self.priority = policy == "priority"
         self._admissions = itertools.count()
         self.max_loras = max_loras
@@ -100,6 +106,11 @@ class Scheduler:
             num_new = min(known + len(request.spec_token_ids), budget)
             if request.spec_token_ids and num_new < known + len(request.spec_token_ids):
                 request.spec_token_ids = request.spec_token_ids[: max(0, num_new - known)]  # drafts the budget allows
+            if request.mm is not None:
+                num_new = self._fit_images(request, computed, num_new, out)
+                if not num_new:
+                    i += 1
+                    continue
             table = tables.get(request.request_id)
             fits = table is not None and len(table) * block_size >= computed + num_new  # most steps need no new block
             preempted = len(out.preempted)
@@ -134,6 +145,10 @@ class Scheduler:
             if num_new > budget and not self.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
+            if request.mm is not None:
+                num_new = self._fit_images(request, num_cached, num_new, out)
+                if not num_new or (num_new < request.num_tokens - num_cached and not self.enable_chunked_prefill):
+                    break
             if not self.kv_cache.allocate_slots(request.request_id, num_cached + num_new, cached):
                 break
             self.kv_cache.record_lookup(request.num_tokens, num_cached)
@@ -155,9 +170,19 @@ class Scheduler:
         if skipped:
             self.waiting.extendleft(reversed(skipped))
         out.scheduled = decodes + chunks
-        if out.scheduled:  # an empty step launches nothing: its copies wait for the next one
+        if out.scheduled:  # an empty step launches nothing: its copies (and encoder work) wait for the next one
             out.kv_copies = self.kv_cache.take_copies()
+            if self.encoder is not None:
+                out.encoder_work = self.encoder.take_work()
+        elif self.encoder is not None:
+            self.encoder.end_step()
         return out
+
+    def _fit_images(self, request: Request, start: int, num_new: int, out: SchedulerOutput) -> int:
+        """The chunk's tokens that may run: cut before an image whose embeddings can't be had this step."""
+        out.has_mm = True
+        assert self.encoder is not None, "a request with images on an engine without a vision encoder"
+        return self.encoder.fit(request.mm, start, num_new)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core import WireOutput, from_wire
+from pagedllm.multimodal.processor import prepare_prompt
 from pagedllm.engine.core_client import EngineCoreClient
 from pagedllm.engine.llm_engine import EngineStats, LLMEngine, PromptType, load_tokenizer
 from pagedllm.pooling.params import PoolingParams
@@ -161,6 +162,10 @@ class AsyncLLM:
         text, token_ids = self.core.tokenize_prompt(prompt)  # here, not on the core's step loop
         tokenized: dict[str, Any] = {**prompt, "prompt": text, "prompt_token_ids": token_ids} if isinstance(prompt, dict) \
             else {"prompt": text, "prompt_token_ids": token_ids}
+        if tokenized.get("multi_modal_data"):  # images processed here too, off the event loop
+            token_ids, tokenized["mm_inputs"] = await asyncio.to_thread(prepare_prompt, self.config, prompt, token_ids)
+            tokenized["prompt_token_ids"] = token_ids
+            del tokenized["multi_modal_data"]
         if not isinstance(params, PoolingParams):  # a pooling request's one output is final anyway
             params = params.clone()
             params.output_kind = RequestOutputKind.DELTA

@@ -3,7 +3,7 @@
 The server's front (HTTP, validation, tokenization, streams) lives in another process, so the step loop never
 shares a GIL with uvicorn, JSON parsing and SSE formatting. Between two steps the core takes every message
 the front has sent (new requests join the very next step), steps, and hands the step's outputs to a sender
-thread: no step ever waits on the front. Idle, it sleeps on the pipe.
+thread: no step ever waits on the front. Idle, it sleeps on the pipe (and on a KV producer's wake-up).
 
 Messages are pickled tuples over a multiprocessing pipe (a Unix socket pair), one `send_bytes` each.
 Front -> core:  ("add", request_id, prompt, params, arrival_time, lora_request, priority)   the prompt tokenized by the front
@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
@@ -126,7 +126,7 @@ class EngineCore:
         try:
             while True:
                 if not engine.has_unfinished_requests():
-                    conn.poll(None)  # idle: sleep until the front speaks
+                    self._idle()
                 verdicts: list[tuple[str, BaseException | None]] = []
                 while conn.poll(0):  # every message waiting, so that new requests join this very step
                     if not self._apply(pickle.loads(conn.recv_bytes()), verdicts):
@@ -140,6 +140,16 @@ class EngineCore:
             return
         finally:
             self.out.close()
+
+    def _idle(self) -> None:
+        """Sleeps until the front speaks. A KV producer (IpcConnector) pins and unpins blocks for its consumers on
+        this thread: its wake-up steps the idle engine, whose step serves them (and schedules nothing)."""
+        wakeup = None if self.engine.kv_connector is None else self.engine.kv_connector.wakeup
+        if wakeup is None:
+            self.conn.poll(None)
+            return
+        while self.conn not in wait([self.conn, wakeup]):
+            self.engine.step()
 
     def _apply(self, message: tuple[Any, ...], verdicts: list[tuple[str, BaseException | None]]) -> bool:
         kind = message[0]

@@ -35,8 +35,10 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
-from pagedllm.kv_transfer.connector import TcpConnector
+from pagedllm.kv_transfer.connector import KVConnector, make_connector
 from pagedllm.logits_process import validate_params
+from pagedllm.multimodal.encoder_cache import EncoderCachePlanner, encoder_cache_rows
+from pagedllm.multimodal.processor import prepare_prompt
 from pagedllm.kv_transfer.host_tier import HostTier
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
@@ -70,7 +72,7 @@ class EngineStats:
     generation_tokens: int
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # tokens found there
-    external_prefix_cache_queries: int = 0  # tokens looked up in the host tier after a GPU miss (kv_transfer/)
+    external_prefix_cache_queries: int = 0  # tokens looked up in the host tier or a producer after a GPU miss
     external_prefix_cache_hits: int = 0  # tokens loaded from it
     spec_decode: SpecDecodeStats | None = None  # with speculative decoding
     running_loras: tuple[str, ...] = ()  # LoRA adapters of running / waiting requests, by name (enable_lora)
@@ -131,9 +133,14 @@ class LLMEngine:
             self.runner.num_blocks / self.kv_cache.blocks_for(config.max_model_len), time.perf_counter() - start,
         )
         assert config.max_num_batched_tokens is not None
+        # A vision-language model: its encoder cache's bookkeeping lives in the scheduler.
+        encoder = None
+        if self.runner.encodes_images:
+            encoder = EncoderCachePlanner(config.max_num_batched_tokens, encoder_cache_rows(config))
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                                    disjoint_steps=config.pipeline_parallel_size > 1,
-                                   max_loras=config.max_loras if config.enable_lora else 0, policy=config.scheduling_policy)
+                                   max_loras=config.max_loras if config.enable_lora else 0, policy=config.scheduling_policy,
+                                   encoder=encoder)
         self.groups: dict[str, _Group] = {}
         self.requests: dict[str, Request] = {}  # every unfinished sample, by its own id
         self._aborted: list[_Group] = []
@@ -146,9 +153,8 @@ class LLMEngine:
                                                          config.max_num_seqs, config.reasoning_parser)
         self._num_constrained = 0
         self.spec = None if config.speculative_config is None else make_spec_decoder(config, self.runner, self.kv_cache)
-        self.kv_connector: TcpConnector | None = None
-        if config.kv_transfer_config is not None and config.kv_transfer_config.kv_connector == "TcpConnector":
-            self.kv_connector = TcpConnector(config.kv_transfer_config, self.kv_cache, self.runner.host_store)
+        self.kv_connector: KVConnector | None = make_connector(config.kv_transfer_config, self.kv_cache, self.runner)
+        if self.kv_connector is not None:
             weakref.finalize(self, self.kv_connector.close)
 
     @classmethod
@@ -185,6 +191,9 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         text, token_ids = self.tokenize_prompt(prompt)
+        token_ids, mm = prepare_prompt(self.config, prompt, token_ids)
+        if mm is not None and self.scheduler.encoder is None:
+            raise ValueError("multi_modal_data: this model takes no images.")
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if salt is not None and not isinstance(salt, str):
             raise ValueError("cache_salt must be a string.")
@@ -202,7 +211,7 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             request = Request(child_id, text, token_ids, child_params, max_tokens, self._generator(child_params.seed),
                               request_id, i, cache_salt=salt, lora_request=lora_request, pooling=pooling,
-                              token_type_ids=token_types, priority=priority)
+                              token_type_ids=token_types, priority=priority, mm=mm)
             if arrival_time is not None:
                 request.metrics.arrival_time = arrival_time
             if self.tokenizer is not None and pooling is None:  # a pooling request has no text to detokenize
@@ -459,7 +468,7 @@ class LLMEngine:
             return  # already finished
         del self.requests[request.request_id]
         self.scheduler.finish_request(request, status)
-        if request.kv_transfer_pending and self.kv_connector is not None:
+        if self.kv_connector is not None:  # a pull in progress, or blocks it holds for the request
             self.kv_connector.discard(request.request_id)
         request.metrics.finished_time = time.time()
         self._num_penalized -= request.params.needs_penalties
@@ -529,7 +538,10 @@ class LLMEngine:
 
     # ---- introspection --------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
-        tier = self.kv_cache.host_tier
+        tier, connector = self.kv_cache.host_tier, self.kv_connector
+        # External: tokens looked up in / loaded from the host tier, and asked of / copied from a producer's pool.
+        ext_queries = (0 if tier is None else tier.queries) + (0 if connector is None else connector.external_queries)
+        ext_hits = (0 if tier is None else tier.hits) + (0 if connector is None else connector.external_hits)
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -540,8 +552,8 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             prefix_cache_queries=self.kv_cache.prefix_queries,
             prefix_cache_hits=self.kv_cache.prefix_hits,
-            external_prefix_cache_queries=0 if tier is None else tier.queries,
-            external_prefix_cache_hits=0 if tier is None else tier.hits,
+            external_prefix_cache_queries=ext_queries,
+            external_prefix_cache_hits=ext_hits,
             spec_decode=None if self.spec is None else self.spec.stats,
             running_loras=_lora_names(self.scheduler.running) if self.runner.lora else (),
             waiting_loras=_lora_names(self.scheduler.waiting) if self.runner.lora else (),

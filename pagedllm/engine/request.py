@@ -52,6 +52,7 @@ class Request:
     lora_request: Any = None  # LoRARequest: the adapter it runs with (its id is mixed into the hashes too)
     pooling: Any = None  # PoolingState: a pooling request's vector in the making (it samples nothing)
     token_type_ids: list[int] | None = None  # an encoder's segment of each prompt token (a cross-encoder's pair)
+    mm: Any = None  # MultiModalState: its images' placeholder spans, hashes and encoder inputs (multimodal/)
     kv_transfer_pending: bool = False  # its prompt's blocks are being pulled from another engine (kv_transfer/)
     priority: int = 0  # scheduling_policy="priority": lower runs first
     queue_key: tuple[int, int] = (0, 0)  # its place in a priority queue (core/queues.py)

@@ -39,6 +39,9 @@ _HELP = {
               "sentence-transformers directory (modules.json)",
     "pooler_config": "pooling models, as JSON: '{\"pooling_type\": \"LAST\" | \"MEAN\" | \"CLS\", \"normalize\": true}' "
                      "(default: from the model's sentence-transformers files, else LAST, normalized)",
+    "limit_mm_per_prompt": 'most items of each modality per prompt, as JSON: \'{"image": 2}\' (default: no limit)',
+    "allowed_local_media_path": "serve file:// media URLs from inside this directory (real paths; default: none)",
+    "allowed_media_domains": "fetch http(s) media only from these hosts, comma-separated (default: any public host)",
     "enable_expert_parallel": "MoE models: each tensor-parallel rank holds E/N whole experts instead of a slice of "
                               "every expert (E must divide by N); the same one all-reduce per block",
 }

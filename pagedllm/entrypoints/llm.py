@@ -216,13 +216,32 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
-        """Renders each conversation with the model's chat template, then generates."""
+        """Renders each conversation with the model's chat template, then generates. Messages take OpenAI's content
+        parts: text and {"type": "image_url", "image_url": {"url": ...}} (a data: or http(s) URL, or file:// inside
+        allowed_local_media_path), loaded here (MediaError, a ValueError, for one that cannot be)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
-        prompts = [
-            render_chat(self.get_tokenizer(), conv, chat_template, add_generation_prompt, continue_final_message)
-            for conv in conversations
-        ]
+        prompts = [self._chat_prompt(conv, chat_template, add_generation_prompt, continue_final_message)
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _chat_prompt(self, conversation: Conversation, chat_template: str | None, add_generation_prompt: bool,
+                     continue_final_message: bool) -> dict[str, Any]:
+        from pagedllm.entrypoints.chat_utils import template_conversation
+
+        messages, urls = template_conversation(conversation)
+        if urls:  # a text-only model, or too many images, is refused before anything is fetched
+            from pagedllm.multimodal.policy import check_mm_limits, check_takes_media, parse_mm_limits
+
+            config = self.llm_engine.config
+            check_takes_media(config.hf_config, ["image"])
+            check_mm_limits({"image": len(urls)}, parse_mm_limits(config.limit_mm_per_prompt))
+        prompt = render_chat(self.get_tokenizer(), messages, chat_template, add_generation_prompt,
+                             continue_final_message)
+        if urls:  # one placeholder per image in the prompt; the engine expands them
+            from pagedllm.multimodal.media import MediaPolicy, load_images
+
+            prompt["multi_modal_data"] = {"image": load_images(urls, MediaPolicy.from_config(self.llm_engine.config))}
+        return prompt
 
 
 def render_chat(

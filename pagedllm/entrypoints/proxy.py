@@ -2,7 +2,8 @@
 
 Why: a long prompt's prefill stalls the decode steps batched with it. Prefill instances (`pagedllm serve
 --kv-transfer-config '{"kv_connector": "TcpConnector", "kv_role": "kv_producer", "kv_port": P}'`) compute prompts,
-decode instances (kv_role "kv_consumer") pull those prompts' KV blocks over TCP (kv_transfer/) and only decode.
+decode instances (kv_role "kv_consumer") pull those prompts' KV blocks (kv_transfer/: over TCP, or copied straight
+from the producer's pool with the IpcConnector on one host) and only decode.
 This proxy runs the exchange, as vLLM's P/D proxy does:
 1. the request goes to a prefill instance with max_tokens 1, stream false and kv_transfer_params
    {"do_remote_decode": true}; the answer's kv_transfer_params say where the KV waits;

@@ -1,7 +1,9 @@
 """`kv_transfer_config` as vLLM spells it: {"kv_connector": ..., "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
 "kv_ip": ..., "kv_port": ...}. Connectors here: "TcpConnector" (disaggregated prefill between engines, over TCP:
-works on any host and on the CPU) and "OffloadingConnector" (the host-memory tier alone; `kv_connector_extra_config`
-{"kv_offload_bytes": N} or vLLM's {"num_cpu_blocks": N}).
+works on any host and on the CPU), "IpcConnector" (between engines on one host: block copies straight from the
+producer's pool through CUDA IPC, or shared memory on the CPU; TCP carries only the control messages;
+`kv_connector_extra_config` {"lease_timeout_s": S}) and "OffloadingConnector" (the host-memory tier alone;
+`kv_connector_extra_config` {"kv_offload_bytes": N} or vLLM's {"num_cpu_blocks": N}).
 
 A request asks for a transfer through `SamplingParams.extra_args["kv_transfer_params"]` (the server maps the body's
 `kv_transfer_params` there, as vLLM does): {"do_remote_decode": true} on the producer (a prefill-only request whose
@@ -14,7 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CONNECTORS = ("TcpConnector", "OffloadingConnector")
+CONNECTORS = ("TcpConnector", "IpcConnector", "OffloadingConnector")
+TRANSFERS = ("TcpConnector", "IpcConnector")  # the connectors that move KV between engines
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
 DEFAULT_OFFLOAD_BYTES = 4 << 30  # the host tier a TcpConnector keeps unless kv_offload_bytes says otherwise
 
@@ -46,11 +49,16 @@ class KVTransferConfig:
 
     @property
     def produces(self) -> bool:
-        return self.kv_connector == "TcpConnector" and self.kv_role in ("kv_producer", "kv_both")
+        return self.kv_connector in TRANSFERS and self.kv_role in ("kv_producer", "kv_both")
 
     @property
     def consumes(self) -> bool:
-        return self.kv_connector == "TcpConnector" and self.kv_role in ("kv_consumer", "kv_both")
+        return self.kv_connector in TRANSFERS and self.kv_role in ("kv_consumer", "kv_both")
+
+    @property
+    def shares_pool(self) -> bool:
+        """Other processes map this engine's KV pool (an IpcConnector producer; on the CPU it is shared memory)."""
+        return self.kv_connector == "IpcConnector" and self.produces
 
     def offload_bytes(self, block_bytes: int) -> int:
         """The host tier's size this connector asks for (kv_connector_extra_config), given one block's bytes."""

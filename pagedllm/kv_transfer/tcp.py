@@ -9,15 +9,11 @@ prompt's last partial block and its last token are computed again. Block tables 
 block size, dtype and per-layer shapes must match, or the pull is refused with an error naming both layouts (and the
 consumer prefills locally, as it does when the producer is gone).
 
-Messages: an 8-byte little-endian length, then JSON; a "get" answer is followed by its blocks' bytes."""
+Messages as wire.py frames them (an 8-byte length, then JSON); a "get" answer is followed by its blocks' bytes."""
 
 from __future__ import annotations
 
-import json
 import socket
-import socketserver
-import struct
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -25,10 +21,12 @@ import torch
 
 from pagedllm.kv_transfer.host_store import HostKVStore
 from pagedllm.kv_transfer.host_tier import HostTier
+from pagedllm.kv_transfer.wire import (CLOSED, TIMEOUT_S, KVTransferError, MessageServer, recv_exact, recv_message,
+                                       send_message)
 from pagedllm.logger import get_logger
 
 logger = get_logger(__name__)
-_TIMEOUT_S = 30.0
+__all__ = ["KVPuller", "KVServer", "KVTransferError", "layout", "pull_blocks"]
 
 
 def layout(store: HostKVStore, block_size: int) -> dict[str, Any]:
@@ -42,86 +40,54 @@ def _bytes_of(slot: torch.Tensor) -> torch.Tensor:
     return slot.reshape(-1).view(torch.uint8)
 
 
-def _send(sock: socket.socket, message: dict[str, Any], payload: bytes = b"") -> None:
-    data = json.dumps(message).encode()
-    sock.sendall(struct.pack("<Q", len(data)) + data + payload)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    out = bytearray(size)
-    view, got = memoryview(out), 0
-    while got < size:
-        n = sock.recv_into(view[got:], size - got)
-        if n == 0:
-            raise ConnectionError("KV transfer peer closed the connection")
-        got += n
-    return bytes(out)
-
-
-def _recv(sock: socket.socket) -> dict[str, Any]:
-    (size,) = struct.unpack("<Q", _recv_exact(sock, 8))
-    return json.loads(_recv_exact(sock, size))
-
-
 class KVServer:
     """The producer's side: serves saved blocks of its host tier by hash, from a thread of its own."""
 
     def __init__(self, tier: HostTier, store: HostKVStore, block_size: int, host: str, port: int) -> None:
         info, slot_bytes = layout(store, block_size), store.slots[0].numel() * store.slots.element_size()
 
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                sock: socket.socket = self.request
-                while True:
-                    try:
-                        message = _recv(sock)
-                    except (ConnectionError, OSError, struct.error):
-                        return
-                    if message.get("op") == "hello":
-                        _send(sock, info)
-                        continue
-                    chunks = []
-                    with tier.lock:  # a slot is read only while no save can take it over
-                        for block_hash in message.get("hashes", []):
-                            slot = tier.readable(bytes.fromhex(block_hash))
-                            if slot is None:
-                                break
-                            chunks.append(_bytes_of(store.slots[slot]).numpy().tobytes())
-                    _send(sock, {"found": len(chunks), "slot_bytes": slot_bytes}, b"".join(chunks))
+        def handle(sock: socket.socket) -> None:
+            while True:
+                try:
+                    message = recv_message(sock)
+                except CLOSED:
+                    return
+                if message.get("op") == "hello":
+                    send_message(sock, info)
+                    continue
+                chunks = []
+                with tier.lock:  # a slot is read only while no save can take it over
+                    for block_hash in message.get("hashes", []):
+                        slot = tier.readable(bytes.fromhex(block_hash))
+                        if slot is None:
+                            break
+                        chunks.append(_bytes_of(store.slots[slot]).numpy().tobytes())
+                send_message(sock, {"found": len(chunks), "slot_bytes": slot_bytes}, b"".join(chunks))
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = socketserver.ThreadingTCPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="kv-server", daemon=True)
-        self.thread.start()
-        logger.info("KV transfer server (producer) on %s:%d", host, self.server.server_address[1])
+        self.server = MessageServer(host, port, handle, "kv-server")
+        logger.info("KV transfer server (producer) on %s:%d", host, self.port)
 
     @property
     def port(self) -> int:
-        return int(self.server.server_address[1])
+        return self.server.port
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class KVTransferError(RuntimeError):
-    pass
+        self.server.close()
 
 
 def pull_blocks(host: str, port: int, hashes: list[bytes], expected: dict[str, Any]) -> list[bytes]:
     """The leading run of `hashes` the producer at host:port holds, each block's bytes; KVTransferError when the two
     engines' block layouts differ, OSError when the producer cannot be reached."""
-    with socket.create_connection((host, port), timeout=_TIMEOUT_S) as sock:
-        _send(sock, {"op": "hello"})
-        info = _recv(sock)
+    with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
+        send_message(sock, {"op": "hello"})
+        info = recv_message(sock)
         if info != expected:
             raise KVTransferError(f"KV transfer from {host}:{port} refused: the producer holds blocks of {info}, this "
                                   f"engine {expected} (block size, dtype and per-layer shapes must match).")
-        _send(sock, {"op": "get", "hashes": [h.hex() for h in hashes]})
-        answer = _recv(sock)
+        send_message(sock, {"op": "get", "hashes": [h.hex() for h in hashes]})
+        answer = recv_message(sock)
         size, found = int(answer["slot_bytes"]), int(answer["found"])
-        data = _recv_exact(sock, size * found)
+        data = recv_exact(sock, size * found)
     return [data[i * size : (i + 1) * size] for i in range(found)]
 
 
@@ -156,7 +122,7 @@ class KVPuller:
             request, hashes, future = self.pending.pop(rid)
             try:
                 blocks = future.result()
-            except (OSError, KVTransferError) as error:
+            except CLOSED as error:
                 logger.warning("request %s prefills locally: %s", rid, error)
                 self.last_error, blocks = str(error), []
             with self.tier.lock:

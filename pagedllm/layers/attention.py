@@ -42,6 +42,7 @@ class ForwardContext:
     cut: AttentionCut | None = None
     token_type_ids: torch.Tensor | None = None  # encoders: each flat token's segment (cross-encoder pairs); None: 0
     padded_layout: PaddedLayout | None = None  # encoders: built by the first layer that needs it, shared by the rest
+    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # images: (flat rows, their embeddings) to scatter
 
 
 _context: ForwardContext | None = None
@@ -49,9 +50,10 @@ _context: ForwardContext | None = None
 
 @contextmanager
 def forward_context(backend: AttentionBackend, meta: AttentionMetadata, cut: AttentionCut | None = None,
-                    token_type_ids: torch.Tensor | None = None) -> Iterator[None]:
+                    token_type_ids: torch.Tensor | None = None,
+                    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
     global _context
-    previous, _context = _context, ForwardContext(backend, meta, cut, token_type_ids)
+    previous, _context = _context, ForwardContext(backend, meta, cut, token_type_ids, mm_embeds=mm_embeds)
     try:
         yield
     finally:
@@ -62,6 +64,12 @@ def current_token_type_ids() -> torch.Tensor | None:
     """The step's token-type (segment) ids, for an encoder's embeddings; None: every token is segment 0."""
     assert _context is not None, "an encoder ran outside the model runner's forward_context."
     return _context.token_type_ids
+
+
+def current_mm_embeds() -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The step's image embeddings and the flat rows they replace (vision-language models); None: no image tokens
+    (also outside a forward context: CUDA-graph replays of decodes)."""
+    return None if _context is None else _context.mm_embeds
 
 
 def layer_sliding_window(config: Any, layer: int) -> int | None:

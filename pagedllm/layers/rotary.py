@@ -22,7 +22,7 @@ def _inv_freq(config: Any, head_dim: int, layer_type: str | None = None) -> tupl
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):  # M-RoPE (Qwen2-VL): default frequencies, split over three position axes
         base = params["rope_theta"]
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -120,8 +120,11 @@ def _load_safetensors(model: nn.Module, model_path: str, replaced: dict[str, Any
     """replaced: checkpoint tensors read from elsewhere (a .gguf file's blocks) instead of the directory's."""
     params = dict(model.named_parameters())
     loaded: dict[str, set[int]] = {}
+    own = getattr(model, "load_own_weight", None)  # parts that load themselves (a vision tower), True if taken
     for name, weight in _safetensors_weights(model_path):
         weight = (replaced or {}).get(name, weight)
+        if own is not None and own(name, weight):
+            continue
         if _load_kv_scale(model, name, weight):
             continue
         for alias, canonical in _SCALE_ALIASES.items():
@@ -134,8 +137,9 @@ def _load_safetensors(model: nn.Module, model_path: str, replaced: dict[str, Any
                 raise ValueError(f"Checkpoint weight {name!r} has no place in {type(model).__name__}.")
             _load_param(model, target, params[target], part, index)
             loaded.setdefault(target, set()).add(index)
-    missing = [n for n, p in params.items()
-               if len(loaded.get(n, ())) < len(_checkpoint_shapes(model, n, p)) and not _optional(model, n)]
+    own_prefixes = getattr(model, "own_weight_prefixes", ())
+    missing = [n for n, p in params.items() if len(loaded.get(n, ())) < len(_checkpoint_shapes(model, n, p))
+               and not _optional(model, n) and not n.startswith(own_prefixes)]
     if missing:
         raise ValueError(f"Weights missing from the checkpoint in {model_path}: {missing[:8]}")
 

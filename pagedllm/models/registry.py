@@ -12,9 +12,11 @@ from pagedllm.models.bert import (
 from pagedllm.models.eagle import Eagle3LlamaForCausalLM, EagleLlamaForCausalLM
 from pagedllm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagedllm.models.llama import LlamaForCausalLM
+from pagedllm.models.llava import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from pagedllm.models.mixtral import MixtralForCausalLM
 from pagedllm.models.phi3 import Phi3ForCausalLM
 from pagedllm.models.qwen2 import Qwen2ForCausalLM
+from pagedllm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from pagedllm.models.qwen3 import Qwen3ForCausalLM
 from pagedllm.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
@@ -31,6 +33,11 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "EagleLlamaForCausalLM": EagleLlamaForCausalLM,  # speculative-decoding heads (spec_decode/eagle.py)
     "Eagle3LlamaForCausalLM": Eagle3LlamaForCausalLM,
+    # Vision-language models (images through multimodal/)
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     # Encoders (pooling models only): embedders and cross-encoders
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,

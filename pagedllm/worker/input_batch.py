@@ -86,6 +86,10 @@ class FlatBatch:
     any_prompt_logprobs: bool
     common_prefix_len: int = 0  # decode-only batches: tokens of the leading blocks every row shares
     token_type_ids: np.ndarray | None = None  # int64, each token's segment where a request has them (cross-encoders)
+    # Images (multimodal/): (first flat row, image hash, first embedding row, rows) per image span the step computes;
+    # None: no image tokens in the step. mrope_positions [3, tokens]: M-RoPE positions when image tokens are in it.
+    mm_segments: list[tuple[int, bytes, int, int]] | None = None
+    mrope_positions: np.ndarray | None = None
 
 
 @dataclass
@@ -98,6 +102,7 @@ class StepPlan:
     num_prev_sampled: int  # rows the previous step sampled: tokens in flight are read from them
     lora: Any = None  # LoRAPlan: the step's adapters by slot and each token's slot (enable_lora)
     kv_copies: Any = None  # BlockCopies: host-tier loads and saves (kv_offload_bytes)
+    encoder_work: Any = None  # EncoderWork: images to encode, encoder-cache entries to drop (multimodal/)
 
 
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -197,6 +202,10 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
     shared = 0
     if shared_prefix_min is not None and query_lens is None and n >= shared_prefix_min[0]:
         shared = common_prefix_len(table_array, seq_lens, block_size, shared_prefix_min[1])
+    segments, mrope = None, None
+    if sched.has_mm:
+        positions = positions.copy()  # a decode-only step's positions are `starts`
+        segments, mrope = _multimodal(scheduled, query_start_loc, positions)
     token_types = None
     if any(r.token_type_ids is not None for r, _ in scheduled):
         token_types = np.zeros(num_tokens, dtype=np.int64)
@@ -209,5 +218,38 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
         np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
         logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
         1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs, shared,
-        token_types,
+        token_types, segments, mrope,
     )
+
+
+def _multimodal(scheduled: list[tuple[Any, int]], query_start_loc: np.ndarray, positions: np.ndarray,
+                ) -> tuple[list[tuple[int, bytes, int, int]] | None, np.ndarray | None]:
+    """The step's image spans, and M-RoPE positions: a prompt token takes its precomputed position (every axis alike
+    for text, so 1-D positions do unless image tokens are in the step: then [3, tokens]); a generated token at index i
+    takes i + delta. `positions` is rewritten in place."""
+    segments: list[tuple[int, bytes, int, int]] = []
+    spans: list[tuple[int, int, int, np.ndarray]] = []  # (first flat row, start, end, positions) of prompt chunks
+    for i, (request, k) in enumerate(scheduled):
+        mm = request.mm
+        if mm is None:
+            continue
+        start, q = request.num_computed_tokens, int(query_start_loc[i])
+        for item in mm.overlapping(start, start + k):
+            lo, hi = max(start, item.offset), min(start + k, item.end)
+            segments.append((q + lo - start, item.hash, lo - item.offset, hi - lo))
+        if mm.mrope_positions is None:
+            continue
+        prompt_end = min(start + k, mm.mrope_positions.shape[1])
+        if start < prompt_end:
+            positions[q : q + prompt_end - start] = mm.mrope_positions[0, start:prompt_end]
+            spans.append((q, start, prompt_end, mm.mrope_positions))
+        generated = max(start, prompt_end)
+        positions[q + generated - start : q + k] += mm.mrope_delta
+    if not segments:
+        return None, None
+    if not spans:
+        return segments, None
+    mrope = np.repeat(positions[None, :], 3, axis=0)
+    for q, start, end, table in spans:
+        mrope[:, q : q + end - start] = table[:, start:end]
+    return segments, mrope

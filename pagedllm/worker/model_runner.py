@@ -35,11 +35,13 @@ from pagedllm.distributed.parallel_state import ParallelState, building
 from pagedllm.engine.request import Request
 from pagedllm.kv_transfer.host_store import HostKVStore
 from pagedllm.kv_transfer.host_tier import BlockCopies
+from pagedllm.kv_transfer.ipc_pool import SharedMemoryPool
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.logits_process.state import LogitsProcessors
 from pagedllm.lora.layers import LoRABatch, LoRAPlan, lora_context
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.models.loader import load_model
+from pagedllm.multimodal.encoder_cache import EncoderCache, EncoderWork
 from pagedllm.pooling.pooler import Pooler
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import CudaGraphRunner
@@ -88,6 +90,9 @@ class ModelRunner:
         self.vocab_size: int = hf.vocab_size
         self.hidden_size: int = hf.hidden_size
         self.pooler = Pooler.for_model(config.model_path, self.model, config.pooler_config) if config.runner == "pooling" else None
+        # A vision-language model's image embeddings by image hash (multimodal/encoder_cache.py).
+        self.encodes_images = hasattr(self.model, "encode_images")
+        self.encoder_cache = EncoderCache() if self.encodes_images else None
         self.lora: LoRAManager | None = None
         if config.enable_lora:
             assert config.max_cpu_loras is not None
@@ -146,6 +151,7 @@ class ModelRunner:
 
         self.host_store: HostKVStore | None = None
         self.num_host_slots = 0
+        self.kv_shared_pool: SharedMemoryPool | None = None  # an IpcConnector producer's CPU pool, mapped by consumers
         if not self.attn_layers:  # an encoder keeps no KV: blocks for every sequence at full length, costing nothing
             return self.config.max_num_seqs * self.config.max_blocks_per_seq
         # A draft model (speculative decoding) shares the budget: its weights, and a block of its own per block here.
@@ -158,9 +164,14 @@ class ModelRunner:
             num_blocks = min_over_world(self.parallel, num_blocks)  # a block id must mean the same slot on every rank
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes is less than one KV block ({self.kv_bytes_per_block()} bytes).")
-        for layer in self.attn_layers:
+        transfer = self.config.kv_transfer_config
+        if transfer is not None and transfer.shares_pool and self.device.type == "cpu":
+            shapes = [(2, num_blocks, self.block_size, lay.num_kv_heads, lay.head_dim) for lay in self.attn_layers]
+            self.kv_shared_pool = SharedMemoryPool(shapes, self.kv_dtype)  # zeroed too
+        for i, layer in enumerate(self.attn_layers):
             # Zeroed: padded reads past a sequence's end must meet finite values (0 * NaN would poison softmax @ V).
-            layer.bind_kv_cache(self._kv_blocks(layer, num_blocks))
+            shared = self.kv_shared_pool
+            layer.bind_kv_cache(self._kv_blocks(layer, num_blocks) if shared is None else shared.tensors[i])
         self._allocate_host_tier()
         return int(num_blocks)
 
@@ -286,9 +297,11 @@ class ModelRunner:
         copies = sched.kv_copies
         if self.distributed:
             broadcast_object(self.parallel, StepPlan(batch, [(lo, hi) for _, _, lo, hi in spans],
-                                                     0 if prev is None else len(prev.requests), lora, copies))
+                                                     0 if prev is None else len(prev.requests), lora, copies,
+                                                     sched.encoder_work))
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
-        hidden, logits_index = self._step_forward(batch, None if prev is None else prev.token_ids, turn, lora, copies)
+        prev_ids = None if prev is None else prev.token_ids
+        hidden, logits_index = self._step_forward(batch, prev_ids, turn, lora, copies, sched.encoder_work)
         if self.keep_hidden:  # the final hidden states, or an EAGLE-3 head's three layers' (written by the forward)
             aux = getattr(getattr(self.model, "model", None), "aux_buffer", None)
             starts = batch.query_start_loc.tolist()
@@ -415,7 +428,7 @@ class ModelRunner:
                 assert self.lora is not None
                 self.lora.activate({r.lora_int_id: r for r in plan.lora.adapters.values()},
                                    {r.lora_int_id: slot for slot, r in plan.lora.adapters.items()})
-            hidden, logits_index = self._step_forward(batch, prev_ids, turn, plan.lora, plan.kv_copies)
+            hidden, logits_index = self._step_forward(batch, prev_ids, turn, plan.lora, plan.kv_copies, plan.encoder_work)
             turn = (turn + 1) % self._num_turns
             for lo, hi in plan.prompt_rows:
                 self.compute_logits(hidden[lo:hi])
@@ -423,9 +436,13 @@ class ModelRunner:
                 self.compute_logits(hidden if logits_index is None else hidden.index_select(0, logits_index))
 
     def _step_forward(self, batch: FlatBatch, prev_ids: torch.Tensor | None, turn: int, lora: LoRAPlan | None,
-                      copies: BlockCopies | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A step's forward as every rank runs it: host-tier loads before it, saves after it (stream-ordered), under
-        the step's adapters."""
+                      copies: BlockCopies | None, encoder_work: EncoderWork | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A step's forward as every rank runs it: images encoded and host-tier loads before it, saves after it
+        (stream-ordered), under the step's adapters."""
+        if encoder_work is not None:
+            assert self.encoder_cache is not None
+            self.encoder_cache.apply(encoder_work, self.model.encode_images)
         if copies is not None:
             self._host_store().load(copies)
         with lora_context(self._lora_batch(lora)):
@@ -450,7 +467,8 @@ class ModelRunner:
                 tp_broadcast(prev_ids, self.parallel)  # the driver's sampled ids, to the first stage's other ranks
             input_ids.index_copy_(0, fill_dst, prev_ids.index_select(0, fill_src))
         num_reqs = len(batch.seq_lens)
-        if self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
+        images = batch.mm_segments is not None  # image tokens: eager, their embeddings put in place of the tokens'
+        if not images and self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
             inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(num_reqs)
             out = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables, inter, common_prefix)
             return self._pass_on(out), logits_index
@@ -461,12 +479,27 @@ class ModelRunner:
             query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
             common_prefix=common_prefix,
         )
-        if self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
+        if not images and self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
             inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(input_ids.shape[0])
             return self._pass_on(self.piecewise.run(input_ids, positions, slot_mapping, meta, inter)), logits_index
         token_types = None if batch.token_type_ids is None else torch.from_numpy(batch.token_type_ids).to(self.device)
-        with forward_context(self.backend, meta, token_type_ids=token_types):
+        mm_embeds = None
+        if images:
+            positions, mm_embeds = self._image_inputs(batch, positions)
+        with forward_context(self.backend, meta, token_type_ids=token_types, mm_embeds=mm_embeds):
             return self.run_model(input_ids, positions), logits_index
+
+    def _image_inputs(self, batch: FlatBatch, positions: torch.Tensor,
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """A step with image tokens: the flat rows whose token embeddings their images' cached embeddings replace, and
+        the positions (3-axis for M-RoPE models)."""
+        assert self.encoder_cache is not None and batch.mm_segments is not None
+        cache = self.encoder_cache.tensors
+        rows = np.concatenate([np.arange(dst, dst + n) for dst, _, _, n in batch.mm_segments])
+        embeds = torch.cat([cache[key][src : src + n] for _, key, src, n in batch.mm_segments])
+        if batch.mrope_positions is not None:
+            positions = torch.from_numpy(batch.mrope_positions).to(self.device)
+        return positions, (torch.from_numpy(rows).to(self.device), embeds)
 
     def _run_stage(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One pipeline stage: (hidden, residual) in from the previous stage, this stage's layers, out to the next."""

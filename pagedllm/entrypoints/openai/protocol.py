@@ -15,6 +15,8 @@ from pydantic import (
     BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictInt, ValidationInfo, field_validator, model_serializer,
 )
 
+from pagedllm.entrypoints.chat_utils import template_message
+
 LOGPROBS_CAP = 20  # OpenAI's limit on logprobs / top_logprobs
 # Token ids must be real integers: lax mode would read true/false or "7" as ids.
 TokenIds = list[StrictInt]
@@ -196,9 +198,15 @@ class CompletionResponse(KVTransferResponse):
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------
+class ImageURL(OpenAIModel):
+    url: str  # data:image/...;base64,..., http(s)://..., or file://... (--allowed-local-media-path)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides the resolution
+
+
 class ContentPart(OpenAIModel):
-    type: str
+    type: str  # text | image_url (anything else: a 400 naming it)
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(OpenAIModel):
@@ -208,14 +216,13 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates expect it: content as one string (text parts joined)."""
-        message = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            if any(part.type != "text" for part in self.content):
-                raise ValueError("messages: only text content parts are supported.")
-            message["content"] = "".join(part.text or "" for part in self.content)
-        message.setdefault("content", "")  # an assistant turn of only tool calls: templates still read its content
-        return message
+        """The message as chat templates expect it: text parts joined into one string, or, with images, a list of
+        text and {"type": "image"} parts (entrypoints/chat_utils.py)."""
+        return template_message(self.model_dump(exclude_none=True))[0]
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        return template_message(self.model_dump(exclude_none=True))[1]
 
 
 class FunctionDefinition(OpenAIModel):

@@ -165,7 +165,7 @@ class OpenAIServing:
         if config is None or not config.produces:
             raise APIError("kv_transfer_params.do_remote_decode needs a prefill instance: start this server with "
                            "--kv-transfer-config '{\"kv_connector\": \"TcpConnector\", \"kv_role\": \"kv_producer\"}' "
-                           "(or kv_both).", 400, param="kv_transfer_params")
+                           "(or kv_both; or the IpcConnector).", 400, param="kv_transfer_params")
         if request.stream:
             raise APIError("kv_transfer_params.do_remote_decode needs stream false: the answer tells where the KV is.",
                            400, param="kv_transfer_params")

@@ -49,6 +49,31 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage], add_generation_
         raise APIError(f"messages could not be rendered with the chat template: {error}", 400, param="messages") from None
 
 
+def image_urls(messages: list[ChatMessage], limits: dict[str, int] | None, hf_config: Any) -> list[str]:
+    """The conversation's image URLs in order; a 400 for a bad part, more images than --limit-mm-per-prompt, or
+    images for a text-only model (all before anything is fetched)."""
+    from pagedllm.multimodal.policy import check_mm_limits, check_takes_media
+
+    try:
+        urls = [url for message in messages for url in message.image_urls()]
+        if urls:
+            check_takes_media(hf_config, ["image"])
+            check_mm_limits({"image": len(urls)}, limits)
+    except ValueError as error:
+        raise APIError(str(error).replace("multi_modal_data", "messages", 1), 400, param="messages") from None
+    return urls
+
+
+async def load_images(urls: list[str], policy: Any) -> list[Any]:
+    """The images, fetched and decoded concurrently; a 400 naming the image that failed."""
+    from pagedllm.multimodal.media import MediaError, load_images_async
+
+    try:
+        return await load_images_async(urls, policy)
+    except MediaError as error:
+        raise APIError(f"messages: {error}", 400, param="messages") from None
+
+
 @dataclass
 class _Accumulator:
     request: ChatCompletionRequest
@@ -105,6 +130,12 @@ class ChatServing(OpenAIServing):
         self.enable_auto_tools = enable_auto_tools
         self.tool_parser = None if tool_parser is None else get_tool_parser(tool_parser)(self.tokenizer)
         self.reasoning_parser = None if reasoning_parser is None else get_reasoning_parser(reasoning_parser)(self.tokenizer)
+        from pagedllm.multimodal.policy import MediaPolicy, parse_mm_limits
+
+        config = getattr(engine, "config", None)  # test doubles may have none: no limits, the default policy
+        self.mm_limits = parse_mm_limits(getattr(config, "limit_mm_per_prompt", None))
+        self.hf_config = getattr(config, "hf_config", None)
+        self.media_policy = MediaPolicy.from_config(config)
 
     def _tool_mode(self, request: ChatCompletionRequest) -> str:
         mode = tool_choice_mode(request)
@@ -126,15 +157,19 @@ class ChatServing(OpenAIServing):
         if forced is not None and constraint is not None:
             raise APIError(f"{constraint_field} cannot be combined with tool_choice {mode!r}.", 400, param=constraint_field)
         tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+        urls = image_urls(request.messages, self.mm_limits, self.hf_config)
         prompt = render_messages(self.tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message,
                                  tools, request.chat_template_kwargs)
+        if urls:  # one placeholder per image in the prompt; the engine expands them (or refuses images)
+            prompt["multi_modal_data"] = {"image": await load_images(urls, self.media_policy)}
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         transfer = self.kv_transfer(request)
         params = self.sampling_params(request, max_tokens, logprobs, structured_outputs=forced or constraint)
         request_id = random_id("chatcmpl")
-        aliases = {"prompt": "messages", "max_tokens": max_field, "structured_outputs": constraint_field or "tools"}
+        aliases = {"prompt": "messages", "max_tokens": max_field, "structured_outputs": constraint_field or "tools",
+                   "multi_modal_data": "messages", "limit_mm_per_prompt": "messages"}
         stream, _ = await self.submit(request_id, [prompt], params, arrival_time, aliases, request.cache_salt, lora,
                                       request.priority)
         parsers = None

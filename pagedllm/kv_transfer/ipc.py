@@ -1,0 +1,177 @@
+"""KV transfer between engines on one host through shared device memory (the IpcConnector): CUDA IPC between GPU
+processes, a shared-memory pool on the CPU, the same code path for both (ipc_pool.py maps and copies).
+
+Control goes over TCP (wire.py's framing), data never does. A consumer connection:
+  hello                  -> the producer's layout, its pool's id and export (CUDA IPC handles or the memfd's path),
+                            and (CUDA) an interprocess event; the consumer maps a pool once per pool id.
+  get {hashes}           -> {lease, blocks}: the leading run of the hashes the producer's GPU prefix cache holds, pinned
+                            (a reference each: not evicted, not reused) until
+  release {lease}        -> unpinned; also when the connection drops or stays silent for the lease timeout.
+  stats                  -> {leases, pinned_blocks} (tests, operators: `producer_stats`).
+Pinning runs on the producer's engine thread (the pool is not thread-safe): the server thread queues each get and
+release and pokes `wakeup`, which an idle engine core sleeps on beside its pipe (engine/core.py), and `serve` answers
+them between steps. (An offline `LLM` producer answers only while it steps; a loop of one's own around an LLMEngine
+steps it when `wakeup` is readable, as the core does.) Before answering a get on CUDA it records the interprocess event on its compute stream: the
+consumer's copy waits for it, so blocks a step still in flight registers are copied only once written.
+
+The consumer's side is ipc_pull.py: it copies producer blocks into blocks of its own pool (block tables on the two
+sides differ) and registers them in its prefix cache under the prompt's hashes, so the request's prefix lookup hits
+them."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagedllm.core.kv_cache import KVCacheManager
+from pagedllm.kv_transfer.ipc_pool import SharedMemoryPool, b64, export_pool, pool_layout
+from pagedllm.kv_transfer.wire import CLOSED, TIMEOUT_S, KVTransferError, MessageServer, recv_message, send_message
+from pagedllm.logger import get_logger
+
+logger = get_logger(__name__)
+BlockHash = bytes
+# Pools this process exports, by pool id, with their ready event: a consumer in the same process uses them as they are.
+LOCAL_POOLS: dict[str, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+
+
+class Wakeup:
+    """A byte on a socket pair: another thread's `set` wakes a loop that waits on `fileno()` (select, mp wait)."""
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._read.fileno()
+
+    def set(self) -> None:
+        try:
+            self._write.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    def clear(self) -> None:
+        try:
+            while self._read.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._read.close()
+        self._write.close()
+
+
+@dataclass(eq=False)
+class _Ask:
+    lease: str
+    hashes: list[BlockHash]
+    blocks: list[int] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class IpcServer:
+    """The producer's side: exports its pool and pins the blocks consumers copy (see the module's docstring)."""
+
+    def __init__(self, kv_cache: KVCacheManager, kv_caches: list[torch.Tensor], shared: SharedMemoryPool | None,
+                 host: str, port: int, lease_timeout_s: float) -> None:
+        self.pool, self.lease_timeout_s = kv_cache.pool, lease_timeout_s
+        self.hello: dict[str, Any] = {**pool_layout(kv_caches, kv_cache.block_size), "pool_id": uuid.uuid4().hex,
+                                      "num_blocks": kv_cache.num_blocks, "pool": export_pool(kv_caches, shared)}
+        self.device = kv_caches[0].device
+        self.ready: torch.cuda.Event | None = None
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                self.ready = torch.cuda.Event(interprocess=True)
+                self.ready.record(torch.cuda.current_stream(self.device))
+            self.hello["ready_event"] = b64(self.ready.ipc_handle())
+        LOCAL_POOLS[self.hello["pool_id"]] = (kv_caches, self.ready)
+        self.requests: queue.SimpleQueue[_Ask | str] = queue.SimpleQueue()  # gets, and leases to release
+        self.leases: dict[str, list[int]] = {}  # engine thread only
+        self.num_pinned = 0  # blocks pinned for consumers (read by any thread)
+        self.wakeup = Wakeup()
+        self.server = MessageServer(host, port, self._handle, "kv-ipc-server")
+        logger.info("KV transfer server (producer, %s IPC) on %s:%d", self.hello["pool"]["kind"], host, self.port)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def _submit(self, item: _Ask | str) -> None:
+        self.requests.put(item)
+        self.wakeup.set()
+
+    def _handle(self, sock: socket.socket) -> None:
+        """One consumer connection (its own thread); whatever it still holds is released when it ends."""
+        sock.settimeout(self.lease_timeout_s)  # a consumer silent this long loses its leases
+        held: set[str] = set()
+        try:
+            while True:
+                message = recv_message(sock)
+                op = message.get("op")
+                if op == "hello":
+                    send_message(sock, self.hello)
+                elif op == "get":
+                    ask = _Ask(uuid.uuid4().hex, [bytes.fromhex(h) for h in message["hashes"]])
+                    held.add(ask.lease)
+                    self._submit(ask)
+                    answered = ask.done.wait(TIMEOUT_S)  # an engine stuck in a long step: nothing, this time
+                    send_message(sock, {"lease": ask.lease, "blocks": ask.blocks if answered else []})
+                elif op == "release" and message.get("lease") in held:
+                    held.discard(message["lease"])
+                    self._submit(message["lease"])
+                elif op == "stats":
+                    send_message(sock, {"leases": len(self.leases), "pinned_blocks": self.num_pinned})
+                else:
+                    raise KVTransferError(f"unknown op {op!r}")
+        except CLOSED:
+            pass
+        finally:
+            for lease in held:
+                self._submit(lease)
+
+    def serve(self) -> None:
+        """Pins for the queued gets, unpins for the releases, in order: on the engine's thread, between steps."""
+        self.wakeup.clear()
+        recorded = False
+        while True:
+            try:
+                item = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, str):
+                blocks = self.leases.pop(item, [])
+                self.pool.release(blocks)
+                self.num_pinned -= len(blocks)
+                continue
+            for block_hash in item.hashes:
+                block = self.pool.lookup(block_hash)
+                if block is None:
+                    break
+                item.blocks.append(block)
+            self.pool.touch(item.blocks)
+            self.leases[item.lease] = item.blocks
+            self.num_pinned += len(item.blocks)
+            if self.ready is not None and not recorded:  # after every step launched so far, before any answer
+                self.ready.record(torch.cuda.current_stream(self.device))
+                recorded = True
+            item.done.set()
+
+    def close(self) -> None:
+        self.server.close()
+        self.wakeup.close()
+        LOCAL_POOLS.pop(self.hello["pool_id"], None)
+
+
+def producer_stats(host: str, port: int) -> dict[str, int]:
+    """A producer's leases and pinned blocks (for tests and operators)."""
+    with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
+        send_message(sock, {"op": "stats"})
+        return {k: int(v) for k, v in recv_message(sock).items()}

@@ -1,0 +1,153 @@
+"""Turns a prompt's token ids and images into what the engine runs: the image processor's tensors per image (through
+transformers' own image processors, so pixels match the reference), each image's single placeholder token expanded
+to as many tokens as the encoder gives it rows, and for Qwen2-VL the M-RoPE positions.
+
+A prompt holds one placeholder per image (a chat template's `<|image_pad|>` or `<image>`), or the placeholders already
+expanded (ids that transformers' processor made); any other count is an error naming both numbers."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedllm.multimodal.inputs import ImageItem, MultiModalState
+
+
+def content_hash(data: dict[str, torch.Tensor]) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(data):
+        tensor = data[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
+class MultiModalProcessor:
+    """The model-independent part: placeholder expansion and item bookkeeping; subclasses process one image."""
+
+    def __init__(self, hf_config: Any, model_path: str) -> None:
+        from transformers import AutoImageProcessor
+
+        self.hf_config = hf_config
+        self.image_processor = AutoImageProcessor.from_pretrained(model_path)
+        token = getattr(hf_config, "image_token_id", None)
+        self.placeholder: int = token if token is not None else hf_config.image_token_index
+
+    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """The encoder's inputs for one image and how many placeholder tokens (embedding rows) it takes."""
+        raise NotImplementedError
+
+    def process(self, token_ids: list[int], images: list[Any]) -> tuple[list[int], MultiModalState]:
+        inputs = [self.image_inputs(image) for image in images]
+        counts = [n for _, n in inputs]
+        ids = np.asarray(token_ids)
+        where = np.flatnonzero(ids == self.placeholder)
+        if len(where) == len(images):  # one placeholder each: expand
+            pieces, previous = [], 0
+            for at, n in zip(where.tolist(), counts):
+                pieces += [token_ids[previous:at], [self.placeholder] * n]
+                previous = at + 1
+            expanded = [t for piece in pieces for t in piece] + token_ids[previous:]
+        elif len(where) == sum(counts) and len(where):
+            expanded = list(token_ids)
+        else:
+            raise ValueError(f"multi_modal_data: the prompt holds {len(where)} image placeholder tokens (id "
+                             f"{self.placeholder}) for {len(images)} image(s); it needs one per image (as the chat "
+                             f"template writes them) or the expanded {sum(counts)}.")
+        starts = np.flatnonzero(np.asarray(expanded) == self.placeholder)
+        items, k = [], 0
+        for data, n in inputs:
+            items.append(ImageItem(int(starts[k]), n, content_hash(data), data))
+            k += n
+        return expanded, self.finish(expanded, MultiModalState(items))
+
+    def finish(self, token_ids: list[int], state: MultiModalState) -> MultiModalState:
+        return state
+
+
+class Qwen2VLProcessor(MultiModalProcessor):
+    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
+        from pagedllm.models.qwen2_vl_vision import image_token_count
+
+        out = self.image_processor(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"]
+        count = image_token_count(tuple(grid[0].tolist()), self.hf_config.vision_config.spatial_merge_size)
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, count
+
+    def finish(self, token_ids: list[int], state: MultiModalState) -> MultiModalState:
+        from pagedllm.models.qwen2_vl_vision import mrope_positions
+
+        hf = self.hf_config
+        grids = [tuple(item.data["image_grid_thw"][0].tolist()) for item in state.items]
+        state.mrope_positions, state.mrope_delta = mrope_positions(
+            token_ids, grids, self.placeholder, hf.vision_start_token_id, hf.vision_config.spatial_merge_size)
+        return state
+
+
+class LlavaProcessor(MultiModalProcessor):
+    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
+        from pagedllm.models.llava_vision import llava_image_token_count
+
+        out = self.image_processor(images=[image], return_tensors="pt")
+        data = {"pixel_values": out["pixel_values"]}
+        if "image_sizes" in out:
+            data["image_sizes"] = torch.as_tensor(out["image_sizes"])
+        width, height = image.size
+        return data, llava_image_token_count(self.hf_config, (height, width))
+
+
+def prepare_prompt(config: Any, prompt: Any, token_ids: list[int]) -> tuple[list[int], MultiModalState | None]:
+    """A prompt's token ids with its images' placeholders expanded, and its images' state (None: no images): from
+    `multi_modal_data` ({"image": an image or a list}) or, when a front already did this, from `mm_inputs`. Raises
+    ValueError for a text-only model, too many images, an image the encoder cache can never hold."""
+    if not isinstance(prompt, dict):
+        return token_ids, None
+    data = prompt.get("multi_modal_data")
+    if not data:
+        return token_ids, prompt.get("mm_inputs")
+    from pagedllm.multimodal.encoder_cache import encoder_cache_rows
+    from pagedllm.multimodal.policy import check_mm_limits, check_takes_media
+
+    check_takes_media(config.hf_config, data if isinstance(data, dict) else ["multimodal"])
+    unknown = sorted(set(data) - {"image"})
+    if unknown:
+        raise ValueError(f"multi_modal_data: only images are taken (key 'image'); got {unknown}.")
+    images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
+    check_mm_limits({"image": len(images)}, config.limit_mm_per_prompt)
+    processor = processor_for(config)
+    assert processor is not None, "a vision config without a known vision-language architecture"
+    token_ids, state = processor.process(token_ids, list(images))
+    too_big = [item.length for item in state.items if item.length > encoder_cache_rows(config)]
+    if too_big:
+        raise ValueError(f"multi_modal_data: an image takes {too_big[0]} tokens, more than the encoder cache holds "
+                         f"({encoder_cache_rows(config)}): use smaller images or raise max_num_batched_tokens.")
+    return token_ids, state
+
+
+_processors: dict[str, MultiModalProcessor | None] = {}
+
+
+def processor_for(config: Any) -> MultiModalProcessor | None:
+    """The model's image processing, built once per process (the engine's and a server front's)."""
+    if config.model_path not in _processors:
+        _processors[config.model_path] = make_processor(config.hf_config, config.model_path)
+    return _processors[config.model_path]
+
+
+PROCESSORS: dict[str, type[MultiModalProcessor]] = {
+    "Qwen2VLForConditionalGeneration": Qwen2VLProcessor,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2VLProcessor,
+    "LlavaForConditionalGeneration": LlavaProcessor,
+    "LlavaNextForConditionalGeneration": LlavaProcessor,
+}
+
+
+def make_processor(hf_config: Any, model_path: str) -> MultiModalProcessor | None:
+    """The image processing of a vision-language model; None for a text-only one."""
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in PROCESSORS:
+            return PROCESSORS[arch](hf_config, model_path)
+    return None
