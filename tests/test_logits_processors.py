@@ -99,9 +99,9 @@ def _check_rows_each_step(llm: LLM, processor: BanTokens) -> dict[str, int]:
     current: list[Any] = []
     checked = {"steps": 0, "in_flight": 0, "drafts": 0}
 
-    def recording_prepare(requests: list[Any], pending: Any = None) -> bool:
+    def recording_prepare(requests: list[Any], pending: Any = None, builtin: bool | None = None) -> bool:
         current[:] = requests
-        return prepare(requests, pending)
+        return prepare(requests, pending, builtin)
 
     def checking_apply(logits: torch.Tensor, any_random: bool) -> torch.Tensor:
         assert logits.shape[0] == len(current)

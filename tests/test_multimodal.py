@@ -124,7 +124,7 @@ def test_prefix_cache_keys_include_the_image(vl_models: dict[str, str]) -> None:
     """The same text with another image shares no block past the image; the same image shares the prompt's full
     blocks; both answers are transformers'."""
     path = vl_models["qwen2_vl"]
-    prompt = chat_prompt("qwen2_vl", "Here is a long opening sentence, which fills a whole block or more. {image} Describe it.")
+    prompt = chat_prompt("qwen2_vl", "Here is a long opening sentence, which fills a whole block or more. {image} Tell.")
     a, b = make_test_image(112, 84, 0), make_test_image(112, 84, 5)
     llm = LLM(path, **ARGS)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -132,7 +132,8 @@ def test_prefix_cache_keys_include_the_image(vl_models: dict[str, str]) -> None:
     other = llm.generate({"prompt": prompt, "multi_modal_data": {"image": b}}, params, use_tqdm=False)[0]
     same = llm.generate({"prompt": prompt, "multi_modal_data": {"image": a}}, params, use_tqdm=False)[0]
     block = llm.llm_engine.config.block_size
-    image_start = list(first.prompt_token_ids).index(load_processor(path).tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    pad = load_processor(path).tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    image_start = list(first.prompt_token_ids).index(pad)
     assert image_start >= block and other.num_cached_tokens == image_start // block * block  # the blocks before it
     assert same.num_cached_tokens == (len(same.prompt_token_ids) - 1) // block * block
     assert list(other.outputs[0].token_ids) == hf_greedy(path, prompt, [b], 6)[1]

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -94,7 +95,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     kwargs = {k: v for k, v in engine_kwargs(args).items() if v is not None}
     if kwargs.get("model") in SHAPES:
-        kwargs.update(model=write_shape(kwargs["model"], f"/tmp/pagedllm-shapes/{kwargs['model']}"), load_format="dummy")
+        path = write_shape(kwargs["model"], os.path.join(tempfile.gettempdir(), "pagedllm-shapes", kwargs["model"]))
+        kwargs.update(model=path, load_format="dummy")
     kwargs.setdefault("max_model_len", 4096)
     requests = build_requests(kwargs["model"], args.num_prompts, args.image_size, args.input_len, args.seed)
     llm = LLM(**kwargs)

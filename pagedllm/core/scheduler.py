@@ -45,6 +45,7 @@ class SchedulerOutput:
     kv_copies: BlockCopies | None = None  # host-tier loads before the forward, saves after it (kv_transfer/)
     encoder_work: EncoderWork | None = None  # images to encode before the forward, cache entries to drop
     has_mm: bool = False  # a scheduled request has images (its positions / embeddings need the multimodal path)
+    builtin_processors: bool | None = None  # some unfinished request wants allowed_token_ids / bad words (engine)
 
     @property
     def num_tokens(self) -> int:

@@ -37,6 +37,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.kv_transfer.connector import KVConnector, make_connector
 from pagedllm.logits_process import validate_params
+from pagedllm.logits_process.state import wants_builtin
 from pagedllm.multimodal.encoder_cache import EncoderCachePlanner, encoder_cache_rows
 from pagedllm.multimodal.processor import prepare_prompt
 from pagedllm.kv_transfer.host_tier import HostTier
@@ -139,14 +140,15 @@ class LLMEngine:
             encoder = EncoderCachePlanner(config.max_num_batched_tokens, encoder_cache_rows(config))
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                                    disjoint_steps=config.pipeline_parallel_size > 1,
-                                   max_loras=config.max_loras if config.enable_lora else 0, policy=config.scheduling_policy,
-                                   encoder=encoder)
+                                   max_loras=config.max_loras if config.enable_lora else 0,
+                                   policy=config.scheduling_policy, encoder=encoder)
         self.groups: dict[str, _Group] = {}
         self.requests: dict[str, Request] = {}  # every unfinished sample, by its own id
         self._aborted: list[_Group] = []
         self.prompt_tokens = self.generation_tokens = 0
         self._inflight: deque[StepHandle] = deque()  # launched steps whose tokens are not yet processed, oldest first
         self._num_penalized = 0  # unfinished requests with penalties: while any, steps run synchronously
+        self._num_builtin = 0  # unfinished requests with allowed_token_ids or bad words (built-in logits processors)
         # Constrained decoding: a matcher must see a row's token before the next step's mask, so such steps run
         # synchronously too (like penalties); steps without constrained rows are untouched.
         self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids,
@@ -225,6 +227,7 @@ class LLMEngine:
             if self.kv_connector is not None:
                 self.kv_connector.on_request(request, params.extra_args)
             self._num_penalized += request.params.needs_penalties
+            self._num_builtin += wants_builtin(request.params)
             if grammar is not None:
                 self.structured_output.add_request(request, grammar)  # each sample has its own matcher
                 self._num_constrained += 1
@@ -369,6 +372,7 @@ class LLMEngine:
         prev = self._inflight[-1] if self._inflight and not self.scheduler.disjoint_steps else None  # tokens in flight come from it
         if self._num_constrained:
             sched.grammar_bitmask = self.structured_output.grammar_bitmask(sched)
+        sched.builtin_processors = self._num_builtin > 0  # else the step's rows are not scanned for them
         handle = self.runner.execute(sched, self.kv_cache, prev)
         handle.kv_copies = sched.kv_copies
         for request, num_new in sched.scheduled:
@@ -472,6 +476,7 @@ class LLMEngine:
             self.kv_connector.discard(request.request_id)
         request.metrics.finished_time = time.time()
         self._num_penalized -= request.params.needs_penalties
+        self._num_builtin -= wants_builtin(request.params)
         self._num_constrained -= request.structured_output is not None
         self.groups[request.parent_id or request.request_id].num_unfinished -= 1
 

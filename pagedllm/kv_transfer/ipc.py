@@ -11,8 +11,9 @@ Control goes over TCP (wire.py's framing), data never does. A consumer connectio
 Pinning runs on the producer's engine thread (the pool is not thread-safe): the server thread queues each get and
 release and pokes `wakeup`, which an idle engine core sleeps on beside its pipe (engine/core.py), and `serve` answers
 them between steps. (An offline `LLM` producer answers only while it steps; a loop of one's own around an LLMEngine
-steps it when `wakeup` is readable, as the core does.) Before answering a get on CUDA it records the interprocess event on its compute stream: the
-consumer's copy waits for it, so blocks a step still in flight registers are copied only once written.
+steps it when `wakeup` is readable, as the core does.) Before answering a get on CUDA it records the interprocess
+event on its compute stream: the consumer's copy waits for it, so blocks a step still in flight registers are copied
+only once written.
 
 The consumer's side is ipc_pull.py: it copies producer blocks into blocks of its own pool (block tables on the two
 sides differ) and registers them in its prefix cache under the prompt's hashes, so the request's prefix lookup hits

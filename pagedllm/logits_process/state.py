@@ -65,13 +65,9 @@ def validate_params(classes: Iterable[type] | None, params: SamplingParams) -> N
             check(params)
 
 
-def _any_builtin(requests: Sequence[Any]) -> bool:
-    """Whether some row asks for a built-in processor (this runs every step)."""
-    for r in requests:
-        p = r.params
-        if p.allowed_token_ids or p.bad_words_token_ids or p.bad_words_tokenized:
-            return True
-    return False
+def wants_builtin(params: Any) -> bool:
+    """Whether a request asks for a built-in processor (allowed_token_ids, bad words)."""
+    return bool(params.allowed_token_ids or params.bad_words_token_ids or params.bad_words_tokenized)
 
 
 class _DraftRow:
@@ -164,11 +160,15 @@ class LogitsProcessors:
         self._keys: list[Any] = []
         self._mirrors: dict[Any, _Mirror] = {}
 
-    def prepare(self, requests: Sequence[Any], pending_ids: Callable[[], list[int]] | None = None) -> bool:
+    def prepare(self, requests: Sequence[Any], pending_ids: Callable[[], list[int]] | None = None,
+                builtin: bool | None = None) -> bool:
         """Tells every processor how this step's rows differ from the last; False (and nothing called) when no
         processor has work: none registered and no row asks for a built-in one. `pending_ids()`: the previous
-        step's sampled ids on the host, read only when a row has a token in flight."""
-        if not self.custom and not _any_builtin(requests):
+        step's sampled ids on the host, read only when a row has a token in flight. `builtin`: whether any
+        unfinished request asks for a built-in processor, as the engine counts them (None: look at the rows)."""
+        if builtin is None:
+            builtin = any(wants_builtin(r.params) for r in requests)
+        if not self.custom and not builtin:
             if self._keys:  # the processors forget the rows they held
                 self._update(BatchUpdate(len(requests), removed=range(len(self._keys))))
                 self._keys, self._mirrors = [], {}

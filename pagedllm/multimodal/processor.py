@@ -1,9 +1,10 @@
 """Turns a prompt's token ids and images into what the engine runs: the image processor's tensors per image (through
-transformers' own image processors, so pixels match the reference), each image's single placeholder token expanded
-to as many tokens as the encoder gives it rows, and for Qwen2-VL the M-RoPE positions.
+transformers' own image processors, so pixels match the reference), each image's single placeholder token replaced by
+its token sequence (the image's rows of placeholder tokens, which a model may wrap in other tokens: Gemma 3), and for
+Qwen2-VL the M-RoPE positions.
 
-A prompt holds one placeholder per image (a chat template's `<|image_pad|>` or `<image>`), or the placeholders already
-expanded (ids that transformers' processor made); any other count is an error naming both numbers."""
+A prompt holds one placeholder per image (a chat template's `<|image_pad|>`, `<image>` or `<start_of_image>`), or the
+images already expanded (ids that transformers' processor made); any other count is an error naming both numbers."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def content_hash(data: dict[str, torch.Tensor]) -> bytes:
 
 
 class MultiModalProcessor:
-    """The model-independent part: placeholder expansion and item bookkeeping; subclasses process one image."""
+    """The model-independent part: placeholder expansion and item bookkeeping; subclasses process one image.
+    `placeholder`: the token a prompt holds per image; `image_token`: the token of each embedding row (the same but
+    for models that wrap the rows, see `replacement`)."""
 
     def __init__(self, hf_config: Any, model_path: str) -> None:
         from transformers import AutoImageProcessor
@@ -35,34 +38,46 @@ class MultiModalProcessor:
         self.image_processor = AutoImageProcessor.from_pretrained(model_path)
         token = getattr(hf_config, "image_token_id", None)
         self.placeholder: int = token if token is not None else hf_config.image_token_index
+        self.image_token: int = self.placeholder
 
     def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
         """The encoder's inputs for one image and how many placeholder tokens (embedding rows) it takes."""
         raise NotImplementedError
+
+    def replacement(self, num_rows: int) -> tuple[list[int], int]:
+        """The tokens that take the place of one image's placeholder, and the index of its first row among them."""
+        return [self.image_token] * num_rows, 0
+
+    def join(self, out: list[int], ids: list[int]) -> None:
+        """Appends ids to out: prompt text and replacements in turn (a model may merge tokens at the seams)."""
+        out.extend(ids)
 
     def process(self, token_ids: list[int], images: list[Any]) -> tuple[list[int], MultiModalState]:
         inputs = [self.image_inputs(image) for image in images]
         counts = [n for _, n in inputs]
         ids = np.asarray(token_ids)
         where = np.flatnonzero(ids == self.placeholder)
-        if len(where) == len(images):  # one placeholder each: expand
-            pieces, previous = [], 0
+        rows = where if self.image_token == self.placeholder else np.flatnonzero(ids == self.image_token)
+        # Already expanded: every image's rows are there (checked first where the placeholder is another token).
+        expanded = len(rows) == sum(counts) > 0 and (self.image_token != self.placeholder or len(where) != len(images))
+        if expanded:
+            starts = np.cumsum([0] + counts[:-1])
+            offsets, out = [int(rows[k]) for k in starts], list(token_ids)
+        elif len(where) == len(images):  # one placeholder each: replace
+            out, offsets, previous = [], [], 0
             for at, n in zip(where.tolist(), counts):
-                pieces += [token_ids[previous:at], [self.placeholder] * n]
+                self.join(out, token_ids[previous:at])
+                seq, first = self.replacement(n)
+                self.join(out, seq)
+                offsets.append(len(out) - len(seq) + first)  # from the end: a merge at the seam before moves it
                 previous = at + 1
-            expanded = [t for piece in pieces for t in piece] + token_ids[previous:]
-        elif len(where) == sum(counts) and len(where):
-            expanded = list(token_ids)
+            self.join(out, token_ids[previous:])
         else:
             raise ValueError(f"multi_modal_data: the prompt holds {len(where)} image placeholder tokens (id "
                              f"{self.placeholder}) for {len(images)} image(s); it needs one per image (as the chat "
                              f"template writes them) or the expanded {sum(counts)}.")
-        starts = np.flatnonzero(np.asarray(expanded) == self.placeholder)
-        items, k = [], 0
-        for data, n in inputs:
-            items.append(ImageItem(int(starts[k]), n, content_hash(data), data))
-            k += n
-        return expanded, self.finish(expanded, MultiModalState(items))
+        items = [ImageItem(at, n, content_hash(data), data) for at, (data, n) in zip(offsets, inputs)]
+        return out, self.finish(out, MultiModalState(items))
 
     def finish(self, token_ids: list[int], state: MultiModalState) -> MultiModalState:
         return state

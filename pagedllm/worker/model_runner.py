@@ -355,7 +355,8 @@ class ModelRunner:
                 sched.grammar_bitmask.apply(logits)
             # Rows without sampling params (a proposer's draft views) never meet the processors.
             procs = self.logits_processors if isinstance(requests[0], Request) else None
-            with_procs = procs is not None and procs.prepare(requests, lambda: _host_ids(prev))
+            with_procs = procs is not None and procs.prepare(requests, lambda: _host_ids(prev),
+                                                             sched.builtin_processors)
             # The raw logits, in the model's dtype: the sampler upcasts only where it must.
             if all(r.plain_greedy for r in requests):
                 sampling = SamplingBatch(len(requests), self.vocab_size, all_greedy=True)
@@ -428,7 +429,8 @@ class ModelRunner:
                 assert self.lora is not None
                 self.lora.activate({r.lora_int_id: r for r in plan.lora.adapters.values()},
                                    {r.lora_int_id: slot for slot, r in plan.lora.adapters.items()})
-            hidden, logits_index = self._step_forward(batch, prev_ids, turn, plan.lora, plan.kv_copies, plan.encoder_work)
+            hidden, logits_index = self._step_forward(batch, prev_ids, turn, plan.lora, plan.kv_copies,
+                                                      plan.encoder_work)
             turn = (turn + 1) % self._num_turns
             for lo, hi in plan.prompt_rows:
                 self.compute_logits(hidden[lo:hi])
@@ -468,7 +470,8 @@ class ModelRunner:
             input_ids.index_copy_(0, fill_dst, prev_ids.index_select(0, fill_src))
         num_reqs = len(batch.seq_lens)
         images = batch.mm_segments is not None  # image tokens: eager, their embeddings put in place of the tokens'
-        if not images and self.graph_runner is not None and batch.num_decodes == num_reqs and self.graph_runner.can_run(num_reqs):
+        decodes = batch.num_decodes == num_reqs
+        if not images and self.graph_runner is not None and decodes and self.graph_runner.can_run(num_reqs):
             inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(num_reqs)
             out = self.graph_runner.run(input_ids, positions, slot_mapping, seq_lens, tables, inter, common_prefix)
             return self._pass_on(out), logits_index
