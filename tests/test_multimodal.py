@@ -224,3 +224,13 @@ def test_server_chat_with_images(vl_models: dict[str, str], tmp_path: Any) -> No
         assert ask(data_url).choices[0].finish_reason == "length"
     finally:
         server.stop()
+
+
+def test_tensor_parallel_equals_one_process(vl_models: dict[str, str]) -> None:
+    """TP=2: the decoder sharded, the vision tower on every rank, each step's encoder work sent with the step."""
+    path = vl_models["qwen2_vl"]
+    workload = _workload("qwen2_vl")
+    one = [list(o.outputs[0].token_ids) for o in _generate(LLM(path, **ARGS), workload)]
+    llm = LLM(path, **ARGS, tensor_parallel_size=2, max_num_batched_tokens=24)
+    assert [list(o.outputs[0].token_ids) for o in _generate(llm, workload)] == one
+    del llm  # its workers stop with it: one parallel world per process at a time

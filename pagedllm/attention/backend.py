@@ -47,6 +47,11 @@ class AttentionMetadata:
     # every context) that all requests share, block for block, at the start of their block tables (one
     # system prompt, the samples or beams of one prompt). A backend may attend it once for all of them.
     common_prefix: torch.Tensor | None = None
+    # Prompt steps of a model whose image tokens attend to each other both ways (Gemma 3): int32 [num_tokens] on the
+    # device, the last key position (in its sequence) each query sees: its own position for text, its image's last
+    # token for an image token. Never on decodes (a one-token query's limit is its position) nor in CUDA graphs;
+    # None: causal. A sliding window still counts back from the query's own position.
+    key_limits: torch.Tensor | None = None
 
 
 # Decode batch sizes that CUDA graphs are captured at (worker/cuda_graph.py): a decode batch pads to the
@@ -94,7 +99,8 @@ class AttentionBackend(Protocol):
         cached context (this step's keys included); returns [num_tokens, num_heads, head_dim],
         in `out` when given. k_scale, v_scale: a float8 cache's scales (1.0 for any other).
         sliding_window W: the query at position p sees only keys in (p - W, p]; soft_cap c: scores s
-        become c * tanh(s / c) before masking and softmax (the layer's options; None: off)."""
+        become c * tanh(s / c) before masking and softmax (the layer's options; None: off). With meta.key_limits,
+        the query at p sees keys up to its limit L >= p instead: (p - W, L]."""
 
 
 def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:

@@ -6,6 +6,7 @@ each prefill chunk gets its own call with a causal mask offset by its cached con
 gathered blocks are widened to the query's dtype; k_scale goes into the softmax scale, v_scale onto the output.
 A sliding window (Mistral, Gemma's local layers) narrows each query's mask to its last `window` keys; a soft cap
 (Gemma 2) squashes the scores before the mask, which SDPA cannot do, so those calls take an explicit softmax.
+Per-query key limits (Gemma 3's images) replace the causal bound of a prefill chunk's mask.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ class TorchAttentionBackend:
         for i in range(n, meta.num_reqs):
             q = query[starts[i] : starts[i + 1]]
             k, v = _gather(kv_cache, meta.block_tables[i : i + 1], lens[i], q.dtype)
-            mask = _causal_mask(q.shape[0], lens[i], q.device, sliding_window)
+            if meta.key_limits is None:
+                mask = _causal_mask(q.shape[0], lens[i], q.device, sliding_window)
+            else:
+                mask = _limited_mask(meta.key_limits[starts[i] : starts[i + 1]], lens[i], sliding_window)
             out[starts[i] : starts[i + 1]] = _attend(q.unsqueeze(0), k, v, mask, scale, soft_cap)[0]
         if v_scale != 1.0:
             out.mul_(v_scale)
@@ -100,6 +104,15 @@ def _causal_mask(query_len: int, seq_len: int, device: torch.device, sliding_win
     k_pos = torch.arange(seq_len, device=device)[None, :]
     mask = q_pos >= k_pos
     return mask & (k_pos > q_pos - sliding_window) if windowed else mask
+
+
+def _limited_mask(limits: torch.Tensor, seq_len: int, sliding_window: int | None = None) -> torch.Tensor:
+    """_causal_mask with query i seeing keys up to limits[i] (>= its position), the window still from its position
+    (transformers' AND(window, OR(causal, same image)))."""
+    q_pos = torch.arange(seq_len - limits.shape[0], seq_len, device=limits.device)[:, None]
+    k_pos = torch.arange(seq_len, device=limits.device)[None, :]
+    mask = k_pos <= limits[:, None].to(torch.long)
+    return mask & (k_pos > q_pos - sliding_window) if sliding_window is not None else mask
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,

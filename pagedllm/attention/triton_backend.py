@@ -12,6 +12,8 @@ forward picks one of two paths:
 - shared-prefix decode (cascade attention): larger decode-only batches whose requests all start with
   the same cached blocks (the metadata's common_prefix) attend that prefix once for all of them, then
   each request's own keys; otherwise every (request, KV head) program would read the prefix again.
+Per-query key limits (Gemma 3's images: AttentionMetadata.key_limits) come with prompt steps only, and go to the
+prompt chunks' launch; the decodes of a mixed batch see up to their own position anyway.
 """
 
 from __future__ import annotations
@@ -49,13 +51,17 @@ def _realigned(t: torch.Tensor) -> torch.Tensor:
     return t if _aligned(t) else t.clone()
 
 
+# A mixed batch's prompt part: query starts, context lengths, block tables, key limits (or None)
+_PromptPart = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 class TritonAttentionBackend:
     name = "triton"
     shared_prefix_min = (SHARED_PREFIX_MIN_REQS, SHARED_PREFIX_MIN_TOKENS)
 
     def __init__(self) -> None:
         # The last mixed step's metadata and its prompt part: every layer of a step gets the same metadata.
-        self._prompt_part: tuple[AttentionMetadata, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._prompt_part: tuple[AttentionMetadata, _PromptPart] | None = None
 
     def takes_shared_prefix(self, num_reqs: int, num_kv_heads: int, device: torch.device) -> bool:
         """Whether forward attends a decode-only batch's common prefix once at this size: from the minimum
@@ -74,6 +80,7 @@ class TritonAttentionBackend:
         if query.shape[0] == 0:
             return out
         num_kv_heads = kv_cache.shape[3]
+        assert meta.key_limits is None or meta.num_decodes < meta.num_reqs, "key limits on a decode-only step"
         if use_split_kv(meta, num_kv_heads, sm_count(query.device)):
             n = meta.num_decodes  # rows past n (padding) are left unwritten
             split_kv_decode(query[:n], kv_cache, out[:n], meta.seq_lens, meta.block_tables, scale, **opts)
@@ -89,19 +96,23 @@ class TritonAttentionBackend:
                               meta.block_tables[:nd], 1, scale, **opts)
             rest = out[nd:]
             dst = rest if _aligned(rest) else torch.empty_like(rest)
-            unified_attention(_realigned(query[nd:]), kv_cache, dst, *self._prompts_of(meta), meta.max_query_len, scale,
-                              **opts)
+            qsl, lens, tables, limits = self._prompts_of(meta)
+            unified_attention(_realigned(query[nd:]), kv_cache, dst, qsl, lens, tables, meta.max_query_len, scale,
+                              key_limits=limits, **opts)
             if dst is not rest:
                 rest.copy_(dst)
             return out
         return unified_attention(
-            query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale, **opts,
+            query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale,
+            key_limits=meta.key_limits, **opts,
         )
 
-    def _prompts_of(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A mixed batch's prompt chunks: query starts from 0, context lengths and block tables (16-byte
+    def _prompts_of(self, meta: AttentionMetadata) -> _PromptPart:
+        """A mixed batch's prompt chunks: query starts from 0, context lengths, block tables and key limits (16-byte
         aligned), made once per step rather than once per layer."""
         if self._prompt_part is None or self._prompt_part[0] is not meta:
-            nd = meta.num_decodes
-            self._prompt_part = (meta, (meta.query_start_loc[nd:] - nd, _realigned(meta.seq_lens[nd:]), _realigned(meta.block_tables[nd:])))
+            nd, limits = meta.num_decodes, meta.key_limits
+            self._prompt_part = (meta, (meta.query_start_loc[nd:] - nd, _realigned(meta.seq_lens[nd:]),
+                                        _realigned(meta.block_tables[nd:]),
+                                        None if limits is None else _realigned(limits[nd:])))
         return self._prompt_part[1]

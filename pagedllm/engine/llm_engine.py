@@ -137,7 +137,8 @@ class LLMEngine:
         # A vision-language model: its encoder cache's bookkeeping lives in the scheduler.
         encoder = None
         if self.runner.encodes_images:
-            encoder = EncoderCachePlanner(config.max_num_batched_tokens, encoder_cache_rows(config))
+            encoder = EncoderCachePlanner(config.max_num_batched_tokens, encoder_cache_rows(config),
+                                          whole_images=self.runner.bidirectional_images)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                                    disjoint_steps=config.pipeline_parallel_size > 1,
                                    max_loras=config.max_loras if config.enable_lora else 0,

@@ -38,6 +38,9 @@ Per-layer score options, compile-time constants so that a kernel without them ke
   window instead of the whole sequence, the shared-prefix kernel skips prefix tiles outside every row's window.
   Windowed prompt tiles give up the mask-free FULL_TILES pass (no tile is whole for every row).
 - SOFT_CAP (Gemma 2's tanh cap on the scores; 0: none): s -> cap * tanh(s / cap), before masking, in log2 units.
+- KEY_LIMITS (unified kernel, prompt steps of Gemma 3 with images): each row sees keys up to its query's limit, read
+  from `key_limits` (>= its position: an image token sees its whole image), instead of up to its position; the key
+  walk ends at the tile's largest limit, and a window still counts back from the row's own position.
 
 Every kernel has a float64 torch reference (`*_ref`) beside it.
 """
@@ -72,14 +75,15 @@ CAUSAL = tl.constexpr(2)
 
 @triton.jit
 def _attend_tiles(
-    q, acc, m_i, l_i, k_cache, bt_row, kvh, q_pos, kv_start, kv_end, qk_scale,
+    q, acc, m_i, l_i, k_cache, bt_row, kvh, q_pos, q_lim, kv_start, kv_end, qk_scale,
     stride_kv, stride_kb, stride_ko, stride_kh,
     HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr, WINDOW: tl.constexpr = 0, SOFT_CAP: tl.constexpr = 0.0,
 ):
     """Online-softmax accumulation over keys [kv_start, kv_end); qk_scale = scale * log2(e).
     MASK: FULL_TILES (whole tiles every row sees: no masks to compute), KEY_RANGE (keys past kv_end
-    hidden) or CAUSAL (also keys after the row's position q_pos, and with WINDOW keys at or before q_pos - WINDOW).
+    hidden) or CAUSAL (also keys after the row's last visible key q_lim, its position q_pos but with key limits,
+    and with WINDOW keys at or before q_pos - WINDOW).
     SOFT_CAP: scores capped by tanh (see the module docstring).
     V sits stride_kv elements after K, so one pointer tensor (the costly part, in registers) serves both."""
     d = tl.arange(0, HEAD_D_PAD)
@@ -108,10 +112,10 @@ def _attend_tiles(
         if SOFT_CAP > 0:  # s is in log2 units: cap * tanh(raw / cap) * log2(e) == c * tanh(s / c), c = cap * log2(e)
             s = (2.0 * tl.sigmoid(s * (2.0 / (SOFT_CAP * 1.4426950408889634))) - 1.0) * (SOFT_CAP * 1.4426950408889634)
         if MASK == CAUSAL and WINDOW > 0:
-            visible = (k_idx[None, :] <= q_pos[:, None]) & (k_idx[None, :] > q_pos[:, None] - WINDOW)
+            visible = (k_idx[None, :] <= q_lim[:, None]) & (k_idx[None, :] > q_pos[:, None] - WINDOW)
             s = tl.where(visible & k_ok[None, :], s, float("-inf"))
         elif MASK == CAUSAL:
-            s = tl.where((k_idx[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+            s = tl.where((k_idx[None, :] <= q_lim[:, None]) & k_ok[None, :], s, float("-inf"))
         elif MASK == KEY_RANGE:
             s = tl.where(k_ok[None, :] & (q_pos[:, None] >= 0), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -135,10 +139,11 @@ def _unified_attention_kernel(
     QPK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, AFTER_PREFIX: tl.constexpr, USE_PDL: tl.constexpr,
-    WINDOW: tl.constexpr = 0, SOFT_CAP: tl.constexpr = 0.0,
+    WINDOW: tl.constexpr = 0, SOFT_CAP: tl.constexpr = 0.0, key_limits=None, KEY_LIMITS: tl.constexpr = False,
 ):
     """AFTER_PREFIX (decode-only batches): the first common_prefix[0] keys were attended by the
-    shared-prefix kernel, whose prefix_splits partials per row seed the softmax."""
+    shared-prefix kernel, whose prefix_splits partials per row seed the softmax. KEY_LIMITS: key_limits[t] is
+    flat query t's last visible key."""
     pdl_prologue(USE_PDL)
     tile_idx = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -168,6 +173,10 @@ def _unified_attention_kernel(
     kv_full = 0
     bt_row = block_tables + req * stride_bt
     q_pos = ctx_len + row_q
+    q_lim = q_pos
+    if KEY_LIMITS:  # limits >= positions: the walk goes on to the tile's furthest limit
+        q_lim = tl.load(key_limits + q_tok, mask=row_ok, other=0)
+        kv_end = tl.minimum(tl.maximum(kv_end, tl.max(q_lim, 0) + 1), seq_len)
     if AFTER_PREFIX:
         kv_full = tl.load(common_prefix)
         acc, m_i, l_i = _merge_partials(
@@ -181,11 +190,11 @@ def _unified_attention_kernel(
         # loop: a second pipelined loop costs them more than the masks (+3 % at 256 x 600).
         kv_full = tl.minimum((ctx_len + q_off + 1) // TILE_N * TILE_N, kv_end)
         acc, m_i, l_i = _attend_tiles(
-            q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, 0, kv_full, qk_scale, stride_kv, stride_kb, stride_ko,
-            stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES, 0, SOFT_CAP,
+            q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, q_lim, 0, kv_full, qk_scale, stride_kv, stride_kb,
+            stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES, 0, SOFT_CAP,
         )
     acc, m_i, l_i = _attend_tiles(
-        q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, kv_full, kv_end, qk_scale,
+        q, acc, m_i, l_i, kv_cache, bt_row, kvh, q_pos, q_lim, kv_full, kv_end, qk_scale,
         stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, CAUSAL,
         WINDOW, SOFT_CAP,
     )
@@ -237,10 +246,11 @@ def unified_attention(
     block_m: int | None = None, tile_n: int | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     num_warps: int | None = None, num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-    sliding_window: int | None = None, soft_cap: float | None = None,
+    sliding_window: int | None = None, soft_cap: float | None = None, key_limits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of q [T, H, D] over each request's cache; writes and returns out. k_scale, v_scale:
-    a float8 cache's dequantization scales; sliding_window, soft_cap: the layer's score options (None: off).
+    a float8 cache's dequantization scales; sliding_window, soft_cap: the layer's score options (None: off);
+    key_limits: int32 [T], each query's last visible key, >= its position (None: its position).
     block_m, tile_n, num_warps and num_stages override the defaults (benchmarks/attention_bench.py). prefix: (common
     prefix length, partial max, sum, acc) from the shared-prefix kernel (decode-only batches)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -263,6 +273,8 @@ def unified_attention(
     prec, upcast = dot_precision(q.dtype)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     assert prefix is None or max_query_len == 1
+    assert key_limits is None or (prefix is None and key_limits.dtype == torch.int32 and len(key_limits) == num_tokens)
+    limits = {} if key_limits is None else {"key_limits": key_limits, "KEY_LIMITS": True}  # else compiled as before
     _unified_attention_kernel[grid](
         q, kv_cache, out, block_tables, seq_lens, query_start_loc,
         *(prefix or (seq_lens,) * 4), 0 if prefix is None else prefix[1].shape[-1],
@@ -270,7 +282,7 @@ def unified_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_cache_strides(kv_cache), block_tables.stride(0),
         QPK=qpk, HEAD_D=head_dim, HEAD_D_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, PREC=prec, UPCAST=upcast,
-        AFTER_PREFIX=prefix is not None, **_score_options(sliding_window, soft_cap),
+        AFTER_PREFIX=prefix is not None, **_score_options(sliding_window, soft_cap), **limits,
         num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
         **pdl_options(q.device),
     )
@@ -332,19 +344,20 @@ def _shared_prefix_kernel(
         q_pos = tl.load(seq_lens + tok, mask=row_ok, other=0) - 1
         first_seen = tl.min(tl.where(row_ok, q_pos, prefix_len + WINDOW), 0) - (WINDOW - 1)
         acc, m_i, l_i = _attend_tiles(
-            q, acc, m_i, l_i, kv_cache, block_tables, kvh, q_pos, tl.maximum(kv_start, first_seen), kv_end, qk_scale,
+            q, acc, m_i, l_i, kv_cache, block_tables, kvh, q_pos, q_pos, tl.maximum(kv_start, first_seen), kv_end,
+            qk_scale,
             stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, CAUSAL,
             WINDOW, SOFT_CAP,
         )
     else:
         kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
         acc, m_i, l_i = _attend_tiles(
-            q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_start, kv_full, qk_scale,
+            q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, rows, kv_start, kv_full, qk_scale,
             stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, FULL_TILES,
             0, SOFT_CAP,
         )
         acc, m_i, l_i = _attend_tiles(
-            q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, kv_full, kv_end, qk_scale,
+            q, acc, m_i, l_i, kv_cache, block_tables, kvh, rows, rows, kv_full, kv_end, qk_scale,
             stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
             0, SOFT_CAP,
         )
@@ -447,7 +460,7 @@ def _split_kv_decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     kv_end = tl.minimum(kv_start + partition, seq_len)
     acc, m_i, l_i = _attend_tiles(
-        q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, rows, kv_start, kv_end, qk_scale,
+        q, acc, m_i, l_i, kv_cache, block_tables + req * stride_bt, kvh, rows, rows, kv_start, kv_end, qk_scale,
         stride_kv, stride_kb, stride_ko, stride_kh, HEAD_D, HEAD_D_PAD, BLOCK_SIZE, TILE_N, PREC, UPCAST, KEY_RANGE,
         0, SOFT_CAP,
     )
@@ -523,10 +536,11 @@ def split_kv_decode(
 def paged_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: list[int], seq_lens: list[int],
     block_tables: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-    sliding_window: int | None = None, soft_cap: float | None = None,
+    sliding_window: int | None = None, soft_cap: float | None = None, key_limits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float64 reference: per request, gather K/V through the block table (a float8 cache dequantized with its
-    scales), causal softmax attention; the query at p sees keys (p - sliding_window, p], scores capped by tanh."""
+    scales), causal softmax attention; the query at p sees keys (p - sliding_window, p], scores capped by tanh.
+    key_limits [T]: the query at p sees keys up to key_limits[t] instead of p."""
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     qpk = q.shape[1] // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
@@ -540,7 +554,7 @@ def paged_attention_ref(
             scores = torch.tanh(scores / soft_cap) * soft_cap
         q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        hidden = k_pos > q_pos[:, None]
+        hidden = k_pos > (q_pos if key_limits is None else key_limits[s:e].to(q_pos))[:, None]
         if sliding_window is not None:
             hidden |= k_pos <= q_pos[:, None] - sliding_window
         scores.masked_fill_(hidden, float("-inf"))

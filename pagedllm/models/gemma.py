@@ -109,11 +109,15 @@ class GemmaModel(nn.Module):
         self.is_last_stage = state.is_last_stage
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps) if state.is_last_stage else MissingLayer()
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings, scaled by sqrt(hidden) (a vision model's image rows replace them after that)."""
+        return self.embed_tokens(input_ids) * self.normalizer
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """As LlamaModel.forward."""
-        x, residual = (self.embed_tokens(input_ids) * self.normalizer, None) if intermediate is None else intermediate
+        x, residual = (self.embed(input_ids), None) if intermediate is None else intermediate
         for layer in islice(self.layers, self.start_layer, self.end_layer):
             x, residual = layer(positions, x, residual)
         if not self.is_last_stage:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers.sharding import load_whole
+
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -116,26 +118,32 @@ class _Encoder(nn.Module):
 
 
 class _VisionTransformer(nn.Module):
-    def __init__(self, config: Any, num_layers: int, clip: bool) -> None:
+    def __init__(self, config: Any, num_layers: int, clip: bool, post_layernorm: bool) -> None:
         super().__init__()
         self.embeddings = _Embeddings(config, clip)
         if clip:
             self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # (sic: HF's name)
         self.encoder = _Encoder(config, num_layers)
+        if post_layernorm:
+            self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class VisionTower(nn.Module):
     """A CLIP or SigLIP vision transformer up to the deepest of `feature_layers`: forward(pixel_values [N, 3, H, W])
-    -> the selected hidden states concatenated on the feature axis, [N, tokens, hidden * len(feature_layers)]."""
+    -> the selected hidden states concatenated on the feature axis, [N, tokens, hidden * len(feature_layers)].
+    post_layernorm: the tower's whole output (`last_hidden_state`: the last layer, then the post-LayerNorm), as
+    Gemma 3 reads it; then feature_layers must be the last layer alone."""
 
-    def __init__(self, vision_config: Any, feature_layers: int | list[int]) -> None:
+    def __init__(self, vision_config: Any, feature_layers: int | list[int], post_layernorm: bool = False) -> None:
         super().__init__()
         if vision_config.model_type not in _TOWERS:
             raise ValueError(f"vision tower {vision_config.model_type!r} is not supported; supported: {_TOWERS}")
         self.has_cls = vision_config.model_type == "clip_vision_model"
         self.feature_layers = _feature_layers(feature_layers, vision_config.num_hidden_layers)
         self.num_layers = max(self.feature_layers)
-        self.vision_model = _VisionTransformer(vision_config, self.num_layers, self.has_cls)
+        if post_layernorm and self.feature_layers != [vision_config.num_hidden_layers]:
+            raise ValueError("the post-LayerNorm follows the last layer: read that layer alone with it.")
+        self.vision_model = _VisionTransformer(vision_config, self.num_layers, self.has_cls, post_layernorm)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         model = self.vision_model
@@ -147,6 +155,8 @@ class VisionTower(nn.Module):
             x = layer(x)
             if i in self.feature_layers:
                 kept[i] = x
+        if hasattr(model, "post_layernorm"):
+            return model.post_layernorm(x)
         return torch.cat([kept[i] for i in self.feature_layers], dim=-1)
 
 
@@ -251,10 +261,7 @@ class LlavaImageEncoder(nn.Module):
                 if unused and int(unused.group(1) or self.vision_tower.num_layers) >= self.vision_tower.num_layers:
                     continue
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the LLaVA image encoder.")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
+            load_whole(params[name], tensor, name)  # shape checked
             loaded.add(name)
         return loaded
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.attention.bidirectional import _varlen_attn, takes_flash
+from pagedllm.layers.sharding import load_whole
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -251,10 +252,7 @@ class Qwen2VisionTransformer(nn.Module):
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the {self.version} vision tower.")
             tensor = tensor if isinstance(tensor, torch.Tensor) else tensor[:]  # a lazy safetensors slice
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
+            load_whole(params[name], tensor, name)  # shape checked
             loaded.add(name)
         return loaded
 

@@ -11,6 +11,7 @@ from pagedllm.models.bert import (
 )
 from pagedllm.models.eagle import Eagle3LlamaForCausalLM, EagleLlamaForCausalLM
 from pagedllm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from pagedllm.models.gemma3_mm import Gemma3ForConditionalGeneration
 from pagedllm.models.llama import LlamaForCausalLM
 from pagedllm.models.llava import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from pagedllm.models.mixtral import MixtralForCausalLM
@@ -38,6 +39,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     # Encoders (pooling models only): embedders and cross-encoders
     "BertModel": BertModel,
     "BertForSequenceClassification": BertForSequenceClassification,

@@ -1,5 +1,7 @@
-"""What the vision-language models share: a decoder (Llama, Qwen2) whose input embeddings take the images'
-embeddings in place of their placeholder tokens, and, for Qwen2-VL, multimodal rotary positions (M-RoPE).
+"""What the vision-language models share: a decoder (Llama, Qwen2, Gemma 3) whose input embeddings take the images'
+embeddings in place of their placeholder tokens, and, for Qwen2-VL, multimodal rotary positions (M-RoPE). A model
+whose image tokens attend to each other both ways (Gemma 3) sets `bidirectional_images`: the runner then gives its
+steps with image tokens per-query key limits (attention/backend.py) and the scheduler computes each image whole.
 
 The runner encodes images into its encoder cache (multimodal/encoder_cache.py) and hands a step's image rows in the
 forward context; steps without image tokens (every decode) run the decoder exactly as a text model does, CUDA graphs
@@ -63,6 +65,7 @@ class VisionLanguageModel:
 
     vision_prefix = ""
     checkpoint_vision_prefixes: tuple[str, ...] = ()
+    bidirectional_images = False
     renamed_params = [("model.language_model.", "model."), ("language_model.model.", "model."),
                       ("language_model.lm_head.", "lm_head.")]
 
@@ -87,9 +90,13 @@ class VisionLanguageModel:
     def encode_images(self, items: list[Any]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input embeddings of the tokens, as its own forward makes them (images go in after)."""
+        return self.model.embed_tokens(input_ids)  # type: ignore[attr-defined]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 intermediate: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
-        embeds = self.model.embed_tokens(input_ids)  # type: ignore[attr-defined]
+        embeds = self.embed_text(input_ids)
         images = current_mm_embeds()
         if images is not None:
             rows, values = images

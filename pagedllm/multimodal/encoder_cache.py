@@ -5,7 +5,12 @@ The scheduler owns the bookkeeping (`EncoderCachePlanner`): for each prompt chun
 placeholders the chunk meets must have its embeddings by the forward, so images not cached yet are encoded in that
 step, under an encoder budget (rows per step) and the cache's capacity (rows); an image that does not fit cuts the
 chunk just before it. It evicts least recently used entries that the step does not need, and tells the runner what to
-encode and what to drop (`EncoderWork`). The runner (`EncoderCache`) holds the tensors and obeys."""
+encode and what to drop (`EncoderWork`). The runner (`EncoderCache`) holds the tensors and obeys.
+
+Where an image's tokens attend to each other both ways (Gemma 3, `whole_images`), a query cannot see keys of a later
+step, so an image's tokens not yet computed run in one step: a chunk stops before an image it cannot hold whole, and a
+chunk that starts inside one (a prefix-cache hit ending mid-image) runs to the image's end or not at all this step.
+prepare_prompt refuses such an image longer than a step's token budget."""
 
 from __future__ import annotations
 
@@ -31,9 +36,10 @@ def encoder_cache_rows(config: Any) -> int:
 
 
 class EncoderCachePlanner:
-    def __init__(self, budget: int, capacity: int) -> None:
-        """budget: rows the encoder may produce per step; capacity: rows the cache holds (at least one image's)."""
-        self.budget, self.capacity = budget, capacity
+    def __init__(self, budget: int, capacity: int, whole_images: bool = False) -> None:
+        """budget: rows the encoder may produce per step; capacity: rows the cache holds (at least one image's);
+        whole_images: an image's remaining tokens run in one step."""
+        self.budget, self.capacity, self.whole_images = budget, capacity, whole_images
         self.entries: OrderedDict[bytes, int] = OrderedDict()  # hash -> rows, least recently used first
         self.used = 0
         self._step_budget = budget
@@ -42,8 +48,10 @@ class EncoderCachePlanner:
 
     def fit(self, state: MultiModalState, start: int, num_new: int) -> int:
         """How many of tokens [start, start + num_new) may run this step: all, or up to the first image whose
-        embeddings can be neither found nor made now (0: none)."""
+        embeddings can be neither found nor made now, or (whole_images) that the chunk would cut (0: none)."""
         for item in state.overlapping(start, start + num_new):
+            if self.whole_images and item.end > start + num_new:
+                return max(0, item.offset - start)  # a chunk from inside the image (offset < start) runs nothing
             if item.hash in self.entries:
                 self.entries.move_to_end(item.hash)
                 self._needed.add(item.hash)

@@ -114,10 +114,68 @@ class LlavaProcessor(MultiModalProcessor):
         return data, llava_image_token_count(self.hf_config, (height, width))
 
 
+class Gemma3Processor(MultiModalProcessor):
+    """Gemma 3: each `<start_of_image>` of the prompt becomes "\n\n", itself, mm_tokens_per_image image tokens,
+    `<end_of_image>`, "\n\n", as transformers' processor writes it into the text. Inserted here as tokens, where the
+    text would have tokenized across the seam: a whitespace run there (the template's "user\n<start_of_image>" takes
+    one "\n\n\n") is encoded again with the token after it (join). A tokenizer that merges other text with
+    newlines (punctuation with the newlines after it, as some pre-tokenizers do) may still give other ids than
+    transformers' text; the tests' SmolLM2 tokenizer and prompts agree with it."""
+
+    def __init__(self, hf_config: Any, model_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        super().__init__(hf_config, model_path)
+        if getattr(self.image_processor, "do_pan_and_scan", False):
+            raise ValueError("Gemma 3's pan and scan (do_pan_and_scan in the image processor) is not supported.")
+        self.placeholder, self.image_token = hf_config.boi_token_index, hf_config.image_token_index
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.newlines: list[int] = self.tokenizer.encode("\n\n", add_special_tokens=False)
+        self._blank: dict[int, bool] = {}
+
+    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
+        out = self.image_processor(images=[image], return_tensors="pt", do_pan_and_scan=False)
+        return {"pixel_values": out["pixel_values"]}, self.hf_config.mm_tokens_per_image
+
+    def replacement(self, num_rows: int) -> tuple[list[int], int]:
+        hf, nl = self.hf_config, self.newlines
+        return [*nl, hf.boi_token_index, *[self.image_token] * num_rows, hf.eoi_token_index, *nl], len(nl) + 1
+
+    def join(self, out: list[int], ids: list[int]) -> None:
+        """A whitespace run at the seam (out's last blank tokens, ids' first ones) is encoded again as text, with the
+        token after it, which a tokenizer may split the run for ("\n\nWord" -> "\n", "\n", "Word"); that token must
+        come out unchanged, else the run is encoded alone."""
+        i, j = len(out), 0
+        while i > 0 and self._is_blank(out[i - 1]):
+            i -= 1
+        if i == len(out) or not ids:
+            out.extend(ids)
+            return
+        while j < len(ids) and self._is_blank(ids[j]):
+            j += 1
+        run = out[i:] + ids[:j]
+        merged = self._encode(run + ids[j : j + 1])
+        if j == len(ids) or merged[-1:] != ids[j : j + 1]:
+            merged = self._encode(run) + ids[j : j + 1]
+        out[i:] = merged
+        out.extend(ids[j + 1 :])
+
+    def _encode(self, ids: list[int]) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.decode(ids, clean_up_tokenization_spaces=False),
+                                     add_special_tokens=False)
+
+    def _is_blank(self, token: int) -> bool:
+        if token not in self._blank:
+            text = self.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+            self._blank[token] = bool(text) and text.isspace()
+        return self._blank[token]
+
+
 def prepare_prompt(config: Any, prompt: Any, token_ids: list[int]) -> tuple[list[int], MultiModalState | None]:
     """A prompt's token ids with its images' placeholders expanded, and its images' state (None: no images): from
     `multi_modal_data` ({"image": an image or a list}) or, when a front already did this, from `mm_inputs`. Raises
-    ValueError for a text-only model, too many images, an image the encoder cache can never hold."""
+    ValueError for a text-only model, too many images, an image the encoder cache can never hold or (Gemma 3) that
+    one step can never compute whole."""
     if not isinstance(prompt, dict):
         return token_ids, None
     data = prompt.get("multi_modal_data")
@@ -139,7 +197,21 @@ def prepare_prompt(config: Any, prompt: Any, token_ids: list[int]) -> tuple[list
     if too_big:
         raise ValueError(f"multi_modal_data: an image takes {too_big[0]} tokens, more than the encoder cache holds "
                          f"({encoder_cache_rows(config)}): use smaller images or raise max_num_batched_tokens.")
+    if whole_images(config.hf_config):
+        too_long = [item.length for item in state.items if item.length > config.max_num_batched_tokens]
+        if too_long:
+            raise ValueError(f"multi_modal_data: an image takes {too_long[0]} tokens, and this model computes an "
+                             f"image's tokens in one step (they attend to each other): raise max_num_batched_tokens "
+                             f"({config.max_num_batched_tokens}) to at least that.")
     return token_ids, state
+
+
+def whole_images(hf_config: Any) -> bool:
+    """Whether the model's image tokens attend to each other both ways (Gemma 3), so that an image's tokens must be
+    computed in one step."""
+    from pagedllm.models.registry import get_model_class
+
+    return bool(getattr(get_model_class(hf_config), "bidirectional_images", False))
 
 
 _processors: dict[str, MultiModalProcessor | None] = {}
@@ -157,6 +229,7 @@ PROCESSORS: dict[str, type[MultiModalProcessor]] = {
     "Qwen2_5_VLForConditionalGeneration": Qwen2VLProcessor,
     "LlavaForConditionalGeneration": LlavaProcessor,
     "LlavaNextForConditionalGeneration": LlavaProcessor,
+    "Gemma3ForConditionalGeneration": Gemma3Processor,
 }
 
 

@@ -90,6 +90,8 @@ class FlatBatch:
     # None: no image tokens in the step. mrope_positions [3, tokens]: M-RoPE positions when image tokens are in it.
     mm_segments: list[tuple[int, bytes, int, int]] | None = None
     mrope_positions: np.ndarray | None = None
+    # int32 [tokens]: the last key each query sees, where an image's tokens attend to each other (AttentionMetadata)
+    key_limits: np.ndarray | None = None
 
 
 @dataclass
@@ -121,8 +123,10 @@ def common_prefix_len(tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
     return shared if shared >= min_tokens else 0
 
 
-def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_min: tuple[int, int] | None = None) -> FlatBatch:
-    """shared_prefix_min: (requests, tokens) from which a decode-only batch's common prefix is looked for."""
+def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_min: tuple[int, int] | None = None,
+                bidirectional_images: bool = False) -> FlatBatch:
+    """shared_prefix_min: (requests, tokens) from which a decode-only batch's common prefix is looked for;
+    bidirectional_images: the model's image tokens attend to each other both ways (key limits for their steps)."""
     scheduled = sched.scheduled
     n = len(scheduled)
     starts_l = [r.num_computed_tokens for r, _ in scheduled]
@@ -202,9 +206,11 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
     shared = 0
     if shared_prefix_min is not None and query_lens is None and n >= shared_prefix_min[0]:
         shared = common_prefix_len(table_array, seq_lens, block_size, shared_prefix_min[1])
-    segments, mrope = None, None
+    segments, mrope, limits = None, None, None
     if sched.has_mm:
         positions = positions.copy()  # a decode-only step's positions are `starts`
+        if bidirectional_images:
+            limits = _key_limits(scheduled, query_start_loc, positions)
         segments, mrope = _multimodal(scheduled, query_start_loc, positions)
     token_types = None
     if any(r.token_type_ids is not None for r, _ in scheduled):
@@ -218,8 +224,24 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
         np.array(fill_dst, dtype=np.int64) if fill_dst else _EMPTY, np.array(fill_src, dtype=np.int64) if fill_src else _EMPTY,
         logits_index, query_start_loc.astype(np.int32), seq_lens.astype(np.int32), table_array, num_decodes,
         1 if query_lens is None else int(query_lens.max()), max_seq_len, sample_rows, any_prompt_logprobs, shared,
-        token_types, segments, mrope,
+        token_types, segments, mrope, limits,
     )
+
+
+def _key_limits(scheduled: list[tuple[Any, int]], query_start_loc: np.ndarray, positions: np.ndarray,
+                ) -> np.ndarray | None:
+    """Each query's last visible key: its position, or for an image token its image's last token (which the
+    scheduler puts in the same step); None when no query sees past itself (causal)."""
+    limits = positions.astype(np.int32)
+    for i, (request, k) in enumerate(scheduled):
+        if request.mm is None:
+            continue
+        start, q = request.num_computed_tokens, int(query_start_loc[i])
+        for item in request.mm.overlapping(start, start + k):
+            assert item.end <= start + k, "an image's tokens that attend to each other must run in one step"
+            lo = max(start, item.offset)
+            limits[q + lo - start : q + item.end - start] = item.end - 1
+    return limits if (limits != positions).any() else None
 
 
 def _multimodal(scheduled: list[tuple[Any, int]], query_start_loc: np.ndarray, positions: np.ndarray,

@@ -92,6 +92,7 @@ class ModelRunner:
         self.pooler = Pooler.for_model(config.model_path, self.model, config.pooler_config) if config.runner == "pooling" else None
         # A vision-language model's image embeddings by image hash (multimodal/encoder_cache.py).
         self.encodes_images = hasattr(self.model, "encode_images")
+        self.bidirectional_images = bool(getattr(self.model, "bidirectional_images", False))  # Gemma 3
         self.encoder_cache = EncoderCache() if self.encodes_images else None
         self.lora: LoRAManager | None = None
         if config.enable_lora:
@@ -291,7 +292,7 @@ class ModelRunner:
         """Launches one step and returns at once on CUDA (nothing here waits for the device); the
         handle's `result()` waits. A request with a token still in flight reads it from `prev`, the
         step that samples it, on the device."""
-        batch = build_batch(sched, kv_cache, self.backend.shared_prefix_min)
+        batch = build_batch(sched, kv_cache, self.backend.shared_prefix_min, self.bidirectional_images)
         spans = self._prompt_logprob_spans(sched, batch)
         lora = None if self.lora is None else self._lora_plan(sched, batch)
         copies = sched.kv_copies
@@ -412,7 +413,7 @@ class ModelRunner:
     def forward_rows(self, sched: SchedulerOutput, kv_cache: KVCacheManager) -> torch.Tensor:
         """One forward (eager: speculative-decoding heads) returning the hidden states of the rows that would
         sample, in sample-row order, for a caller that computes logits and more from them itself."""
-        batch = build_batch(sched, kv_cache)
+        batch = build_batch(sched, kv_cache, bidirectional_images=self.bidirectional_images)
         turn, self._turn = self._turn, (self._turn + 1) % self._num_turns
         hidden, logits_index = self._forward(batch, None, turn)
         return hidden if logits_index is None else hidden.index_select(0, logits_index)
@@ -481,6 +482,7 @@ class ModelRunner:
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
             query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
             common_prefix=common_prefix,
+            key_limits=None if batch.key_limits is None else torch.from_numpy(batch.key_limits).to(self.device),
         )
         if not images and self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
             inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(input_ids.shape[0])

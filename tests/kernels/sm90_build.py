@@ -91,6 +91,13 @@ def windowed_attention_builds() -> list[tuple[str, callable]]:
         builds.append((f"split-KV bf16 {name}", lambda c=c: build(pa._split_kv_decode_kernel, io, c, 4)))
         c = dict(NUM_HEADS=32, HEAD_D=128, HEAD_D_PAD=128, TILE_N=64, MIN_PARTITION=pa._MIN_PARTITION, WINDOW=window)
         builds.append((f"split-KV merge {name}", lambda c=c: build(pa._split_kv_merge_kernel, io, c, 1)))
+    # Per-query key limits (Gemma 3's bidirectional image tokens): prompt tiles, with and without a window.
+    limited = dict(io, key_limits="*i32")
+    for window in (0, 1024):
+        c = dict(base, BLOCK_M=128, BLOCK_Q=32, TILE_N=32, AFTER_PREFIX=False, WINDOW=window, SOFT_CAP=0.0,
+                 KEY_LIMITS=True)
+        builds.append((f"unified bf16 key limits window {window}",
+                       lambda c=c: build(pa._unified_attention_kernel, limited, c, 8)))
     return builds
 
 
