@@ -404,3 +404,25 @@ def test_throughput_and_latency_with_loras(tiny_llama: str, tmp_path: os.PathLik
     assert set(result["results"]) == {"pagedllm-no-lora", "pagedllm"} and result["results"]["pagedllm"]["ratio_over_no_lora"] > 0
     result = run_cli(["latency", "--num-iters", "1", "--num-iters-warmup", "0", *common], tmp_path)
     assert result["results"]["pagedllm"]["ratio_over_no_lora"] > 0
+
+
+def test_mm_bench_on_a_tiny_vision_model(tmp_path: os.PathLike) -> None:
+    """`bench mm`: requests with one image each through a tiny Qwen2.5-VL; the encoder's time per image is reported,
+    and the qwen2.5-vl-7b shape's directory (config, tokenizer, image processor) loads as a config."""
+    pytest.importorskip("PIL")
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from pagedllm.benchmarks.multimodal import build_requests, write_shape
+    from tests.reference.qwen2_vl import make_tiny_qwen2_vl
+
+    model = make_tiny_qwen2_vl(os.path.join(tmp_path, "vl"), "qwen2_5_vl")
+    result = run_cli(["mm", "--model", model, "--dtype", "float32", "--num-prompts", "10", "--image-size", "56",
+                      "--input-len", "8", "--output-len", "4"], tmp_path)
+    figures = result["results"]["pagedllm"]
+    assert figures["requests"] == 6 and figures["image_tokens"] == 4  # 56 x 56: a 4 x 4 patch grid, 2 x 2 merged
+    assert 0 < figures["encoder_s_per_image"] and 0 < figures["encoder_share_of_run"]
+    shape = write_shape("qwen2.5-vl-7b", os.path.join(tmp_path, "shape"))
+    assert AutoConfig.from_pretrained(shape).text_config.hidden_size == 3584
+    assert AutoImageProcessor.from_pretrained(shape).patch_size == 14
+    ids, image = build_requests(shape, 2, 448, 64)[1]
+    assert len(ids) == 67 and image.size == (448, 448)
