@@ -44,8 +44,13 @@ class LoRASegments:
             return None
         order = adapted[np.argsort(token_slots[adapted], kind="stable")]
         slots, starts, lengths = np.unique(token_slots[order], return_index=True, return_counts=True)
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
-        return cls(as_tensor(order), as_tensor(slots), as_tensor(starts), as_tensor(lengths), int(lengths.max()))
+        # One pinned host array, copied without waiting: a pageable copy would stall the host until the device is idle
+        host = torch.from_numpy(np.concatenate([order, slots, starts, lengths]).astype(np.int64))
+        pinned = device.type == "cuda"
+        host = host.pin_memory() if pinned else host
+        order_d, slots_d, starts_d, lengths_d = host.to(device, non_blocking=pinned).split(
+            [order.size, slots.size, starts.size, lengths.size])
+        return cls(order_d, slots_d, starts_d, lengths_d, int(lengths.max()))
 
 
 @triton.jit

@@ -29,6 +29,7 @@ class LoRAPlan:
 
     adapters: dict[int, Any]  # slot -> LoRARequest
     token_slots: Any  # np.ndarray [tokens] int64, -1: the base model
+    decode_only: bool = False  # one token per row: the row-indexed kernel, with nothing grouped on the host
 
 
 @dataclass

@@ -395,19 +395,20 @@ class ModelRunner:
         slot = self.lora.activate(adapters)
         per_row = [-1 if r.lora_request is None else slot[r.lora_request.lora_int_id] for r, _ in sched.scheduled]
         tokens = np.repeat(np.array(per_row, dtype=np.int64), np.diff(batch.query_start_loc))
-        return LoRAPlan({slot[i]: request for i, request in adapters.items()}, tokens)
+        return LoRAPlan({slot[i]: request for i, request in adapters.items()}, tokens, batch.max_query_len == 1)
 
     def _lora_batch(self, plan: LoRAPlan | None) -> LoRABatch | None:
-        """The step's LoRA inputs on this rank (its adapters already in their slots): the token slots on the device,
-        grouped by slot for the CUDA kernels."""
+        """The step's LoRA inputs on this rank (its adapters already in their slots): the token slots on the device
+        (copied without a host sync), and on CUDA for steps with prompts, grouped by slot for the segmented kernels
+        (decode-only steps, in a graph or not, take the row-indexed one)."""
         if plan is None:
             return None
         segments = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not plan.decode_only:
             from pagedllm.kernels.lora import LoRASegments
 
             segments = LoRASegments.build(plan.token_slots, self.device)
-        return LoRABatch(torch.from_numpy(plan.token_slots).to(self.device), segments)
+        return LoRABatch(to_device(plan.token_slots, torch.int64, self.device), segments)
 
     @torch.inference_mode()
     def forward_rows(self, sched: SchedulerOutput, kv_cache: KVCacheManager) -> torch.Tensor:
