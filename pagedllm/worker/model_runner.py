@@ -483,7 +483,7 @@ class ModelRunner:
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables, slot_mapping=slot_mapping,
             query_start_loc_cpu=batch.query_start_loc.tolist(), seq_lens_cpu=batch.seq_lens.tolist(),
             common_prefix=common_prefix,
-            key_limits=None if batch.key_limits is None else torch.from_numpy(batch.key_limits).to(self.device),
+            key_limits=None if batch.key_limits is None else to_device(batch.key_limits, torch.int32, self.device),
         )
         if not images and self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
             inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(input_ids.shape[0])
@@ -504,8 +504,8 @@ class ModelRunner:
         rows = np.concatenate([np.arange(dst, dst + n) for dst, _, _, n in batch.mm_segments])
         embeds = torch.cat([cache[key][src : src + n] for _, key, src, n in batch.mm_segments])
         if batch.mrope_positions is not None:
-            positions = torch.from_numpy(batch.mrope_positions).to(self.device)
-        return positions, (torch.from_numpy(rows).to(self.device), embeds)
+            positions = to_device(batch.mrope_positions, torch.int64, self.device)
+        return positions, (to_device(rows, torch.int64, self.device), embeds)
 
     def _run_stage(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One pipeline stage: (hidden, residual) in from the previous stage, this stage's layers, out to the next."""
