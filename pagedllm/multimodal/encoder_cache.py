@@ -95,12 +95,6 @@ class EncoderCachePlanner:
         self._needed.clear()
         self._step_budget = self.budget
 
-    def reset(self) -> None:
-        """Forget everything (the runner's cache is dropped alongside)."""
-        self._work.drop.extend(self.entries)
-        self.entries.clear()
-        self.used = 0
-
 
 class EncoderCache:
     """The runner's side: image hash -> embeddings [rows, hidden] on the device."""

@@ -209,9 +209,7 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
     segments, mrope, limits = None, None, None
     if sched.has_mm:
         positions = positions.copy()  # a decode-only step's positions are `starts`
-        if bidirectional_images:
-            limits = _key_limits(scheduled, query_start_loc, positions)
-        segments, mrope = _multimodal(scheduled, query_start_loc, positions)
+        segments, mrope, limits = _multimodal(scheduled, query_start_loc, positions, bidirectional_images)
     token_types = None
     if any(r.token_type_ids is not None for r, _ in scheduled):
         token_types = np.zeros(num_tokens, dtype=np.int64)
@@ -228,29 +226,18 @@ def build_batch(sched: SchedulerOutput, kv_cache: KVCacheManager, shared_prefix_
     )
 
 
-def _key_limits(scheduled: list[tuple[Any, int]], query_start_loc: np.ndarray, positions: np.ndarray,
-                ) -> np.ndarray | None:
-    """Each query's last visible key: its position, or for an image token its image's last token (which the
-    scheduler puts in the same step); None when no query sees past itself (causal)."""
-    limits = positions.astype(np.int32)
-    for i, (request, k) in enumerate(scheduled):
-        if request.mm is None:
-            continue
-        start, q = request.num_computed_tokens, int(query_start_loc[i])
-        for item in request.mm.overlapping(start, start + k):
-            assert item.end <= start + k, "an image's tokens that attend to each other must run in one step"
-            lo = max(start, item.offset)
-            limits[q + lo - start : q + item.end - start] = item.end - 1
-    return limits if (limits != positions).any() else None
-
-
 def _multimodal(scheduled: list[tuple[Any, int]], query_start_loc: np.ndarray, positions: np.ndarray,
-                ) -> tuple[list[tuple[int, bytes, int, int]] | None, np.ndarray | None]:
-    """The step's image spans, and M-RoPE positions: a prompt token takes its precomputed position (every axis alike
-    for text, so 1-D positions do unless image tokens are in the step: then [3, tokens]); a generated token at index i
-    takes i + delta. `positions` is rewritten in place."""
+                bidirectional_images: bool,
+                ) -> tuple[list[tuple[int, bytes, int, int]] | None, np.ndarray | None, np.ndarray | None]:
+    """The step's image spans; M-RoPE positions: a prompt token takes its precomputed position (every axis alike for
+    text, so 1-D positions do unless image tokens are in the step: then [3, tokens]), a generated token at index i
+    takes i + delta (`positions` is rewritten in place); and with `bidirectional_images` each query's last visible key
+    (int32): its sequence index, or for an image token its image's last token (which the scheduler puts in the same
+    step), None when no query sees past itself."""
     segments: list[tuple[int, bytes, int, int]] = []
     spans: list[tuple[int, int, int, np.ndarray]] = []  # (first flat row, start, end, positions) of prompt chunks
+    limits = positions.astype(np.int32) if bidirectional_images else None  # sequence indices, before M-RoPE
+    sees_ahead = False
     for i, (request, k) in enumerate(scheduled):
         mm = request.mm
         if mm is None:
@@ -259,6 +246,10 @@ def _multimodal(scheduled: list[tuple[Any, int]], query_start_loc: np.ndarray, p
         for item in mm.overlapping(start, start + k):
             lo, hi = max(start, item.offset), min(start + k, item.end)
             segments.append((q + lo - start, item.hash, lo - item.offset, hi - lo))
+            if limits is not None:
+                assert item.end <= start + k, "an image's tokens that attend to each other must run in one step"
+                limits[q + lo - start : q + hi - start] = item.end - 1
+                sees_ahead = sees_ahead or item.end - 1 > lo
         if mm.mrope_positions is None:
             continue
         prompt_end = min(start + k, mm.mrope_positions.shape[1])
@@ -268,10 +259,10 @@ def _multimodal(scheduled: list[tuple[Any, int]], query_start_loc: np.ndarray, p
         generated = max(start, prompt_end)
         positions[q + generated - start : q + k] += mm.mrope_delta
     if not segments:
-        return None, None
-    if not spans:
-        return segments, None
-    mrope = np.repeat(positions[None, :], 3, axis=0)
-    for q, start, end, table in spans:
-        mrope[:, q : q + end - start] = table[:, start:end]
-    return segments, mrope
+        return None, None, None
+    mrope = None
+    if spans:
+        mrope = np.repeat(positions[None, :], 3, axis=0)
+        for q, start, end, table in spans:
+            mrope[:, q : q + end - start] = table[:, start:end]
+    return segments, mrope, limits if sees_ahead else None
