@@ -21,6 +21,17 @@ def smollm2() -> str:
     return resolve_model(None)
 
 
+@pytest.fixture
+def no_tf32() -> object:
+    """Full float32 matmuls on the GPU while the test runs (GPU checks against transformers)."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def assert_clean(engine: LLMEngine) -> None:
     """After a workload: no request left anywhere and every KV block back in the pool."""
     assert not engine.has_unfinished_requests()

@@ -47,23 +47,24 @@ def workload() -> list[tuple[str, list[Any], int]]:
     ]
 
 
-@functools.lru_cache(maxsize=1)
-def _hf(path: str) -> tuple[Any, Any]:
-    return load_gemma3_mm(path)
+@functools.lru_cache(maxsize=2)
+def _hf(path: str, device: str = "cpu") -> tuple[Any, Any]:
+    processor, model = load_gemma3_mm(path)
+    return processor, model.to(device)
 
 
-def hf_run(path: str, prompt: str, images: list[Any], max_tokens: int) -> tuple[list[int], list[int], torch.Tensor,
-                                                                                   torch.Tensor]:
+def hf_run(path: str, prompt: str, images: list[Any], max_tokens: int, device: str = "cpu",
+           ) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
     """transformers' prompt ids, greedy tokens, and each prompt token's logprob with its image attention
     bidirectional (as generate runs it) and causal (token_type_ids left out)."""
-    processor, model = _hf(path)
-    inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+    processor, model = _hf(path, device)
+    inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(device)
     ids = inputs["input_ids"][0]
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
         logprobs = [model(**{k: v for k, v in inputs.items() if k != "token_type_ids" or bidirectional}).logits[0]
                     .log_softmax(-1)[:-1].gather(1, ids[1:, None])[:, 0] for bidirectional in (True, False)]
-    return ids.tolist(), out[0, len(ids):].tolist(), *logprobs
+    return ids.tolist(), out[0, len(ids):].tolist(), *(lp.cpu() for lp in logprobs)
 
 
 def _generate(llm: LLM, work: Sequence[tuple[str | list[int], list[Any], int]], prompt_logprobs: bool = False,
@@ -101,6 +102,22 @@ def test_equals_transformers(path: str) -> None:
     (ids, tokens, _, _), (_, images, max_tokens) = expected[1], work[1]
     again = _generate(LLM(path, **ARGS), [(ids, images, max_tokens)])[0]
     assert list(again.prompt_token_ids) == ids and list(again.outputs[0].token_ids) == tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_equals_transformers(path: str, no_tf32: None) -> None:
+    """On the GPU in float32: the image's bidirectional attention through the compiled kernel's key limits gives
+    transformers' (GPU) tokens and prompt logprobs, in one step per prompt and in 20-token steps that stop before
+    images (piecewise graphs)."""
+    work = workload()
+    expected = [hf_run(path, p, images, m, "cuda") for p, images, m in work]
+    for extra in ({}, {"max_num_batched_tokens": 20, "max_num_seqs": 4}):
+        llm = LLM(path, **ARGS, **extra)
+        assert llm.llm_engine.config.device == "cuda"
+        for output, (ids, tokens, bidirectional, _) in zip(_generate(llm, work, prompt_logprobs=True), expected):
+            assert list(output.outputs[0].token_ids) == tokens
+            torch.testing.assert_close(_prompt_logprobs(output), bidirectional, atol=1e-3, rtol=0)
+        del llm
 
 
 @pytest.mark.parametrize("mode", ["chunked", "async"])

@@ -45,17 +45,18 @@ def chat_prompt(kind: str, text: str, num_images: int = 0) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _hf(path: str) -> tuple[Any, Any]:
+def _hf(path: str, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = load_processor(path) if "qwen" in path else AutoProcessor.from_pretrained(path)
-    return processor, AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return processor, AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
-def hf_greedy(path: str, prompt: str, images: list[Any], max_tokens: int) -> tuple[list[int], list[int]]:
+def hf_greedy(path: str, prompt: str, images: list[Any], max_tokens: int, device: str = "cpu",
+              ) -> tuple[list[int], list[int]]:
     """transformers' prompt ids (placeholders expanded by its processor) and greedy tokens."""
-    processor, model = _hf(path)
-    inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+    processor, model = _hf(path, device)
+    inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
     n = inputs["input_ids"].shape[1]
@@ -224,6 +225,25 @@ def test_server_chat_with_images(vl_models: dict[str, str], tmp_path: Any) -> No
         assert ask(data_url).choices[0].finish_reason == "length"
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", MODELS)
+def test_gpu_equals_transformers(vl_models: dict[str, str], kind: str, no_tf32: None) -> None:
+    """On the GPU in float32: transformers' tokens (on the GPU) with decode graphs, and with 24-token steps that cut
+    through the images (piecewise graphs, M-RoPE rows through the fused rotary kernel); in bfloat16, where the
+    towers take flash attention, graphs give the eager tokens."""
+    path = vl_models[kind]
+    workload = _workload(kind) * 2
+    expected = [hf_greedy(path, p, images, m, "cuda")[1] for p, images, m in workload[:4]] * 2
+    for extra in ({}, {"max_num_batched_tokens": 24, "max_num_seqs": 4}):
+        llm = LLM(path, **ARGS, **extra)
+        assert llm.llm_engine.config.device == "cuda" and llm.llm_engine.runner.graph_runner is not None
+        assert [list(o.outputs[0].token_ids) for o in _generate(llm, workload)] == expected
+        del llm
+    bf16 = [[list(o.outputs[0].token_ids) for o in _generate(LLM(path, **{**ARGS, "dtype": "bfloat16"},
+                                                                enforce_eager=eager), workload)] for eager in (True, False)]
+    assert bf16[0] == bf16[1]
 
 
 def test_tensor_parallel_equals_one_process(vl_models: dict[str, str]) -> None:
