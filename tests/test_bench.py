@@ -426,3 +426,21 @@ def test_mm_bench_on_a_tiny_vision_model(tmp_path: os.PathLike) -> None:
     assert AutoImageProcessor.from_pretrained(shape).patch_size == 14
     ids, image = build_requests(shape, 2, 448, 64)[1]
     assert len(ids) == 67 and image.size == (448, 448)
+
+
+def test_throughput_compare_offload(tiny_llama: str, tmp_path: os.PathLike) -> None:
+    """--compare-offload: after a GPU prefix-cache reset the prompts' prefixes come back from the host tier (sized for
+    every prompt by default) in one run and are computed again in the other."""
+    result = run_cli(["throughput", "--model", tiny_llama, "--input-len", "8", "--output-len", "4", "--num-prompts", "6",
+                      "--prefix-len", "64", "--num-prefixes", "3", "--kv-cache-memory", KV, "--compare-offload"], tmp_path)
+    tier, recompute = result["results"]["pagedllm-kv-offload"], result["results"]["pagedllm-recompute"]
+    assert tier["kv_offload_bytes"] > 0 and recompute["kv_offload_bytes"] == 0
+    assert tier["host_tier_hit_tokens"] >= 3 * 64 and recompute["host_tier_hit_tokens"] == 0
+    assert tier["cached_prompt_tokens"] >= 6 * 64 > recompute["cached_prompt_tokens"]
+    assert result["results"]["kv_offload_speedup"]["tier_over_recompute_requests_per_s"] > 0
+
+
+def test_requests_over_several_prefixes() -> None:
+    requests = make_requests(6, 4, 2, list(range(10, 1000)), prefix_len=16, num_prefixes=3)
+    assert [r.prompt_token_ids[:16] for r in requests[:3]] == [r.prompt_token_ids[:16] for r in requests[3:]]
+    assert len({tuple(r.prompt_token_ids[:16]) for r in requests}) == 3

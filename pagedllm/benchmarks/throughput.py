@@ -25,6 +25,11 @@ _HF_BATCH_SIZE = 256  # the issues' baseline: transformers in static batches of 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=None, help="number of requests (default 64)")
     parser.add_argument("--prefix-len", type=int, default=None, help="random tokens shared by every prompt, before its own --input-len (default 0)")
+    parser.add_argument("--num-prefixes", type=int, default=1,
+                        help="distinct --prefix-len prefixes, taken by the requests in turn (default 1)")
+    parser.add_argument("--compare-offload", action="store_true",
+                        help="after a GPU prefix-cache reset, run the requests with the host KV tier "
+                             "(--kv-offload-bytes, default: room for every prompt) and without it; report the ratio")
     parser.add_argument("--compare-prefix-caching", action="store_true",
                         help="also run pagedllm with prefix caching flipped (off if on), in this process, and report the speed-up")
     parser.add_argument("--structured-output", choices=["json"], default=None,
@@ -42,10 +47,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(describe(setup))
         figures = run_structured(setup, args.num_prompts, args.output_len, args.temperature)
         return finish("throughput", args, setup, {"structured_output": figures})
-    requests = make_requests(args.num_prompts, args.input_len, args.output_len, setup.token_pool, args.seed, args.prefix_len)
+    requests = make_requests(args.num_prompts, args.input_len, args.output_len, setup.token_pool, args.seed, args.prefix_len,
+                             args.num_prefixes)
     print(describe(setup))
     print(_describe_workload(args, requests))
     results: dict[str, dict[str, Any]] = {}
+    if args.compare_offload:
+        from pagedllm.benchmarks.offload import default_offload_bytes, run_offload_comparison
+
+        size = args.kv_offload_bytes or default_offload_bytes(setup.config, requests)
+        results = run_offload_comparison(setup, requests, args.temperature, size)
+        return finish("throughput", args, setup, results)
     if args.backend in ("pagedllm", "both"):
         loras = None
         if args.num_loras:  # the base model alone first, then the same requests over the adapters
@@ -186,7 +198,8 @@ def _report(backend: str, elapsed: float, output_tokens: int, hit_rate: float, r
 
 def _describe_workload(args: argparse.Namespace, requests: Sequence[BenchRequest]) -> str:
     name = f"workload {args.workload}: " if args.workload else ""
-    prefix = f"{args.prefix_len} shared + " if args.prefix_len else ""
+    shared = "shared" if args.num_prefixes == 1 else f"of {args.num_prefixes} prefixes"
+    prefix = f"{args.prefix_len} {shared} + " if args.prefix_len else ""
     temp = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
     return (f"{name}{len(requests)} prompts, input {prefix}{args.input_len} tokens, output {args.output_len} tokens, {temp}, "
             f"backend {args.backend}")

@@ -124,13 +124,16 @@ def token_pool(vocab_size: int, special_ids: Iterable[int]) -> list[int]:
 
 
 def make_requests(
-    num_prompts: int, input_len: Length, output_len: Length, pool: Sequence[int], seed: int = 0, prefix_len: int = 0
+    num_prompts: int, input_len: Length, output_len: Length, pool: Sequence[int], seed: int = 0, prefix_len: int = 0,
+    num_prefixes: int = 1,
 ) -> list[BenchRequest]:
+    """Random prompts; with prefix_len, request i starts with prefix i % num_prefixes."""
     rng = random.Random(seed)
     inputs = _lengths(rng, input_len, num_prompts)
     outputs = _lengths(rng, output_len, num_prompts)
-    prefix = rng.choices(pool, k=prefix_len)
-    return [BenchRequest(prefix + rng.choices(pool, k=n_in), n_out) for n_in, n_out in zip(inputs, outputs)]
+    prefixes = [rng.choices(pool, k=prefix_len) for _ in range(num_prefixes)]
+    return [BenchRequest(prefixes[i % num_prefixes] + rng.choices(pool, k=n_in), n_out)
+            for i, (n_in, n_out) in enumerate(zip(inputs, outputs))]
 
 
 _COPY_INSTRUCTIONS = ("Repeat the following passage exactly, word for word.",
