@@ -444,3 +444,31 @@ def test_requests_over_several_prefixes() -> None:
     requests = make_requests(6, 4, 2, list(range(10, 1000)), prefix_len=16, num_prefixes=3)
     assert [r.prompt_token_ids[:16] for r in requests[:3]] == [r.prompt_token_ids[:16] for r in requests[3:]]
     assert len({tuple(r.prompt_token_ids[:16]) for r in requests}) == 3
+
+
+def test_serve_mix_parsing_and_requests() -> None:
+    from pagedllm.benchmarks.serve import mixed_requests, parse_mix
+
+    mix = parse_mix("64:4:1, 8:16:3")
+    assert mix == [(64, 4, 1.0), (8, 16, 3.0)]
+    for bad in ("64:4", "64:x:1", "0:4:1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_mix(bad)
+    requests, labels = mixed_requests(200, mix, list(range(10, 1000)), seed=3)
+    assert set(labels) == {"64x4", "8x16"} and 100 < labels.count("8x16") < 190
+    assert all((len(r.prompt_token_ids), r.output_len) == ((64, 4) if label == "64x4" else (8, 16))
+               for r, label in zip(requests, labels))
+    assert mixed_requests(200, mix, list(range(10, 1000)), seed=3) == (requests, labels)
+
+
+def test_disagg_bench_runs_both_setups(tiny_llama: str, tmp_path: os.PathLike) -> None:
+    """`bench disagg` on the CPU: one engine, then producer + consumer + proxy (real servers), the same mixed
+    requests through each; every request completes and the ratios are reported."""
+    result = run_cli(["disagg", "--model", tiny_llama, "--mix", "48:2:1,16:6:2", "--num-prompts", "6", "--request-rate",
+                      "inf", "--max-model-len", "256", "--connector", "TcpConnector", "--disable-tqdm", "--server-args",
+                      f"--kv-cache-memory {16 << 20} --dtype float32 --skip-tokenizer-init"], tmp_path)
+    for setup in ("colocated", "disaggregated"):
+        figures = result["results"][setup]
+        assert figures["completed"] == 6 and figures["failed"] == 0
+        assert sum(shape["count"] for shape in figures["by_shape"].values()) == 6
+    assert result["chat_shape"] == "16x6" and result["results"]["ratios"]["chat_tpot_p99"] > 0

@@ -1,4 +1,4 @@
-"""The `bench` subcommand: `pagedllm bench throughput | latency | perplexity | embed | mm | serve`."""
+"""The `bench` subcommand: `pagedllm bench throughput | latency | perplexity | embed | mm | serve | disagg`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def add_bench_parser(subparsers: Any) -> None:
     _add_embed(kinds)
     _add_multimodal(kinds)
     _add_serve(kinds)
+    _add_disagg(kinds)
 
 
 def _add_common_args(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -108,3 +109,12 @@ def _add_serve(kinds: Any) -> None:
         return asyncio.run(result) if inspect.iscoroutine(result) else result
 
     parser.set_defaults(func=run)
+
+
+def _add_disagg(kinds: Any) -> None:
+    from pagedllm.benchmarks import disagg
+
+    parser = kinds.add_parser("disagg", help="disaggregated prefill against one engine under a mixed load (servers)",
+                              description=disagg.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    disagg.add_arguments(parser)
+    parser.set_defaults(func=disagg.main)

@@ -36,6 +36,7 @@ class RequestResult:
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
     priority: int = 0
+    label: str = ""  # the request's class under --mix ("4096x64")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once (default: unbounded)")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
+    parser.add_argument("--mix", type=parse_mix, default=None, metavar="IN:OUT:WEIGHT[,...]",
+                        help="requests of several shapes in random order, e.g. 4096:64:1,256:256:8 (long prompts "
+                             "among chats); figures per shape too (overrides --input-len and --output-len)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--high-priority-fraction", type=float, default=0.0, metavar="F",
                         help="send this share of the requests (seeded) with priority -1, the rest with 0, and report "
@@ -77,6 +81,32 @@ def parse_rates(text: str) -> list[float]:
 
 # The per-request TPOT histogram (engine-stamped token times), ours first, then vLLM's.
 _TPOT_HISTOGRAMS = ("pagedllm:request_time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds")
+
+
+def parse_mix(text: str) -> list[tuple[int, int, float]]:
+    """"4096:64:1,256:256:8" -> [(4096, 64, 1.0), (256, 256, 8.0)]: input length, output length, weight."""
+    parts = []
+    for item in text.split(","):
+        fields = item.strip().split(":")
+        try:
+            if len(fields) != 3:
+                raise ValueError
+            parts.append((int(fields[0]), int(fields[1]), float(fields[2])))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--mix takes IN:OUT:WEIGHT[,IN:OUT:WEIGHT...], got {item!r}") from None
+        if min(parts[-1]) <= 0:
+            raise argparse.ArgumentTypeError(f"--mix: lengths and weights must be positive, got {item!r}")
+    return parts
+
+
+def mixed_requests(num_prompts: int, mix: list[tuple[int, int, float]], pool: list[int],
+                   seed: int = 0) -> tuple[list[BenchRequest], list[str]]:
+    """num_prompts requests whose shapes are drawn from `mix` by weight, and each one's label ("IN x OUT")."""
+    rng = random.Random(seed)
+    labels = [f"{i}x{o}" for i, o, _ in mix]
+    drawn = rng.choices(range(len(mix)), weights=[w for _, _, w in mix], k=num_prompts)
+    by_shape = [iter(make_requests(drawn.count(k), i, o, pool, seed + 1 + k)) for k, (i, o, _) in enumerate(mix)]
+    return [next(by_shape[k]) for k in drawn], [labels[k] for k in drawn]
 
 
 def tpot_totals(text: str) -> tuple[float, float] | None:
@@ -165,8 +195,8 @@ async def _probe(client: Any, url: str, payload: dict[str, Any]) -> dict[str, An
     raise RuntimeError(f"the server rejected the probe request: HTTP {response.status_code}: {response.text[:300]}")
 
 
-async def _run(args: argparse.Namespace,
-               requests: list[BenchRequest]) -> tuple[list[RequestResult], float, bool, float | None]:
+async def _run(args: argparse.Namespace, requests: list[BenchRequest],
+               labels: list[str] | None = None) -> tuple[list[RequestResult], float, bool, float | None]:
     """One rate's run (args.request_rate is one number here); also the engine's mean TPOT over it, if exported."""
     import httpx
     from tqdm.auto import tqdm
@@ -190,13 +220,13 @@ async def _run(args: argparse.Namespace,
 
         urgent = random.Random(args.seed + 1)
 
-        async def one(request: BenchRequest, priority: int) -> RequestResult:
+        async def one(request: BenchRequest, priority: int, label: str) -> RequestResult:
             async with limit:
                 payload = {**common, "prompt": request.prompt_token_ids, "max_tokens": request.output_len}
                 if priority:
                     payload["priority"] = priority
                 result = await _send(client, url, payload, len(request.prompt_token_ids))
-            result.priority = priority
+            result.priority, result.label = priority, label
             bar.update(1)
             return result
 
@@ -206,7 +236,7 @@ async def _run(args: argparse.Namespace,
         start = time.perf_counter()
         for i, request in enumerate(requests):
             priority = -1 if urgent.random() < args.high_priority_fraction else 0
-            tasks.append(asyncio.create_task(one(request, priority)))
+            tasks.append(asyncio.create_task(one(request, priority, labels[i] if labels else "")))
             if args.request_rate != float("inf") and i + 1 < len(requests):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -222,20 +252,16 @@ def summarize(results: list[RequestResult], duration: float, engine_tpot: float 
     done = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.prompt_len for r in done)
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
-    itls = [x for r in done for x in r.itl]
     summary: dict[str, Any] = {
         "completed": len(done), "failed": len(results) - len(done), "duration_s": duration,
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
         "request_throughput": len(done) / duration, "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
     }
-    for name, values in (("ttft", [r.ttft for r in done]), ("tpot", tpots), ("itl", itls)):
-        ms = np.array(values or [0.0]) * 1000
-        summary.update({f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)), f"p99_{name}_ms": float(np.percentile(ms, 99))})
+    summary.update({k: v for k, v in _latencies(done).items() if k != "count"})
     if engine_tpot is not None and engine_tpot > 0:
         summary["engine_mean_tpot_ms"] = engine_tpot
-        if tpots:  # the same per-request mean, as the clients saw it
+        if any(r.output_tokens > 1 for r in done):  # the same per-request mean, as the clients saw it
             summary["server_overhead"] = summary["mean_tpot_ms"] / engine_tpot
     classes = {"high_priority": [r for r in done if r.priority < 0], "low_priority": [r for r in done if r.priority >= 0]}
     if classes["high_priority"]:  # --high-priority-fraction: TTFT per class, and the p99 ratio
@@ -243,10 +269,26 @@ def summarize(results: list[RequestResult], duration: float, engine_tpot: float 
             ms = np.array([r.ttft for r in members] or [0.0]) * 1000
             summary[f"{name}_p50_ttft_ms"], summary[f"{name}_p99_ttft_ms"] = float(np.median(ms)), float(np.percentile(ms, 99))
         summary["high_over_low_p99_ttft"] = summary["high_priority_p99_ttft_ms"] / summary["low_priority_p99_ttft_ms"]
+    shapes = dict.fromkeys(r.label for r in results if r.label)
+    if shapes:  # --mix: the same figures per request shape
+        summary["by_shape"] = {label: _latencies([r for r in done if r.label == label]) for label in shapes}
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         summary["errors"] = errors[:5]
     return summary
+
+
+def _latencies(done: list[RequestResult]) -> dict[str, float]:
+    """Mean, median and p99 of TTFT, TPOT (per output token after the first) and ITL, in ms; and the count."""
+    import numpy as np
+
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    figures: dict[str, float] = {"count": len(done)}
+    for name, values in (("ttft", [r.ttft for r in done]), ("tpot", tpots), ("itl", [x for r in done for x in r.itl])):
+        ms = np.array(values or [0.0]) * 1000
+        figures.update({f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)),
+                        f"p99_{name}_ms": float(np.percentile(ms, 99))})
+    return figures
 
 
 def _print(summary: dict[str, Any], args: argparse.Namespace, ignore_eos: bool) -> None:
@@ -271,6 +313,11 @@ def _print(summary: dict[str, Any], args: argparse.Namespace, ignore_eos: bool) 
         for name in ("high_priority", "low_priority"):
             print(f"{f'{name} P50 / P99 TTFT (ms):':<40}{summary[f'{name}_p50_ttft_ms']:>8.1f} / {summary[f'{name}_p99_ttft_ms']:.1f}")
         print(f"{'High / low P99 TTFT:':<40}{summary['high_over_low_p99_ttft']:>10.3f}")
+    for label, shape in summary.get("by_shape", {}).items():
+        print("{s:{c}^50}".format(s=f" {label} ({shape['count']} requests) ", c="-"))
+        for name in ("ttft", "tpot"):
+            text = f"{shape[f'median_{name}_ms']:.1f} / {shape[f'p99_{name}_ms']:.1f}"
+            print(f"{f'P50 / P99 {name.upper()} (ms):':<40}{text:>10}")
     print("{s:{c}^50}".format(s=" Server (from /metrics) ", c="-"))
     engine, overhead = summary.get("engine_mean_tpot_ms"), summary.get("server_overhead")
     print(f"{'Engine TPOT, mean (ms):':<40}{'n/a' if engine is None else f'{engine:.2f}':>10}")
@@ -296,14 +343,21 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def serve_requests(args: argparse.Namespace, pool: list[int]) -> tuple[list[BenchRequest], list[str] | None]:
+    """The run's requests (and their shape labels under --mix)."""
+    if args.mix:
+        return mixed_requests(args.num_prompts, args.mix, pool, args.seed)
+    return make_requests(args.num_prompts, args.input_len, args.output_len, pool, args.seed), None
+
+
 def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
     """One summary for one rate (the shape --output-json has always had); a list of them for several."""
     rates: list[float] = args.request_rate
-    requests = make_requests(args.num_prompts, args.input_len, args.output_len, _prompt_pool(args.tokenizer), args.seed)
+    requests, labels = serve_requests(args, _prompt_pool(args.tokenizer))
     runs, ignore_eos = [], True
     for rate in rates:
         run_args = argparse.Namespace(**{**vars(args), "request_rate": rate})
-        results, duration, accepted, engine_tpot = asyncio.run(_run(run_args, requests))
+        results, duration, accepted, engine_tpot = asyncio.run(_run(run_args, requests, labels))
         summary = summarize(results, duration, engine_tpot)
         _print(summary, run_args, accepted)
         runs.append({"request_rate": rate, **summary})

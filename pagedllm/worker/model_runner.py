@@ -64,6 +64,21 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 _NO_INT32 = np.empty(0, dtype=np.int32)
 
 
+def held_elsewhere(device: torch.device, utilization: float) -> int:
+    """Bytes of a CUDA device in use before this engine loads anything (other processes, such as a second engine
+    sharing the GPU, and this process's context), which `gpu_memory_utilization` leaves out of this engine's share
+    as vLLM does; an error if the share no longer fits beside them. 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    held = (total - free) - torch.cuda.memory_reserved(device)
+    if held + utilization * total > total:
+        raise ValueError(f"gpu_memory_utilization={utilization} asks for {utilization * total / 2**30:.1f} GiB of "
+                         f"{torch.cuda.get_device_name(device)}, but only {free / 2**30:.1f} of its {total / 2**30:.1f} "
+                         "GiB are free (other processes hold the rest): lower it, or stop them.")
+    return held
+
+
 def _host_ids(step: StepHandle | None) -> list[int]:
     """A launched step's sampled ids on the host (waiting for the step)."""
     assert step is not None, "a token in flight comes from the previous step"
@@ -84,6 +99,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.parallel = parallel or ParallelState()  # this rank's place in the engine's world (alone by default)
         self.distributed = self.parallel.world_size > 1
+        self.memory_held_elsewhere = held_elsewhere(self.device, config.gpu_memory_utilization)
         with building(self.parallel):
             self.model: nn.Module = load_model(hf, config.model_path, self.dtype, self.device, config.load_format,
                                                    config.quantization)
@@ -231,7 +247,9 @@ class ModelRunner:
             layer.bind_kv_cache(torch.empty(0))
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        # Memory outside torch's allocator that this engine added (workspaces, communicators): what other processes
+        # (a second engine on the GPU) and this context held at start is not this engine's to count.
+        non_torch = max(0, (total - free) - torch.cuda.memory_reserved(self.device) - self.memory_held_elsewhere)
         weights = torch.cuda.memory_allocated(self.device)
         return max(0, int(total * self.config.gpu_memory_utilization) - weights - self.activation_peak - non_torch)
 
