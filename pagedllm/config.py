@@ -81,6 +81,9 @@ class EngineConfig:
     # ({"image": 2}; None: no limit); file:// media only from inside allowed_local_media_path (None: none); http(s)
     # media only from the hosts in allowed_media_domains (a list, or one comma-separated string; None: any public host).
     limit_mm_per_prompt: Any = None
+    # The image processor's settings over the checkpoint's, as vLLM's dict or JSON ({"max_pixels": 802816}); a
+    # request may add its own (its prompt's or chat body's "mm_processor_kwargs").
+    mm_processor_kwargs: Any = None
     allowed_local_media_path: str | None = None
     allowed_media_domains: Any = None
     # Filled in when the engine starts.

@@ -6,7 +6,9 @@ cache); the prefix cache never shares blocks between the same text under differe
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 from typing import Any
 
 import pytest
@@ -53,9 +55,15 @@ def _hf(path: str, device: str = "cpu") -> tuple[Any, Any]:
 
 
 def hf_greedy(path: str, prompt: str, images: list[Any], max_tokens: int, device: str = "cpu",
-              ) -> tuple[list[int], list[int]]:
-    """transformers' prompt ids (placeholders expanded by its processor) and greedy tokens."""
+              image_settings: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
+    """transformers' prompt ids (placeholders expanded by its processor, with `image_settings` over the
+    checkpoint's image processor config) and greedy tokens."""
     processor, model = _hf(path, device)
+    if image_settings:
+        from transformers import AutoImageProcessor
+
+        processor = copy.copy(processor)
+        processor.image_processor = AutoImageProcessor.from_pretrained(path, **image_settings)
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
@@ -159,6 +167,36 @@ def test_llm_chat_with_image_url(vl_models: dict[str, str]) -> None:
     assert list(out.prompt_token_ids) == ids and list(out.outputs[0].token_ids) == tokens
 
 
+def test_mm_processor_kwargs(vl_models: dict[str, str]) -> None:
+    """Image processor settings for the engine (mm_processor_kwargs) and per request (the prompt's, LLM.chat's):
+    Qwen2-VL's max_pixels gives fewer image tokens, and prompt ids and tokens stay transformers' under the same
+    settings; unknown settings are refused, at start or with the request, and the engine keeps serving."""
+    path = vl_models["qwen2_5_vl"]
+    image = make_test_image(224, 168, 4)
+    prompt = chat_prompt("qwen2_5_vl", "Describe this.", 1)
+    small = {"max_pixels": 112 * 112}
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    default_ids, _ = hf_greedy(path, prompt, [image], 5)
+    ids, tokens = hf_greedy(path, prompt, [image], 5, image_settings=small)
+    assert len(ids) < len(default_ids)
+    engine_wide = LLM(path, **ARGS, mm_processor_kwargs=json.dumps(small))
+    out = engine_wide.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, params, use_tqdm=False)[0]
+    assert list(out.prompt_token_ids) == ids and list(out.outputs[0].token_ids) == tokens
+    llm = LLM(path, **ARGS)
+    request = {"prompt": prompt, "multi_modal_data": {"image": image}, "mm_processor_kwargs": small}
+    plain, own = llm.generate([{**request, "mm_processor_kwargs": None}, request], params, use_tqdm=False)
+    assert list(plain.prompt_token_ids) == default_ids
+    assert list(own.prompt_token_ids) == ids and list(own.outputs[0].token_ids) == tokens
+    with pytest.raises(ValueError, match="takes no max_pixel"):
+        llm.llm_engine.add_request("bad", {**request, "mm_processor_kwargs": {"max_pixel": 5}})
+    with pytest.raises(ValueError, match="must be JSON"):
+        LLM(path, **ARGS, mm_processor_kwargs="{max_pixels")
+    with pytest.raises(ValueError, match="takes no max_pixel"):
+        LLM(path, **ARGS, mm_processor_kwargs={"max_pixel": 5})
+    assert_clean(llm.llm_engine)
+    assert list(llm.generate(request, params, use_tqdm=False)[0].outputs[0].token_ids) == tokens
+
+
 def test_bad_inputs(vl_models: dict[str, str], tiny_models: dict[str, str]) -> None:
     path = vl_models["qwen2_vl"]
     image = make_test_image(56, 56, 0)
@@ -211,6 +249,17 @@ def test_server_chat_with_images(vl_models: dict[str, str], tmp_path: Any) -> No
                                                   max_tokens=5, temperature=0, logprobs=True,
                                                   extra_body={"ignore_eos": True})
 
+        small = {"max_pixels": 56 * 56}
+        answer = client.chat.completions.create(
+            model=path, max_tokens=2, extra_body={"mm_processor_kwargs": small},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                   {"type": "text", "text": "Hi?"}]}])
+        assert answer.usage.prompt_tokens == len(hf_greedy(path, chat_prompt("qwen2_vl", "Hi?", 1), [a], 1,
+                                                           image_settings=small)[0])
+        with pytest.raises(openai.BadRequestError, match="takes no max_pixel"):
+            client.chat.completions.create(
+                model=path, max_tokens=2, extra_body={"mm_processor_kwargs": {"max_pixel": 1}},
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}]}])
         answer = ask(data_url, f"file://{tmp_path / 'b.png'}")
         tokens = [int(t.token.removeprefix("token_id:")) if t.token.startswith("token_id:") else t.token
                   for t in answer.choices[0].logprobs.content]

@@ -39,7 +39,7 @@ from pagedllm.kv_transfer.connector import KVConnector, make_connector
 from pagedllm.logits_process import validate_params
 from pagedllm.logits_process.state import wants_builtin
 from pagedllm.multimodal.encoder_cache import EncoderCachePlanner, encoder_cache_rows
-from pagedllm.multimodal.processor import prepare_prompt
+from pagedllm.multimodal.processor import prepare_prompt, processor_for
 from pagedllm.kv_transfer.host_tier import HostTier
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.request import Request, RequestStatus
@@ -137,6 +137,7 @@ class LLMEngine:
         # A vision-language model: its encoder cache's bookkeeping lives in the scheduler.
         encoder = None
         if self.runner.encodes_images:
+            processor_for(config)  # built now: a bad mm_processor_kwargs fails at start
             encoder = EncoderCachePlanner(config.max_num_batched_tokens, encoder_cache_rows(config),
                                           whole_images=self.runner.bidirectional_images)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,

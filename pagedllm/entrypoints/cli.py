@@ -40,6 +40,8 @@ _HELP = {
     "pooler_config": "pooling models, as JSON: '{\"pooling_type\": \"LAST\" | \"MEAN\" | \"CLS\", \"normalize\": true}' "
                      "(default: from the model's sentence-transformers files, else LAST, normalized)",
     "limit_mm_per_prompt": 'most items of each modality per prompt, as JSON: \'{"image": 2}\' (default: no limit)',
+    "mm_processor_kwargs": 'image processor settings over the checkpoint\'s, as JSON: \'{"max_pixels": 802816}\' '
+                           '(Qwen2-VL: min_pixels / max_pixels)',
     "allowed_local_media_path": "serve file:// media URLs from inside this directory (real paths; default: none)",
     "allowed_media_domains": "fetch http(s) media only from these hosts, comma-separated (default: any public host)",
     "enable_expert_parallel": "MoE models: each tensor-parallel rank holds E/N whole experts instead of a slice of "

@@ -215,13 +215,19 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Renders each conversation with the model's chat template, then generates. Messages take OpenAI's content
         parts: text and {"type": "image_url", "image_url": {"url": ...}} (a data: or http(s) URL, or file:// inside
-        allowed_local_media_path), loaded here (MediaError, a ValueError, for one that cannot be)."""
+        allowed_local_media_path), loaded here (MediaError, a ValueError, for one that cannot be);
+        mm_processor_kwargs: image processor settings for these images, over the engine's."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
         prompts = [self._chat_prompt(conv, chat_template, add_generation_prompt, continue_final_message)
                    for conv in conversations]
+        if mm_processor_kwargs:
+            for prompt in prompts:
+                if "multi_modal_data" in prompt:
+                    prompt["mm_processor_kwargs"] = mm_processor_kwargs
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _chat_prompt(self, conversation: Conversation, chat_template: str | None, add_generation_prompt: bool,

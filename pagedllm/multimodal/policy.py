@@ -102,6 +102,20 @@ def parse_mm_limits(value: Any) -> dict[str, int] | None:
     return dict(value)
 
 
+def parse_processor_kwargs(value: Any, where: str = "mm_processor_kwargs") -> dict[str, Any] | None:
+    """--mm-processor-kwargs (or a request's): settings for the image processor, as a dict or its JSON."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f'{where} must be JSON such as {{"max_pixels": 802816}}, got {value!r}.') from None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f'{where} must map setting names to values, such as {{"max_pixels": 802816}}; got {value!r}.')
+    return dict(value)
+
+
 def check_mm_limits(counts: Mapping[str, int], limits: Mapping[str, int] | None) -> None:
     """Refuses a prompt with more items of a modality than `limits` allows, before anything is fetched."""
     for modality, count in counts.items():
@@ -127,6 +141,7 @@ def check_takes_media(hf_config: Any, modalities: Iterable[str]) -> None:
 def check_media_options(config: Any) -> None:
     """Normalizes an engine config's media fields in place, so that a bad value fails when the engine starts."""
     config.limit_mm_per_prompt = parse_mm_limits(config.limit_mm_per_prompt)
+    config.mm_processor_kwargs = parse_processor_kwargs(getattr(config, "mm_processor_kwargs", None))
     config.allowed_local_media_path = local_media_root(config.allowed_local_media_path)
     domains = parse_media_domains(config.allowed_media_domains)
     config.allowed_media_domains = None if domains is None else sorted(domains)

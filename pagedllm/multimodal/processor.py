@@ -9,6 +9,9 @@ images already expanded (ids that transformers' processor made); any other count
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -31,17 +34,47 @@ class MultiModalProcessor:
     `placeholder`: the token a prompt holds per image; `image_token`: the token of each embedding row (the same but
     for models that wrap the rows, see `replacement`)."""
 
-    def __init__(self, hf_config: Any, model_path: str) -> None:
-        from transformers import AutoImageProcessor
+    _MAX_VARIANTS = 32  # image processors kept for requests' own settings (least recently used dropped)
 
-        self.hf_config = hf_config
-        self.image_processor = AutoImageProcessor.from_pretrained(model_path)
+    def __init__(self, hf_config: Any, model_path: str, settings: dict[str, Any] | None = None) -> None:
+        self.hf_config, self.model_path, self.settings = hf_config, model_path, dict(settings or {})
+        self._variants: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()  # a server front processes images on several threads
+        self.image_processor = self.image_processor_for(None)
         token = getattr(hf_config, "image_token_id", None)
         self.placeholder: int = token if token is not None else hf_config.image_token_index
         self.image_token: int = self.placeholder
 
-    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
-        """The encoder's inputs for one image and how many placeholder tokens (embedding rows) it takes."""
+    def image_processor_for(self, options: dict[str, Any] | None) -> Any:
+        """transformers' image processor of the checkpoint with the engine's settings (mm_processor_kwargs) and then
+        a request's over them; an unknown setting is a ValueError naming the ones it takes."""
+        from transformers import AutoImageProcessor
+
+        merged = {**self.settings, **(options or {})}
+        key = json.dumps(merged, sort_keys=True, default=str)
+        with self._lock:
+            if key in self._variants:
+                self._variants.move_to_end(key)
+                return self._variants[key]
+        processor = AutoImageProcessor.from_pretrained(self.model_path, **merged)
+        valid = set(getattr(getattr(processor, "valid_kwargs", None), "__annotations__", {}))
+        unknown = sorted(k for k in merged if k not in valid and not hasattr(processor, k))
+        if unknown:
+            raise ValueError(f"mm_processor_kwargs: {type(processor).__name__} takes no {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(valid)) or 'nothing'}.")
+        self.check_settings(processor)
+        with self._lock:
+            self._variants[key] = processor
+            while len(self._variants) > self._MAX_VARIANTS:
+                self._variants.popitem(last=False)
+        return processor
+
+    def check_settings(self, image_processor: Any) -> None:
+        """Refuses settings this model's processing does not follow (ValueError)."""
+
+    def image_inputs(self, image: Any, image_processor: Any = None) -> tuple[dict[str, torch.Tensor], int]:
+        """The encoder's inputs for one image (through `image_processor`, default the engine's) and how many
+        placeholder tokens (embedding rows) it takes."""
         raise NotImplementedError
 
     def replacement(self, num_rows: int) -> tuple[list[int], int]:
@@ -52,8 +85,11 @@ class MultiModalProcessor:
         """Appends ids to out: prompt text and replacements in turn (a model may merge tokens at the seams)."""
         out.extend(ids)
 
-    def process(self, token_ids: list[int], images: list[Any]) -> tuple[list[int], MultiModalState]:
-        inputs = [self.image_inputs(image) for image in images]
+    def process(self, token_ids: list[int], images: list[Any],
+                options: dict[str, Any] | None = None) -> tuple[list[int], MultiModalState]:
+        """options: the request's image processor settings (mm_processor_kwargs), over the engine's."""
+        image_processor = self.image_processor_for(options) if options else self.image_processor
+        inputs = [self.image_inputs(image, image_processor) for image in images]
         counts = [n for _, n in inputs]
         ids = np.asarray(token_ids)
         where = np.flatnonzero(ids == self.placeholder)
@@ -84,10 +120,10 @@ class MultiModalProcessor:
 
 
 class Qwen2VLProcessor(MultiModalProcessor):
-    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
+    def image_inputs(self, image: Any, image_processor: Any = None) -> tuple[dict[str, torch.Tensor], int]:
         from pagedllm.models.qwen2_vl_vision import image_token_count
 
-        out = self.image_processor(images=[image], return_tensors="pt")
+        out = (image_processor or self.image_processor)(images=[image], return_tensors="pt")
         grid = out["image_grid_thw"]
         count = image_token_count(tuple(grid[0].tolist()), self.hf_config.vision_config.spatial_merge_size)
         return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, count
@@ -103,10 +139,10 @@ class Qwen2VLProcessor(MultiModalProcessor):
 
 
 class LlavaProcessor(MultiModalProcessor):
-    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
+    def image_inputs(self, image: Any, image_processor: Any = None) -> tuple[dict[str, torch.Tensor], int]:
         from pagedllm.models.llava_vision import llava_image_token_count
 
-        out = self.image_processor(images=[image], return_tensors="pt")
+        out = (image_processor or self.image_processor)(images=[image], return_tensors="pt")
         data = {"pixel_values": out["pixel_values"]}
         if "image_sizes" in out:
             data["image_sizes"] = torch.as_tensor(out["image_sizes"])
@@ -122,19 +158,21 @@ class Gemma3Processor(MultiModalProcessor):
     newlines (punctuation with the newlines after it, as some pre-tokenizers do) may still give other ids than
     transformers' text; the tests' SmolLM2 tokenizer and prompts agree with it."""
 
-    def __init__(self, hf_config: Any, model_path: str) -> None:
+    def __init__(self, hf_config: Any, model_path: str, settings: dict[str, Any] | None = None) -> None:
         from transformers import AutoTokenizer
 
-        super().__init__(hf_config, model_path)
-        if getattr(self.image_processor, "do_pan_and_scan", False):
-            raise ValueError("Gemma 3's pan and scan (do_pan_and_scan in the image processor) is not supported.")
+        super().__init__(hf_config, model_path, settings)
         self.placeholder, self.image_token = hf_config.boi_token_index, hf_config.image_token_index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.newlines: list[int] = self.tokenizer.encode("\n\n", add_special_tokens=False)
         self._blank: dict[int, bool] = {}
 
-    def image_inputs(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
-        out = self.image_processor(images=[image], return_tensors="pt", do_pan_and_scan=False)
+    def check_settings(self, image_processor: Any) -> None:
+        if getattr(image_processor, "do_pan_and_scan", False):
+            raise ValueError("Gemma 3's pan and scan (do_pan_and_scan in the image processor) is not supported.")
+
+    def image_inputs(self, image: Any, image_processor: Any = None) -> tuple[dict[str, torch.Tensor], int]:
+        out = (image_processor or self.image_processor)(images=[image], return_tensors="pt", do_pan_and_scan=False)
         return {"pixel_values": out["pixel_values"]}, self.hf_config.mm_tokens_per_image
 
     def replacement(self, num_rows: int) -> tuple[list[int], int]:
@@ -182,7 +220,7 @@ def prepare_prompt(config: Any, prompt: Any, token_ids: list[int]) -> tuple[list
     if not data:
         return token_ids, prompt.get("mm_inputs")
     from pagedllm.multimodal.encoder_cache import encoder_cache_rows
-    from pagedllm.multimodal.policy import check_mm_limits, check_takes_media
+    from pagedllm.multimodal.policy import check_mm_limits, check_takes_media, parse_processor_kwargs
 
     check_takes_media(config.hf_config, data if isinstance(data, dict) else ["multimodal"])
     unknown = sorted(set(data) - {"image"})
@@ -192,7 +230,8 @@ def prepare_prompt(config: Any, prompt: Any, token_ids: list[int]) -> tuple[list
     check_mm_limits({"image": len(images)}, config.limit_mm_per_prompt)
     processor = processor_for(config)
     assert processor is not None, "a vision config without a known vision-language architecture"
-    token_ids, state = processor.process(token_ids, list(images))
+    options = parse_processor_kwargs(prompt.get("mm_processor_kwargs"))
+    token_ids, state = processor.process(token_ids, list(images), options)
     too_big = [item.length for item in state.items if item.length > encoder_cache_rows(config)]
     if too_big:
         raise ValueError(f"multi_modal_data: an image takes {too_big[0]} tokens, more than the encoder cache holds "
@@ -218,10 +257,12 @@ _processors: dict[str, MultiModalProcessor | None] = {}
 
 
 def processor_for(config: Any) -> MultiModalProcessor | None:
-    """The model's image processing, built once per process (the engine's and a server front's)."""
-    if config.model_path not in _processors:
-        _processors[config.model_path] = make_processor(config.hf_config, config.model_path)
-    return _processors[config.model_path]
+    """The model's image processing, built once per process and settings (the engine's and a server front's)."""
+    settings = getattr(config, "mm_processor_kwargs", None)
+    key = f"{config.model_path}|{json.dumps(settings, sort_keys=True, default=str)}"
+    if key not in _processors:
+        _processors[key] = make_processor(config.hf_config, config.model_path, settings)
+    return _processors[key]
 
 
 PROCESSORS: dict[str, type[MultiModalProcessor]] = {
@@ -233,9 +274,10 @@ PROCESSORS: dict[str, type[MultiModalProcessor]] = {
 }
 
 
-def make_processor(hf_config: Any, model_path: str) -> MultiModalProcessor | None:
-    """The image processing of a vision-language model; None for a text-only one."""
+def make_processor(hf_config: Any, model_path: str,
+                   settings: dict[str, Any] | None = None) -> MultiModalProcessor | None:
+    """The image processing of a vision-language model (settings: mm_processor_kwargs); None for a text-only one."""
     for arch in getattr(hf_config, "architectures", None) or []:
         if arch in PROCESSORS:
-            return PROCESSORS[arch](hf_config, model_path)
+            return PROCESSORS[arch](hf_config, model_path, settings)
     return None

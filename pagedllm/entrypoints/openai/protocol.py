@@ -248,6 +248,7 @@ class NamedToolChoice(OpenAIModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    mm_processor_kwargs: dict[str, Any] | None = None  # image processor settings for this request's images
     tools: list[ChatTool] | None = None
     # None: "auto" when tools are given, else "none" (OpenAI's defaults).
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

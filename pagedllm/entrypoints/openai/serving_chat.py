@@ -162,6 +162,8 @@ class ChatServing(OpenAIServing):
                                  tools, request.chat_template_kwargs)
         if urls:  # one placeholder per image in the prompt; the engine expands them (or refuses images)
             prompt["multi_modal_data"] = {"image": await load_images(urls, self.media_policy)}
+            if request.mm_processor_kwargs:
+                prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
