@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 pytest.importorskip("PIL")
 
@@ -54,11 +55,13 @@ def _hf(path: str, device: str = "cpu") -> tuple[Any, Any]:
 
 
 def hf_run(path: str, prompt: str, images: list[Any], max_tokens: int, device: str = "cpu",
-           ) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
+           image_settings: dict[str, Any] | None = None) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
     """transformers' prompt ids, greedy tokens, and each prompt token's logprob with its image attention
-    bidirectional (as generate runs it) and causal (token_type_ids left out)."""
+    bidirectional (as generate runs it) and causal (token_type_ids left out); image_settings: its image processor's
+    keyword arguments."""
     processor, model = _hf(path, device)
-    inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(device)
+    inputs = processor(text=[prompt], images=images or None, return_tensors="pt",
+                       images_kwargs=image_settings or {}).to(device)
     ids = inputs["input_ids"][0]
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
@@ -118,6 +121,29 @@ def test_gpu_equals_transformers(path: str, no_tf32: None) -> None:
             assert list(output.outputs[0].token_ids) == tokens
             torch.testing.assert_close(_prompt_logprobs(output), bidirectional, atol=1e-3, rtol=0)
         del llm
+
+
+def test_pan_and_scan(path: str) -> None:
+    """Pan and scan (mm_processor_kwargs, as vLLM takes it): a wide image becomes itself and three crops, each in
+    transformers' sentence and each an image of its own for the encoder and the bidirectional attention; prompt ids,
+    tokens and prompt logprobs equal transformers', in one step and in 20-token steps; a square image stays one."""
+    settings = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32}
+    wide, square = make_test_image(300, 100, 0), make_test_image(84, 84, 2)
+    work = [(turn(f"{IMAGE}Describe this."), [wide], 6), (turn(f"Compare{IMAGE} and {IMAGE}."), [square, wide], 5),
+            (turn("Hello there, how are you?"), [], 4)]
+    expected = [hf_run(path, p, images, m, image_settings=settings) for p, images, m in work]
+    boi = AutoConfig.from_pretrained(path).boi_token_index
+    assert expected[0][0].count(boi) == 4  # the image and three crops
+    for extra in ({}, {"max_num_batched_tokens": 20, "max_num_seqs": 4}):
+        llm = LLM(path, **ARGS, **extra, mm_processor_kwargs=settings)
+        encoded: list[bytes] = []
+        model = llm.llm_engine.runner.model
+        encode = model.encode_images
+        model.encode_images = lambda items: (encoded.extend(i.hash for i in items), encode(items))[1]
+        for output, (ids, tokens, bidirectional, _) in zip(_generate(llm, work, prompt_logprobs=True), expected):
+            assert list(output.prompt_token_ids) == ids and list(output.outputs[0].token_ids) == tokens
+            torch.testing.assert_close(_prompt_logprobs(output), bidirectional, atol=1e-4, rtol=0)
+        assert len(set(encoded)) == 5 == len(encoded)  # the wide image's four items (once), the square one
 
 
 @pytest.mark.parametrize("mode", ["chunked", "async"])

@@ -142,8 +142,7 @@ def _encoder_times(llm: Any, images: list[Any]) -> dict[str, float]:
     assert processor is not None, "bench mm needs a vision-language model"
     items = []
     for image in images:
-        data, rows = processor.image_inputs(image)
-        items.append(ImageItem(0, rows, content_hash(data), data))
+        items.extend(ImageItem(0, rows, content_hash(data), data) for data, rows in processor.image_items(image))
 
     def timed(batch: list[Any]) -> float:
         runs = []

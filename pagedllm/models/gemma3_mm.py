@@ -111,7 +111,7 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel, Gemma3ForCausalLM):
         self.vision.load_weights([(name, tensor)])
 
     def encode_images(self, items: list[ImageItem]) -> list[torch.Tensor]:
-        """One batch through the tower: every image is one fixed-size picture (no pan and scan)."""
+        """One batch through the tower: every item is one fixed-size picture (an image, or a pan-and-scan crop)."""
         weight = self.vision.multi_modal_projector.mm_input_projection_weight
         pixels = torch.cat([item.data["pixel_values"] for item in items]).to(weight.device, weight.dtype)
         return list(self.vision(pixels).unbind(0))

@@ -77,19 +77,28 @@ class MultiModalProcessor:
         placeholder tokens (embedding rows) it takes."""
         raise NotImplementedError
 
-    def replacement(self, num_rows: int) -> tuple[list[int], int]:
-        """The tokens that take the place of one image's placeholder, and the index of its first row among them."""
-        return [self.image_token] * num_rows, 0
+    def image_items(self, image: Any, image_processor: Any = None) -> list[tuple[dict[str, torch.Tensor], int]]:
+        """What the encoder runs for one image, each with its rows: the image alone (Gemma 3's pan and scan adds
+        crops of it)."""
+        return [self.image_inputs(image, image_processor)]
 
-    def join(self, out: list[int], ids: list[int]) -> None:
-        """Appends ids to out: prompt text and replacements in turn (a model may merge tokens at the seams)."""
+    def replacement(self, counts: list[int]) -> tuple[list[int], list[int]]:
+        """The tokens that take the place of one image's placeholder (its items' rows of `counts`), and the index of
+        each item's first row among them."""
+        assert len(counts) == 1, "one item per image"
+        return [self.image_token] * counts[0], [0]
+
+    def join(self, out: list[int], ids: list[int], replacement: bool = False) -> None:
+        """Appends ids to out: prompt text and replacements (`replacement`) in turn (a model may merge tokens at the
+        seams)."""
         out.extend(ids)
 
     def process(self, token_ids: list[int], images: list[Any],
                 options: dict[str, Any] | None = None) -> tuple[list[int], MultiModalState]:
         """options: the request's image processor settings (mm_processor_kwargs), over the engine's."""
         image_processor = self.image_processor_for(options) if options else self.image_processor
-        inputs = [self.image_inputs(image, image_processor) for image in images]
+        per_image = [self.image_items(image, image_processor) for image in images]
+        inputs = [item for items in per_image for item in items]
         counts = [n for _, n in inputs]
         ids = np.asarray(token_ids)
         where = np.flatnonzero(ids == self.placeholder)
@@ -101,11 +110,12 @@ class MultiModalProcessor:
             offsets, out = [int(rows[k]) for k in starts], list(token_ids)
         elif len(where) == len(images):  # one placeholder each: replace
             out, offsets, previous = [], [], 0
-            for at, n in zip(where.tolist(), counts):
+            for at, items in zip(where.tolist(), per_image):
                 self.join(out, token_ids[previous:at])
-                seq, first = self.replacement(n)
-                self.join(out, seq)
-                offsets.append(len(out) - len(seq) + first)  # from the end: a merge at the seam before moves it
+                seq, firsts = self.replacement([n for _, n in items])
+                self.join(out, seq, replacement=True)
+                # From the end: a merge at the seam before moves them.
+                offsets.extend(len(out) - len(seq) + first for first in firsts)
                 previous = at + 1
             self.join(out, token_ids[previous:])
         else:
@@ -152,7 +162,10 @@ class LlavaProcessor(MultiModalProcessor):
 
 class Gemma3Processor(MultiModalProcessor):
     """Gemma 3: each `<start_of_image>` of the prompt becomes "\n\n", itself, mm_tokens_per_image image tokens,
-    `<end_of_image>`, "\n\n", as transformers' processor writes it into the text. Inserted here as tokens, where the
+    `<end_of_image>`, "\n\n", as transformers' processor writes it into the text; with pan and scan
+    (do_pan_and_scan, for images far from square) the image and its crops each take such a sequence, in transformers'
+    sentence ("Here is the original image ... and here are some crops to help you see better ..."), and each is an
+    item of its own for the encoder and the bidirectional attention. Inserted here as tokens, where the
     text would have tokenized across the seam: a whitespace run there (the template's "user\n<start_of_image>" takes
     one "\n\n\n") is encoded again with the token after it (join). A tokenizer that merges other text with
     newlines (punctuation with the newlines after it, as some pre-tokenizers do) may still give other ids than
@@ -164,28 +177,39 @@ class Gemma3Processor(MultiModalProcessor):
         super().__init__(hf_config, model_path, settings)
         self.placeholder, self.image_token = hf_config.boi_token_index, hf_config.image_token_index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.newlines: list[int] = self.tokenizer.encode("\n\n", add_special_tokens=False)
         self._blank: dict[int, bool] = {}
 
-    def check_settings(self, image_processor: Any) -> None:
-        if getattr(image_processor, "do_pan_and_scan", False):
-            raise ValueError("Gemma 3's pan and scan (do_pan_and_scan in the image processor) is not supported.")
+    def image_items(self, image: Any, image_processor: Any = None) -> list[tuple[dict[str, torch.Tensor], int]]:
+        image_processor = image_processor or self.image_processor
+        # transformers' Gemma3Processor fills the settings a checkpoint leaves null (pan and scan's) with its own.
+        unset = {k: v for k, v in _gemma3_image_defaults().items() if getattr(image_processor, k, None) is None}
+        pixels = image_processor(images=[image], return_tensors="pt", **unset)["pixel_values"]
+        return [({"pixel_values": pixels[i : i + 1]}, self.hf_config.mm_tokens_per_image) for i in range(len(pixels))]
 
-    def image_inputs(self, image: Any, image_processor: Any = None) -> tuple[dict[str, torch.Tensor], int]:
-        out = (image_processor or self.image_processor)(images=[image], return_tensors="pt", do_pan_and_scan=False)
-        return {"pixel_values": out["pixel_values"]}, self.hf_config.mm_tokens_per_image
+    def replacement(self, counts: list[int]) -> tuple[list[int], list[int]]:
+        hf = self.hf_config
+        boi, image, eoi = self.tokenizer.convert_ids_to_tokens([hf.boi_token_index, self.image_token,
+                                                                 hf.eoi_token_index])
+        full = [f"\n\n{boi}{image * n}{eoi}\n\n" for n in counts]
+        text = full[0] if len(counts) == 1 else (f"Here is the original image {full[0]} and here are some crops to "
+                                                   f"help you see better " + " ".join(full[1:]))
+        seq = self.tokenizer.encode(text, add_special_tokens=False)  # special tokens split it as transformers' does
+        return seq, [i + 1 for i, token in enumerate(seq) if token == hf.boi_token_index]
 
-    def replacement(self, num_rows: int) -> tuple[list[int], int]:
-        hf, nl = self.hf_config, self.newlines
-        return [*nl, hf.boi_token_index, *[self.image_token] * num_rows, hf.eoi_token_index, *nl], len(nl) + 1
-
-    def join(self, out: list[int], ids: list[int]) -> None:
+    def join(self, out: list[int], ids: list[int], replacement: bool = False) -> None:
         """A whitespace run at the seam (out's last blank tokens, ids' first ones) is encoded again as text, with the
         token after it, which a tokenizer may split the run for ("\n\nWord" -> "\n", "\n", "Word"); that token must
-        come out unchanged, else the run is encoded alone."""
+        come out unchanged, else the run is encoded alone. A replacement's own text before its first image token
+        ("\n\n", or pan and scan's sentence) is encoded again whole with the run before it."""
         i, j = len(out), 0
         while i > 0 and self._is_blank(out[i - 1]):
             i -= 1
+        if replacement:
+            hf = self.hf_config
+            k = next((n for n, t in enumerate(ids) if t in (hf.boi_token_index, self.image_token)), len(ids))
+            out[i:] = self._encode(out[i:] + ids[:k])
+            out.extend(ids[k:])
+            return
         if i == len(out) or not ids:
             out.extend(ids)
             return
@@ -207,6 +231,15 @@ class Gemma3Processor(MultiModalProcessor):
             text = self.tokenizer.decode([token], clean_up_tokenization_spaces=False)
             self._blank[token] = bool(text) and text.isspace()
         return self._blank[token]
+
+
+def _gemma3_image_defaults() -> dict[str, Any]:
+    import transformers.models.gemma3.processing_gemma3 as gemma3
+
+    defaults = getattr(gemma3.Gemma3Processor, "images_kwargs", None)  # transformers 5.2x
+    if defaults is None:  # earlier: the processor's kwargs class holds them
+        defaults = getattr(gemma3, "Gemma3ProcessorKwargs")._defaults.get("images_kwargs", {})
+    return dict(defaults)
 
 
 def prepare_prompt(config: Any, prompt: Any, token_ids: list[int]) -> tuple[list[int], MultiModalState | None]:
