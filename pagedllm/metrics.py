@@ -68,6 +68,8 @@ class ServerMetrics:
         self.external_hits = counter("external_prefix_cache_hits",
                                      "External prefix cache hits from KV connector cross-instance cache sharing, in "
                                      "terms of number of cached tokens.")
+        self.mm_queries = counter("mm_cache_queries", "Multi-modal cache queries, in terms of number of queried items.")
+        self.mm_hits = counter("mm_cache_hits", "Multi-modal cache hits, in terms of number of cached items.")
         self.success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
                                labels + ["finished_reason"], registry=r)
         for reason in ("stop", "length", "abort"):  # exported at 0 from the start, so rates work
@@ -99,8 +101,15 @@ class ServerMetrics:
         self._last_token: dict[tuple[str, int], float] = {}
         self._num_tokens: dict[tuple[str, int], int] = {}
         self._preemptions_seen = 0
-        self._prefix_seen = (0, 0)  # queries, hits
-        self._external_seen = (0, 0)
+        self._lookups_seen: dict[str, tuple[int, int]] = {}  # a cache's (queries, hits) totals so far
+
+    def _add_lookups(self, cache: str, queries: Counter, hits: Counter, num_queries: int, num_hits: int) -> None:
+        """A cache's queries / hits counters advanced to the engine's totals."""
+        seen_queries, seen_hits = self._lookups_seen.get(cache, (0, 0))
+        if num_queries > seen_queries:
+            queries.inc(num_queries - seen_queries)
+            hits.inc(num_hits - seen_hits)
+            self._lookups_seen[cache] = (num_queries, num_hits)
 
     def record_step(self, stats: EngineStats, outputs: list[RequestOutput], now: float) -> None:
         """Engine-thread hook: one step's stats and DELTA outputs."""
@@ -110,16 +119,11 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
-        queries, hits = self._prefix_seen
-        if stats.prefix_cache_queries > queries:
-            self.prefix_queries.inc(stats.prefix_cache_queries - queries)
-            self.prefix_hits.inc(stats.prefix_cache_hits - hits)
-            self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
-        queries, hits = self._external_seen
-        if stats.external_prefix_cache_queries > queries:
-            self.external_queries.inc(stats.external_prefix_cache_queries - queries)
-            self.external_hits.inc(stats.external_prefix_cache_hits - hits)
-            self._external_seen = (stats.external_prefix_cache_queries, stats.external_prefix_cache_hits)
+        self._add_lookups("prefix", self.prefix_queries, self.prefix_hits, stats.prefix_cache_queries,
+                          stats.prefix_cache_hits)
+        self._add_lookups("external", self.external_queries, self.external_hits, stats.external_prefix_cache_queries,
+                          stats.external_prefix_cache_hits)
+        self._add_lookups("mm", self.mm_queries, self.mm_hits, stats.mm_cache_queries, stats.mm_cache_hits)
         if self.max_lora:
             self.lora_info.clear()
             self.lora_info.labels(str(self.max_lora), ",".join(stats.waiting_loras), ",".join(stats.running_loras)).set(now)

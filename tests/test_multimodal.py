@@ -127,6 +127,11 @@ def test_mixed_batches_chunks_and_preemption(vl_models: dict[str, str], kind: st
         assert llm.llm_engine.scheduler.num_preemptions > 0
     else:
         assert len(encoded) == len(set(encoded)) == 3  # three distinct images, each encoded once
+        # vLLM's mm_cache series (offline here, as on /metrics): every lookup that missed encoded its image; the
+        # mid-prompt image repeats one seen before (a hit), and prefix-cache hits past an image skip its lookup
+        metrics = {m.name: m for m in llm.get_metrics()}
+        queries, hits = metrics["pagedllm:mm_cache_queries"].value, metrics["pagedllm:mm_cache_hits"].value
+        assert queries - hits == 3 and hits >= 1
 
 
 def test_prefix_cache_keys_include_the_image(vl_models: dict[str, str]) -> None:

@@ -70,7 +70,8 @@ class ServerProcess:
         return AsyncOpenAI(base_url=self.url("/v1"), api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL to the whole group after `timeout`; returns the exit code."""
+        """SIGTERM, then SIGKILL to the whole group after `timeout`; returns the exit code. Whatever of the group
+        outlives the server (an engine process of its own) is killed too, so that its memory is free afterwards."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -78,5 +79,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone
+            pass
         self.log.close()
         return self.proc.returncode

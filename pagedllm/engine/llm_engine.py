@@ -75,6 +75,8 @@ class EngineStats:
     prefix_cache_hits: int  # tokens found there
     external_prefix_cache_queries: int = 0  # tokens looked up in the host tier or a producer after a GPU miss
     external_prefix_cache_hits: int = 0  # tokens loaded from it
+    mm_cache_queries: int = 0  # images looked up in the encoder cache as their prompt chunks were scheduled
+    mm_cache_hits: int = 0  # of those, the ones found there (not encoded again)
     spec_decode: SpecDecodeStats | None = None  # with speculative decoding
     running_loras: tuple[str, ...] = ()  # LoRA adapters of running / waiting requests, by name (enable_lora)
     waiting_loras: tuple[str, ...] = ()
@@ -545,7 +547,7 @@ class LLMEngine:
 
     # ---- introspection --------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
-        tier, connector = self.kv_cache.host_tier, self.kv_connector
+        tier, connector, encoder = self.kv_cache.host_tier, self.kv_connector, self.scheduler.encoder
         # External: tokens looked up in / loaded from the host tier, and asked of / copied from a producer's pool.
         ext_queries = (0 if tier is None else tier.queries) + (0 if connector is None else connector.external_queries)
         ext_hits = (0 if tier is None else tier.hits) + (0 if connector is None else connector.external_hits)
@@ -561,6 +563,8 @@ class LLMEngine:
             prefix_cache_hits=self.kv_cache.prefix_hits,
             external_prefix_cache_queries=ext_queries,
             external_prefix_cache_hits=ext_hits,
+            mm_cache_queries=0 if encoder is None else encoder.queries,
+            mm_cache_hits=0 if encoder is None else encoder.hits,
             spec_decode=None if self.spec is None else self.spec.stats,
             running_loras=_lora_names(self.scheduler.running) if self.runner.lora else (),
             waiting_loras=_lora_names(self.scheduler.waiting) if self.runner.lora else (),

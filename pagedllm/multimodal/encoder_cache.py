@@ -45,6 +45,8 @@ class EncoderCachePlanner:
         self._step_budget = budget
         self._needed: set[bytes] = set()
         self._work = EncoderWork()
+        # Images looked up as a chunk first reaches them, and those found cached (vLLM's mm_cache_queries / hits).
+        self.queries = self.hits = 0
 
     def fit(self, state: MultiModalState, start: int, num_new: int) -> int:
         """How many of tokens [start, start + num_new) may run this step: all, or up to the first image whose
@@ -52,9 +54,12 @@ class EncoderCachePlanner:
         for item in state.overlapping(start, start + num_new):
             if self.whole_images and item.end > start + num_new:
                 return max(0, item.offset - start)  # a chunk from inside the image (offset < start) runs nothing
+            first_look = item.offset >= start
             if item.hash in self.entries:
                 self.entries.move_to_end(item.hash)
                 self._needed.add(item.hash)
+                self.queries += first_look
+                self.hits += first_look
                 continue
             # An image larger than the budget may run alone: as the step's first encoder work.
             over = item.length > self._step_budget and self._step_budget < self.budget
@@ -65,6 +70,7 @@ class EncoderCachePlanner:
             self._step_budget -= item.length
             self._needed.add(item.hash)
             self._work.run.append(item)
+            self.queries += first_look
         return num_new
 
     def _make_room(self, rows: int) -> bool:
