@@ -155,7 +155,8 @@ def test_prefix_cache_keys_include_the_image(vl_models: dict[str, str]) -> None:
 
 
 def test_llm_chat_with_image_url(vl_models: dict[str, str]) -> None:
-    """LLM.chat takes OpenAI image_url parts (a data URL here) and gives transformers' tokens."""
+    """LLM.chat takes OpenAI image_url parts (a data URL here) and vLLM's image_pil parts, and gives transformers'
+    tokens."""
     import base64
     import io
 
@@ -170,6 +171,15 @@ def test_llm_chat_with_image_url(vl_models: dict[str, str]) -> None:
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     ids, tokens = hf_greedy(path, chat_prompt("qwen2_vl", "What is this?", 1), [image], 6)
     assert list(out.prompt_token_ids) == ids and list(out.outputs[0].token_ids) == tokens
+    # vLLM's offline image_pil parts, beside a URL, in their order
+    other = make_test_image(56, 140, 1)
+    both = [{"role": "user", "content": [{"type": "image_pil", "image_pil": other}, messages[0]["content"][0],
+                                         {"type": "text", "text": "Compare them."}]}]
+    out = llm.chat(both, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    ids, tokens = hf_greedy(path, chat_prompt("qwen2_vl", "Compare them.", 2), [other, image], 6)
+    assert list(out.prompt_token_ids) == ids and list(out.outputs[0].token_ids) == tokens
+    with pytest.raises(ValueError, match="image_pil part needs"):
+        llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": "x.png"}]}], use_tqdm=False)
 
 
 def test_mm_processor_kwargs(vl_models: dict[str, str]) -> None:

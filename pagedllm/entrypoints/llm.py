@@ -218,8 +218,9 @@ class LLM:
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Renders each conversation with the model's chat template, then generates. Messages take OpenAI's content
-        parts: text and {"type": "image_url", "image_url": {"url": ...}} (a data: or http(s) URL, or file:// inside
-        allowed_local_media_path), loaded here (MediaError, a ValueError, for one that cannot be);
+        parts: text, {"type": "image_url", "image_url": {"url": ...}} (a data: or http(s) URL, or file:// inside
+        allowed_local_media_path), loaded here (MediaError, a ValueError, for one that cannot be), and vLLM's
+        {"type": "image_pil", "image_pil": <PIL image>};
         mm_processor_kwargs: image processor settings for these images, over the engine's."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
         prompts = [self._chat_prompt(conv, chat_template, add_generation_prompt, continue_final_message)
@@ -234,7 +235,7 @@ class LLM:
                      continue_final_message: bool) -> dict[str, Any]:
         from pagedllm.entrypoints.chat_utils import template_conversation
 
-        messages, urls = template_conversation(conversation)
+        messages, urls = template_conversation(conversation, allow_pil=True)
         if urls:  # a text-only model, or too many images, is refused before anything is fetched
             from pagedllm.multimodal.policy import check_mm_limits, check_takes_media, parse_mm_limits
 
@@ -246,7 +247,9 @@ class LLM:
         if urls:  # one placeholder per image in the prompt; the engine expands them
             from pagedllm.multimodal.media import MediaPolicy, load_images
 
-            prompt["multi_modal_data"] = {"image": load_images(urls, MediaPolicy.from_config(self.llm_engine.config))}
+            fetched = iter(load_images([u for u in urls if isinstance(u, str)],
+                                       MediaPolicy.from_config(self.llm_engine.config)))
+            prompt["multi_modal_data"] = {"image": [next(fetched) if isinstance(u, str) else u for u in urls]}
         return prompt
 
 
