@@ -243,6 +243,7 @@ def test_server_chat_with_images(vl_models: dict[str, str], tmp_path: Any) -> No
     import base64
     import io
 
+    import httpx
     import openai
 
     from tests.server_utils import ServerProcess
@@ -275,6 +276,10 @@ def test_server_chat_with_images(vl_models: dict[str, str], tmp_path: Any) -> No
             client.chat.completions.create(
                 model=path, max_tokens=2, extra_body={"mm_processor_kwargs": {"max_pixel": 1}},
                 messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}]}])
+        # /tokenize of the same messages: the engine's prompt, the images' tokens included
+        parts = [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "Hi?"}]
+        counted = httpx.post(server.url("/tokenize"), json={"messages": [{"role": "user", "content": parts}]}).json()
+        assert counted["tokens"] == hf_greedy(path, chat_prompt("qwen2_vl", "Hi?", 1), [a], 1)[0]
         answer = ask(data_url, f"file://{tmp_path / 'b.png'}")
         tokens = [int(t.token.removeprefix("token_id:")) if t.token.startswith("token_id:") else t.token
                   for t in answer.choices[0].logprobs.content]

@@ -42,7 +42,7 @@ from pagedllm.entrypoints.openai.serving_base import (
     APIError, OpenAIServing, internal_error, json_response, read_json, until_disconnect,
 )
 from pagedllm.entrypoints.openai.lora import LoadLoRARequest, LoRARegistry, UnloadLoRARequest, parse_lora_modules
-from pagedllm.entrypoints.openai.serving_chat import ChatServing, render_messages
+from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_embedding import EmbeddingServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 from pagedllm.entrypoints.openai.serving_pooling import PoolingServing
@@ -231,7 +231,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics
         if base.tokenizer is None:
             raise APIError("this server has no tokenizer (--skip-tokenizer-init).", 400)
         if request.messages is not None:
-            ids = render_messages(base.tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message)["prompt_token_ids"]
+            ids = await chats.tokenize_messages(request)  # images expanded to their tokens
         elif request.prompt is not None:
             ids = base.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
         else:

@@ -370,6 +370,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None  # rendered with the chat template, like a chat request
+    mm_processor_kwargs: dict[str, Any] | None = None  # the images' processor settings, as in a chat request
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -6,6 +6,7 @@ As for completions, streamed and non-streamed answers are built from the same de
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from pagedllm.engine.async_engine import RequestStream
 from pagedllm.entrypoints.llm import render_chat
 from pagedllm.entrypoints.openai.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-    ChatLogprobToken, ChatMessage, ChatStreamChoice, DeltaMessage, TopLogprob, UsageInfo, random_id,
+    ChatLogprobToken, ChatMessage, ChatStreamChoice, DeltaMessage, TokenizeRequest, TopLogprob, UsageInfo, random_id,
 )
 from pagedllm.entrypoints.openai.choice_parsers import ChoiceParsers, merge_delta
 from pagedllm.entrypoints.openai.reasoning import get_reasoning_parser
@@ -136,6 +137,24 @@ class ChatServing(OpenAIServing):
         self.mm_limits = parse_mm_limits(getattr(config, "limit_mm_per_prompt", None))
         self.hf_config = getattr(config, "hf_config", None)
         self.media_policy = MediaPolicy.from_config(config)
+
+    async def tokenize_messages(self, request: TokenizeRequest) -> list[int]:
+        """/tokenize of messages: the prompt's ids as the engine runs them, each image placeholder expanded to the
+        image's tokens (the images loaded and processed as a chat request's are)."""
+        urls = image_urls(request.messages or [], self.mm_limits, self.hf_config)
+        ids = render_messages(self.tokenizer, request.messages or [], request.add_generation_prompt,
+                              request.continue_final_message)["prompt_token_ids"]
+        if not urls:
+            return ids
+        from pagedllm.multimodal.processor import prepare_prompt
+
+        prompt = {"multi_modal_data": {"image": await load_images(urls, self.media_policy)},
+                  "mm_processor_kwargs": request.mm_processor_kwargs}
+        try:
+            ids, _ = await asyncio.to_thread(prepare_prompt, self.engine.config, prompt, ids)
+        except ValueError as error:
+            raise APIError(f"messages: {error}", 400, param="messages") from None
+        return ids
 
     def _tool_mode(self, request: ChatCompletionRequest) -> str:
         mode = tool_choice_mode(request)
