@@ -64,6 +64,9 @@ def test_models_health_version(server: ServerProcess) -> None:
     ids = httpx.post(server.url("/tokenize"), json={"prompt": "Hello world"}).json()
     assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 256
     assert httpx.post(server.url("/detokenize"), json={"tokens": ids["tokens"]}).json()["prompt"] == "Hello world"
+    chat = [{"role": "user", "content": "Hello world"}]
+    counted = httpx.post(server.url("/tokenize"), json={"messages": chat}).json()["count"]
+    assert counted == server.client().chat.completions.create(model="smol", messages=chat, max_tokens=1).usage.prompt_tokens
 
 
 def test_completion_stream_equals_plain_and_usage(server: ServerProcess) -> None:
