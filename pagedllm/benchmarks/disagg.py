@@ -29,7 +29,8 @@ SETUPS = ("colocated", "disaggregated")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a checkpoint or a bundled shape (default: the bundled SmolLM2)")
     parser.add_argument("--tokenizer", default=None, help="the servers' tokenizer (a shape has none of its own)")
-    parser.add_argument("--mix", type=bench_serve.parse_mix, default="4096:64:1,256:256:8", metavar="IN:OUT:WEIGHT[,...]",
+    parser.add_argument("--mix", type=bench_serve.parse_mix, default="4096:64:1,256:256:8",
+                        metavar="IN:OUT:WEIGHT[,...]",
                         help="request shapes and their weights (default 4096:64:1,256:256:8)")
     parser.add_argument("--num-prompts", type=int, default=400)
     parser.add_argument("--request-rate", type=float, default=4.0, help="Poisson arrivals per second (default 4)")

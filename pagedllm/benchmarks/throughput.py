@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(describe(setup))
         figures = run_structured(setup, args.num_prompts, args.output_len, args.temperature)
         return finish("throughput", args, setup, {"structured_output": figures})
-    requests = make_requests(args.num_prompts, args.input_len, args.output_len, setup.token_pool, args.seed, args.prefix_len,
-                             args.num_prefixes)
+    requests = make_requests(args.num_prompts, args.input_len, args.output_len, setup.token_pool, args.seed,
+                             args.prefix_len, args.num_prefixes)
     print(describe(setup))
     print(_describe_workload(args, requests))
     results: dict[str, dict[str, Any]] = {}
