@@ -236,3 +236,13 @@ def test_image_encoder_takes_hub_names(path: str) -> None:
     pixels = processor.image_processor(images=[make_test_image(70, 90, 5)], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), model.model.get_image_features(pixels).pooler_output)
+
+
+def test_tensor_parallel_equals_one_process(path: str) -> None:
+    """TP=2 with 20-token steps: the decoder sharded, the SigLIP tower and projector on every rank, the key limits sent
+    with each step; the tokens of one process."""
+    work = workload()
+    one = [list(o.outputs[0].token_ids) for o in _generate(LLM(path, **ARGS), work)]
+    llm = LLM(path, **ARGS, tensor_parallel_size=2, max_num_batched_tokens=20)
+    assert [list(o.outputs[0].token_ids) for o in _generate(llm, work)] == one
+    del llm  # its workers stop with it: one parallel world per process at a time
