@@ -421,6 +421,7 @@ def test_mm_bench_on_a_tiny_vision_model(tmp_path: os.PathLike) -> None:
     figures = result["results"]["pagedllm"]
     assert figures["requests"] == 6 and figures["image_tokens"] == 4  # 56 x 56: a 4 x 4 patch grid, 2 x 2 merged
     assert 0 < figures["encoder_s_per_image"] and 0 < figures["encoder_share_of_run"]
+    assert 1 <= figures["encoding_steps"] <= figures["steps"] and 0 < figures["encoder_share_of_encoding_step"] < 1
     shape = write_shape("qwen2.5-vl-7b", os.path.join(tmp_path, "shape"))
     assert AutoConfig.from_pretrained(shape).text_config.hidden_size == 3584
     assert AutoImageProcessor.from_pretrained(shape).patch_size == 14

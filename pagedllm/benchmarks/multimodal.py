@@ -104,11 +104,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"image": image}} for ids, image in requests]
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
     llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up (these images stay cached: the run uses others)
+    steps = _count_steps(llm)
     synchronize(config.device)
     start = time.perf_counter()
     outputs = llm.generate(prompts[4:], params, use_tqdm=False)
     synchronize(config.device)
     seconds = time.perf_counter() - start
+    num_steps, encoding_steps, encoded = steps()
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     encoder = _encoder_times(llm, [image for _, image in requests[:16]])
@@ -118,18 +120,44 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "output_tokens_per_s": output_tokens / seconds, "total_tokens_per_s": (prompt_tokens + output_tokens) / seconds,
         "image_tokens": (prompt_tokens - sum(len(ids) - 1 for ids, _ in requests[4:])) / images, **encoder,
         "encoder_share_of_run": encoder["encoder_s_per_image_batched"] * images / seconds,
+        "steps": num_steps, "encoding_steps": encoding_steps, "mean_step_s": seconds / max(num_steps, 1),
     }
+    # A step that encodes: its images' encoder time (at the batched rate) against a mean step of the run.
+    per_step = encoder["encoder_s_per_image_batched"] * encoded / max(encoding_steps, 1)
+    figures["encoder_share_of_encoding_step"] = per_step / (per_step + figures["mean_step_s"])
     print(f"pagedllm: {images} requests in {seconds:.2f} s: {figures['requests_per_s']:.2f} req/s, "
           f"{figures['output_tokens_per_s']:.0f} output tok/s, {figures['total_tokens_per_s']:.0f} total tok/s "
           f"({figures['image_tokens']:.0f} tokens per image)")
     print(f"vision encoder: {1e3 * encoder['encoder_s_per_image']:.2f} ms per image alone, "
           f"{1e3 * encoder['encoder_s_per_image_batched']:.2f} ms each in a batch of 16: "
-          f"{100 * figures['encoder_share_of_run']:.1f} % of the run")
+          f"{100 * figures['encoder_share_of_run']:.1f} % of the run; it ran in {encoding_steps} of {num_steps} steps, "
+          f"{encoded / max(encoding_steps, 1):.1f} images each: ~{1e3 * per_step:.1f} ms beside a mean "
+          f"{1e3 * figures['mean_step_s']:.1f} ms step ({100 * figures['encoder_share_of_encoding_step']:.0f} %)")
     payload = {"benchmark": "mm", "results": {"pagedllm": figures},
                "environment": environment(config.device, config.dtype) | {"model": config.model_path}}
     if args.output_json:
         write_json(args.output_json, args, payload)
     return payload
+
+
+def _count_steps(llm: Any) -> Any:
+    """Counts the engine's steps, those that run the vision encoder, and the images encoded, from now on; the
+    returned function gives (steps, encoding steps, images)."""
+    engine, model = llm.llm_engine, llm.llm_engine.runner.model
+    counts = [0, 0, 0]
+    step, encode = engine.step, model.encode_images
+
+    def counted_step() -> Any:
+        counts[0] += 1
+        return step()
+
+    def counted_encode(items: list[Any]) -> Any:
+        counts[1] += 1
+        counts[2] += len(items)
+        return encode(items)
+
+    engine.step, model.encode_images = counted_step, counted_encode
+    return lambda: tuple(counts)
 
 
 def _encoder_times(llm: Any, images: list[Any]) -> dict[str, float]:
