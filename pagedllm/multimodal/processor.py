@@ -62,15 +62,11 @@ class MultiModalProcessor:
         if unknown:
             raise ValueError(f"mm_processor_kwargs: {type(processor).__name__} takes no {', '.join(unknown)}; it takes "
                              f"{', '.join(sorted(valid)) or 'nothing'}.")
-        self.check_settings(processor)
         with self._lock:
             self._variants[key] = processor
             while len(self._variants) > self._MAX_VARIANTS:
                 self._variants.popitem(last=False)
         return processor
-
-    def check_settings(self, image_processor: Any) -> None:
-        """Refuses settings this model's processing does not follow (ValueError)."""
 
     def image_inputs(self, image: Any, image_processor: Any = None) -> tuple[dict[str, torch.Tensor], int]:
         """The encoder's inputs for one image (through `image_processor`, default the engine's) and how many
