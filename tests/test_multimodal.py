@@ -212,6 +212,40 @@ def test_mm_processor_kwargs(vl_models: dict[str, str]) -> None:
     assert list(llm.generate(request, params, use_tqdm=False)[0].outputs[0].token_ids) == tokens
 
 
+def test_lora_adapter_on_the_decoder(vl_models: dict[str, str], tmp_path: Any) -> None:
+    """A PEFT adapter made on transformers' Qwen2-VL (its decoder's seven projections, which PEFT names under
+    model.language_model) serves as on a text model: with an image, transformers + peft's tokens, beside a request on
+    the base model in the same batch."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from pagedllm.lora.request import LoRARequest
+
+    path, adapter = vl_models["qwen2_vl"], str(tmp_path / "adapter")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(adapter)
+    image, prompt = make_test_image(112, 84, 0), chat_prompt("qwen2_vl", "Describe this.", 1)
+    processor, _ = _hf(path)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        tuned = peft_model.eval().generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    expected = [tuned[0, inputs["input_ids"].shape[1]:].tolist(), hf_greedy(path, prompt, [image], 6)[1]]
+    assert expected[0] != expected[1]  # the adapter changes the answer
+    llm = LLM(path, **ARGS, enable_lora=True, max_lora_rank=8)
+    request = {"prompt": prompt, "multi_modal_data": {"image": image}}
+    outputs = llm.generate([request, request], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                           use_tqdm=False, lora_request=[LoRARequest("tuned", 1, adapter), None])
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+
+
 def test_bad_inputs(vl_models: dict[str, str], tiny_models: dict[str, str]) -> None:
     path = vl_models["qwen2_vl"]
     image = make_test_image(56, 56, 0)

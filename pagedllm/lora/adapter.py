@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +25,12 @@ class LoRAAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], scaled B [out, r]), float32
 
 
-def load_adapter(request: LoRARequest, max_rank: int, modules: set[str]) -> LoRAAdapter:
+def load_adapter(request: LoRARequest, max_rank: int, modules: set[str],
+                 renamed: Sequence[tuple[str, str]] = ()) -> LoRAAdapter:
     """Reads and checks an adapter: ValueError (naming the problem) for a missing path or file, a config this engine
-    does not run, a rank above max_rank, or target modules the model lacks (`modules`: its LoRA-able linears)."""
+    does not run, a rank above max_rank, or target modules the model lacks (`modules`: its LoRA-able linears).
+    `renamed`: the model's (checkpoint prefix, its own) pairs, applied to the adapter's module names too (PEFT
+    names a vision-language model's decoder `model.language_model.…`)."""
     path = request.lora_path
     config_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_file):
@@ -52,6 +56,8 @@ def load_adapter(request: LoRARequest, max_rank: int, modules: set[str]) -> LoRA
     other: list[str] = []  # embedding LoRA, saved modules: tensors this engine has no place for
     for name, tensor in tensors.items():
         stripped = name.removeprefix(_PREFIX)
+        for checkpoint_name, own_name in renamed:
+            stripped = stripped.replace(checkpoint_name, own_name)
         kind = next((k for k in ("lora_A", "lora_B") if f".{k}." in stripped), None)
         if kind is None:
             other.append(stripped)

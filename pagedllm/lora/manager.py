@@ -34,6 +34,7 @@ class LoRAManager:
                 wrap(module, slots)
                 self.layers.append(slots)
         self.modules = _every_stage(model, {part for layer in self.layers for part in layer.parts})
+        self.renamed: list[tuple[str, str]] = list(getattr(model, "renamed_params", []))
         self.cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # by lora_int_id, least recently used first
         self.slot_ids: list[int | None] = [None] * max_loras
         self.slot_used = [0] * max_loras  # the step that last used each slot
@@ -46,7 +47,7 @@ class LoRAManager:
             raise ValueError(f"lora_int_id {request.lora_int_id} is already {adapter.request.lora_name!r} at "
                              f"{adapter.request.lora_path!r}; each adapter needs its own id.")
         if adapter is None:
-            adapter = load_adapter(request, self.max_rank, self.modules)
+            adapter = load_adapter(request, self.max_rank, self.modules, self.renamed)
             self.cache[request.lora_int_id] = adapter
             while len(self.cache) > self.max_cpu_loras:  # an adapter in a slot keeps its weights there
                 self.cache.popitem(last=False)
