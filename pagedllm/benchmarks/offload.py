@@ -42,31 +42,25 @@ def default_offload_bytes(config: Any, requests: Sequence[BenchRequest]) -> int:
 def _after_reset(setup: BenchSetup, requests: Sequence[BenchRequest], temperature: float,
                  offload_bytes: int) -> dict[str, Any]:
     from pagedllm import LLM, SamplingParams
+    from pagedllm.benchmarks.throughput import _params, _prompt, _report
 
     llm = LLM(**(setup.llm_kwargs | {"kv_offload_bytes": offload_bytes, "enable_prefix_caching": True}))
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    prompts = [_prompt(r) for r in requests]
     llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)  # fills the caches
     llm.reset_prefix_cache()  # the GPU's only: the host tier keeps its blocks
-    params = [SamplingParams(temperature=temperature, top_p=1.0, max_tokens=r.output_len, ignore_eos=True)
-              for r in requests]
     before = llm.llm_engine.get_stats()
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, [_params(temperature, r.output_len) for r in requests], use_tqdm=False)
     elapsed = time.perf_counter() - start
     after = llm.llm_engine.get_stats()
     del llm
     release_memory(setup.config.device)
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
-    figures = {
-        "kv_offload_bytes": offload_bytes, "elapsed_s": elapsed, "num_requests": len(requests),
-        "requests_per_s": len(requests) / elapsed, "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
-        "output_tokens_per_s": output_tokens / elapsed,
-        "cached_prompt_tokens": after.prefix_cache_hits - before.prefix_cache_hits,
-        "host_tier_hit_tokens": after.external_prefix_cache_hits - before.external_prefix_cache_hits,
-    }
+    cached = after.prefix_cache_hits - before.prefix_cache_hits
+    queries = after.prefix_cache_queries - before.prefix_cache_queries
     name = "kv offload" if offload_bytes else "recompute"
-    print(f"[{name:>10}] {len(requests)} requests in {elapsed:.2f} s: {figures['requests_per_s']:.2f} requests/s; "
-          f"{figures['cached_prompt_tokens']} cached prompt tokens "
-          f"({figures['host_tier_hit_tokens']} from the host tier)")
+    figures = _report(name, elapsed, sum(len(o.outputs[0].token_ids) for o in outputs),
+                      cached / queries if queries else 0.0, requests)
+    figures.update(kv_offload_bytes=offload_bytes, cached_prompt_tokens=cached,
+                   host_tier_hit_tokens=after.external_prefix_cache_hits - before.external_prefix_cache_hits)
+    print(f"[{name:>10}] {cached} cached prompt tokens ({figures['host_tier_hit_tokens']} from the host tier)")
     return figures

@@ -87,32 +87,31 @@ def parse_media_domains(value: Any) -> frozenset[str] | None:
 def parse_mm_limits(value: Any) -> dict[str, int] | None:
     """--limit-mm-per-prompt: the most items of each modality one prompt may hold, as a dict or its JSON
     ('{"image": 2}'); None: no limit (a modality left out has none either)."""
-    if value is None or value == "":
+    value = _json_object(value, "limit_mm_per_prompt", '{"image": 2}', "modalities to counts")
+    if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError(f'limit_mm_per_prompt must be JSON such as {{"image": 2}}, got {value!r}.') from None
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f'limit_mm_per_prompt must map modalities to counts, such as {{"image": 2}}; got {value!r}.')
     for modality, count in value.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be an integer >= 0, got {count!r}.")
     return dict(value)
 
 
-def parse_processor_kwargs(value: Any, where: str = "mm_processor_kwargs") -> dict[str, Any] | None:
+def parse_processor_kwargs(value: Any) -> dict[str, Any] | None:
     """--mm-processor-kwargs (or a request's): settings for the image processor, as a dict or its JSON."""
+    return _json_object(value, "mm_processor_kwargs", '{"max_pixels": 802816}', "setting names to values")
+
+
+def _json_object(value: Any, name: str, example: str, what: str) -> dict[str, Any] | None:
+    """An option given as a dict or its JSON, keyed by strings; None when unset (None or "")."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
-            raise ValueError(f'{where} must be JSON such as {{"max_pixels": 802816}}, got {value!r}.') from None
+            raise ValueError(f"{name} must be JSON such as {example}, got {value!r}.") from None
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f'{where} must map setting names to values, such as {{"max_pixels": 802816}}; got {value!r}.')
+        raise ValueError(f"{name} must map {what}, such as {example}; got {value!r}.")
     return dict(value)
 
 

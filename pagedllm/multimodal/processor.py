@@ -174,11 +174,12 @@ class Gemma3Processor(MultiModalProcessor):
         self.placeholder, self.image_token = hf_config.boi_token_index, hf_config.image_token_index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._blank: dict[int, bool] = {}
+        # transformers' Gemma3Processor fills the settings a checkpoint leaves null (pan and scan's) with its own.
+        self._defaults = _gemma3_image_defaults()
 
     def image_items(self, image: Any, image_processor: Any = None) -> list[tuple[dict[str, torch.Tensor], int]]:
         image_processor = image_processor or self.image_processor
-        # transformers' Gemma3Processor fills the settings a checkpoint leaves null (pan and scan's) with its own.
-        unset = {k: v for k, v in _gemma3_image_defaults().items() if getattr(image_processor, k, None) is None}
+        unset = {k: v for k, v in self._defaults.items() if getattr(image_processor, k, None) is None}
         pixels = image_processor(images=[image], return_tensors="pt", **unset)["pixel_values"]
         return [({"pixel_values": pixels[i : i + 1]}, self.hf_config.mm_tokens_per_image) for i in range(len(pixels))]
 

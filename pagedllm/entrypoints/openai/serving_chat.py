@@ -142,19 +142,24 @@ class ChatServing(OpenAIServing):
         """/tokenize of messages: the prompt's ids as the engine runs them, each image placeholder expanded to the
         image's tokens (the images loaded and processed as a chat request's are)."""
         urls = image_urls(request.messages or [], self.mm_limits, self.hf_config)
-        ids = render_messages(self.tokenizer, request.messages or [], request.add_generation_prompt,
-                              request.continue_final_message)["prompt_token_ids"]
+        prompt = render_messages(self.tokenizer, request.messages or [], request.add_generation_prompt,
+                                 request.continue_final_message)
         if not urls:
-            return ids
+            return prompt["prompt_token_ids"]
         from pagedllm.multimodal.processor import prepare_prompt
 
-        prompt = {"multi_modal_data": {"image": await load_images(urls, self.media_policy)},
-                  "mm_processor_kwargs": request.mm_processor_kwargs}
+        await self._add_images(prompt, urls, request.mm_processor_kwargs)
         try:
-            ids, _ = await asyncio.to_thread(prepare_prompt, self.engine.config, prompt, ids)
+            ids, _ = await asyncio.to_thread(prepare_prompt, self.engine.config, prompt, prompt["prompt_token_ids"])
         except ValueError as error:
             raise APIError(f"messages: {error}", 400, param="messages") from None
         return ids
+
+    async def _add_images(self, prompt: dict[str, Any], urls: list[str], settings: dict[str, Any] | None) -> None:
+        """The rendered prompt (one placeholder per image) gets its images, loaded, and their processor settings."""
+        prompt["multi_modal_data"] = {"image": await load_images(urls, self.media_policy)}
+        if settings:
+            prompt["mm_processor_kwargs"] = settings
 
     def _tool_mode(self, request: ChatCompletionRequest) -> str:
         mode = tool_choice_mode(request)
@@ -180,9 +185,7 @@ class ChatServing(OpenAIServing):
         prompt = render_messages(self.tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message,
                                  tools, request.chat_template_kwargs)
         if urls:  # one placeholder per image in the prompt; the engine expands them (or refuses images)
-            prompt["multi_modal_data"] = {"image": await load_images(urls, self.media_policy)}
-            if request.mm_processor_kwargs:
-                prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
+            await self._add_images(prompt, urls, request.mm_processor_kwargs)
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
