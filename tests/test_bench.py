@@ -466,10 +466,11 @@ def test_disagg_bench_runs_both_setups(tiny_llama: str, tmp_path: os.PathLike) -
     """`bench disagg` on the CPU: one engine, then producer + consumer + proxy (real servers), the same mixed
     requests through each; every request completes and the ratios are reported."""
     result = run_cli(["disagg", "--model", tiny_llama, "--mix", "48:2:1,16:6:2", "--num-prompts", "6", "--request-rate",
-                      "inf", "--max-model-len", "256", "--connector", "TcpConnector", "--disable-tqdm", "--server-args",
+                      "20", "--max-model-len", "256", "--disable-tqdm", "--server-args",
                       f"--kv-cache-memory {16 << 20} --dtype float32 --skip-tokenizer-init"], tmp_path)
     for setup in ("colocated", "disaggregated"):
         figures = result["results"][setup]
         assert figures["completed"] == 6 and figures["failed"] == 0
         assert sum(shape["count"] for shape in figures["by_shape"].values()) == 6
     assert result["chat_shape"] == "16x6" and result["results"]["ratios"]["chat_tpot_p99"] > 0
+    assert result["results"]["disaggregated"]["pulled_tokens"] >= 16  # through the IpcConnector, streamed after the first

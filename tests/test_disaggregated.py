@@ -229,3 +229,46 @@ def test_proxy_prefill_failures() -> None:
         answer, seen = run("ok", "/v1/completions", completion)  # a dead (503) or refusing instance rests for a while
         assert answer.status_code == 200 and len(seen) == (1 if mode != "500" else 2)
         app.state.prefills.down_until["http://prefill"] = 0.0
+
+
+def test_proxy_streamed_exchange() -> None:
+    """An instance whose params say "streamed" (the IpcConnector) gets its later requests at the same time as the
+    decode instance, both with one new transfer id; a prefill that then fails or refuses costs the client nothing."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+    prefill_status = [200]
+    streamed = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": 7, "streamed": True}
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        payload = json.loads(request.content)
+        calls.append((request.url.host, payload))
+        if request.url.host == "prefill":
+            await asyncio.sleep(0.05)  # the decode request goes out meanwhile
+            if prefill_status[0] != 200:
+                return httpx.Response(prefill_status[0], json={"error": {"message": "no"}})
+            return httpx.Response(200, json={"kv_transfer_params": streamed})
+        return httpx.Response(200, json={"choices": [{"text": "done"}]})
+
+    app = build_proxy(["http://prefill"], ["http://decode"], transport=httpx.MockTransport(upstream))
+
+    async def post(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+            answers = [await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 9}) for _ in range(n)]
+            await asyncio.sleep(0.1)  # the last prefill, still running after its decode answered
+            return answers
+
+    answers = asyncio.run(post(3))
+    assert all(a.json() == {"choices": [{"text": "done"}]} for a in answers)
+    assert sorted(host for host, _ in calls) == ["decode"] * 3 + ["prefill"] * 3
+    first, later = calls[:2], calls[2:]
+    assert first[0][1]["kv_transfer_params"] == {"do_remote_decode": True}  # not known yet: one after the other
+    assert first[1][1]["kv_transfer_params"] == streamed
+    for prefill, decode in (sorted(later[i : i + 2], key=lambda c: c[0] != "prefill") for i in (0, 2)):
+        transfer_id = prefill[1]["kv_transfer_params"]["transfer_id"]
+        assert prefill[1]["kv_transfer_params"] == {"do_remote_decode": True, "transfer_id": transfer_id}
+        assert decode[1]["kv_transfer_params"] == {**streamed, "transfer_id": transfer_id}
+    assert later[0][1]["kv_transfer_params"]["transfer_id"] != later[2][1]["kv_transfer_params"]["transfer_id"]
+    for status in (400, 500):
+        prefill_status[0] = status
+        calls.clear()
+        assert asyncio.run(post(1))[0].json() == {"choices": [{"text": "done"}]}
+        assert sorted(host for host, _ in calls) == ["decode", "prefill"]

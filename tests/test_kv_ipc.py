@@ -49,7 +49,8 @@ def _full_blocks(prompts: list[dict[str, Any]]) -> list[int]:
 
 
 def _connector(role: str, port: int = 0) -> dict[str, Any]:
-    return {"kv_connector": "IpcConnector", "kv_role": role, "kv_port": port}
+    return {"kv_connector": "IpcConnector", "kv_role": role, "kv_port": port,
+            "kv_connector_extra_config": {"arrival_timeout_s": 1.0}}
 
 
 def _tokens(llm: LLM, prompts: list[dict[str, Any]], params: SamplingParams = GREEDY) -> list[list[int]]:
@@ -66,17 +67,20 @@ class Producer:
                                      "--kv-transfer-config", json.dumps(_connector("kv_producer", self.kv_port))],
                                     start_timeout=120)
 
-    def prefill(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each prompt prefilled (max_tokens 1, do_remote_decode), all at once; the answers' kv_transfer_params."""
-        def one(prompt: dict[str, Any]) -> dict[str, Any]:
+    def prefill(self, prompts: list[dict[str, Any]], transfer_ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """Each prompt prefilled (max_tokens 1, do_remote_decode, the transfer id if given), all at once; the answers'
+        kv_transfer_params."""
+        def one(prompt: dict[str, Any], transfer_id: str | None) -> dict[str, Any]:
+            params = {"do_remote_decode": True} if transfer_id is None else {"do_remote_decode": True,
+                                                                             "transfer_id": transfer_id}
             body = {"prompt": prompt["prompt_token_ids"], "max_tokens": 1, "temperature": 0,
-                    "kv_transfer_params": {"do_remote_decode": True}}
+                    "kv_transfer_params": params}
             answer = httpx.post(self.server.url("/v1/completions"), json=body, timeout=60)
             assert answer.status_code == 200, answer.text
             return answer.json()["kv_transfer_params"]
 
         with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(one, prompts))
+            return list(pool.map(one, prompts, transfer_ids or [None] * len(prompts)))
 
     def stats(self) -> dict[str, int]:
         return producer_stats("127.0.0.1", self.kv_port)
@@ -114,7 +118,8 @@ def reference(tiny_models: dict[str, str]) -> tuple[list[dict[str, Any]], list[l
 def test_outputs_equal_one_engine(tiny_models: dict[str, str], producer: Producer, reference: tuple) -> None:
     prompts, expected = reference
     params = producer.prefill(prompts)
-    assert params[0] == {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": producer.kv_port}
+    assert params[0] == {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": producer.kv_port,
+                         "streamed": True}
     consumer = _consumer(tiny_models["llama"])
     puller = consumer.llm_engine.kv_connector.puller
     decode = _decode(params[0])
@@ -162,6 +167,37 @@ def test_aborts_free_both_sides(tiny_models: dict[str, str], producer: Producer,
     assert producer.wait_unpinned() == {"leases": 0, "pinned_blocks": 0}
 
 
+def test_streamed_pull_while_the_producer_computes(tiny_models: dict[str, str], producer: Producer) -> None:
+    """The proxy's streamed exchange: the consumer asks for a transfer id before the producer has the request; the
+    producer answers part by part as its 64-token steps reach the prompt's blocks, the consumer copies each part and
+    only then schedules the request. A transfer id the producer never gets ends empty after its arrival timeout, and
+    that request is prefilled here."""
+    prompts = _prompts(7, 6)
+    expected = _tokens(LLM(tiny_models["llama"], num_gpu_blocks_override=200, **ARGS), prompts)
+    consumer = _consumer(tiny_models["llama"])
+    engine, puller = consumer.llm_engine, consumer.llm_engine.kv_connector.puller
+    where = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": producer.kv_port, "streamed": True}
+    ids = [f"stream-{i}" if i != 1 else "never-sent" for i in range(len(prompts))]  # prompt 1 shares no head
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, _decode({**where, "transfer_id": ids[i]}))
+    sent = [i for i in range(len(prompts)) if i != 1]
+    with ThreadPoolExecutor(1) as pool:
+        prefilled = pool.submit(producer.prefill, [prompts[i] for i in sent], [ids[i] for i in sent])
+        outputs = {}
+        while engine.has_unfinished_requests():
+            outputs |= {o.request_id: o for o in engine.step() if o.finished}
+        prefilled.result()
+    assert [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == expected
+    blocks = _full_blocks(prompts)
+    streamed = sum(blocks[i] for i in sent)  # the shared head of prompts 0 and 3 is copied once or twice
+    assert streamed - 2 <= puller.received_blocks <= streamed, puller.last_error
+    assert puller.parts_received > len(prompts)  # the streamed ones came in several parts
+    assert outputs["1"].num_cached_tokens == 0  # its transfer never came: computed here
+    assert all(outputs[str(i)].num_cached_tokens >= 16 * blocks[i] for i in sent)
+    assert_clean(engine)
+    assert producer.wait_unpinned() == {"leases": 0, "pinned_blocks": 0}
+
+
 def test_layout_mismatch_refused(tiny_models: dict[str, str], producer: Producer, reference: tuple) -> None:
     prompts, expected = reference
     params = producer.prefill(prompts[:4])
@@ -205,10 +241,11 @@ class CoreProducer:
         kind, payload = pickle.loads(self.conn.recv_bytes())
         assert kind == "ready", payload
 
-    def prefill(self, prompts: list[dict[str, Any]]) -> dict[str, Any]:
-        params = SamplingParams(temperature=0, max_tokens=1,
-                                extra_args={"kv_transfer_params": {"do_remote_decode": True}})
+    def prefill(self, prompts: list[dict[str, Any]], transfer_ids: list[str] | None = None) -> dict[str, Any]:
         for i, prompt in enumerate(prompts):
+            transfer = {"do_remote_decode": True} if transfer_ids is None else {"do_remote_decode": True,
+                                                                                "transfer_id": transfer_ids[i]}
+            params = SamplingParams(temperature=0, max_tokens=1, extra_args={"kv_transfer_params": transfer})
             self.conn.send_bytes(pickle.dumps(("add", str(i), prompt, params, time.time(), None, 0)))
         finished: set[str] = set()
         while len(finished) < len(prompts):
@@ -247,5 +284,37 @@ def test_cuda_ipc_between_processes_on_one_gpu(tiny_models: dict[str, str]) -> N
         while producer_stats("127.0.0.1", producer.kv_port)["pinned_blocks"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert producer_stats("127.0.0.1", producer.kv_port) == {"leases": 0, "pinned_blocks": 0}
+    finally:
+        producer.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "piecewise-graphs"])
+def test_cuda_streamed_layer_by_layer(tiny_models: dict[str, str], eager: bool) -> None:
+    """The streamed exchange through CUDA IPC: the consumer asks first; each part is copied layer by layer after the
+    producer's per-layer events (recorded after each layer's K/V write, eagerly or between the pieces of piecewise
+    graphs), while the producer's later layers and chunks still run. Tokens equal one engine's."""
+    gpu = dict(ARGS, device="cuda", kv_cache_memory=16 << 20, enforce_eager=eager)
+    prompts = _prompts(3, 16)
+    expected = _tokens(LLM(tiny_models["llama"], **gpu), prompts)
+    producer = CoreProducer(model=tiny_models["llama"], **gpu)
+    try:
+        consumer = LLM(tiny_models["llama"], kv_transfer_config=_connector("kv_consumer"), **gpu)
+        engine, puller = consumer.llm_engine, consumer.llm_engine.kv_connector.puller
+        where = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": producer.kv_port}
+        ids = [f"cuda-{i}" for i in range(len(prompts))]
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, _decode({**where, "transfer_id": ids[i]}))
+        with ThreadPoolExecutor(1) as pool:
+            prefilled = pool.submit(producer.prefill, prompts, ids)
+            outputs = {}
+            while engine.has_unfinished_requests():
+                outputs |= {o.request_id: o for o in engine.step() if o.finished}
+            prefilled.result()
+        assert [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == expected
+        blocks = _full_blocks(prompts)
+        assert sum(blocks) - 2 * (len(prompts[::3]) - 1) <= puller.received_blocks <= sum(blocks), puller.last_error
+        assert puller.parts_received > len(prompts)
+        assert_clean(engine)
     finally:
         producer.stop()

@@ -18,6 +18,8 @@ import json
 import shlex
 from typing import Any
 
+import httpx
+
 from pagedllm.benchmarks import write_json
 from pagedllm.benchmarks import serve as bench_serve
 from pagedllm.benchmarks.server_process import ServerProcess, free_port
@@ -93,6 +95,15 @@ def _load(args: argparse.Namespace, base_url: str, requests: list[Any], labels: 
     return bench_serve.summarize(results, duration, engine_tpot)
 
 
+def _counter(metrics_url: str, name: str) -> float:
+    """A `pagedllm:` counter's total from a server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(metrics_url, timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == f"pagedllm:{name}_total")
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     if not setups or set(setups) - set(SETUPS):
@@ -107,6 +118,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         servers = _start(args, setup)
         try:
             results[setup] = summary = _load(args, servers[-1].base_url, requests, labels)
+            if setup == "disaggregated":  # the consumer's prompt tokens that came from the producer, not computed
+                summary["pulled_tokens"] = _counter(servers[1].url("/metrics"), "external_prefix_cache_hits")
         finally:
             for server in reversed(servers):
                 server.stop()
@@ -114,7 +127,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{setup:>13}] {summary['completed']} of {len(requests)} requests in {summary['duration_s']:.1f} s: "
               f"{summary['total_token_throughput']:.0f} total tok/s; {chat_label} TPOT p50 / p99 "
               f"{shape.get('median_tpot_ms', 0):.1f} / {shape.get('p99_tpot_ms', 0):.1f} ms, TTFT p99 "
-              f"{shape.get('p99_ttft_ms', 0):.0f} ms" + (f"; errors: {summary['errors']}" if summary["failed"] else ""))
+              f"{shape.get('p99_ttft_ms', 0):.0f} ms" + (f"; errors: {summary['errors']}" if summary["failed"] else "")
+              + (f"; {summary['pulled_tokens']:.0f} prompt tokens pulled" if "pulled_tokens" in summary else ""))
     if len(results) == 2:
         split, one = results["disaggregated"], results["colocated"]
         results["ratios"] = ratios = {

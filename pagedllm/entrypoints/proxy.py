@@ -9,6 +9,9 @@ This proxy runs the exchange, as vLLM's P/D proxy does:
    {"do_remote_decode": true}; the answer's kv_transfer_params say where the KV waits;
 2. the original request goes to a decode instance with those kv_transfer_params; its answer (the SSE bytes of a
    stream) goes back to the client unchanged.
+A prefill instance whose params say "streamed" (the IpcConnector) gets later requests at the same time as their decode
+instance, both with one new "transfer_id": the consumer pulls each part of the prompt's KV as the producer computes
+it, layer by layer, instead of after the prefill's answer.
 A failed prefill (unreachable, 5xx, timeout) costs only speed: the decode instance gets the request without
 kv_transfer_params and prefills it itself; a 4xx is the request's fault and goes back to the client. Each request
 goes to the instance with the fewest requests in flight (ties in turn). A client that leaves closes the upstream
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import logging
 import time
+import uuid
 from contextlib import asynccontextmanager, suppress
 from typing import Any, AsyncIterator, Callable
 
@@ -121,15 +125,20 @@ def build_proxy(prefill: list[str], decode: list[str], prefill_timeout: float = 
     app = FastAPI(title="pagedllm proxy", lifespan=lifespan)
     app.state.prefills, app.state.decodes = prefills, decodes
 
-    async def prefill_first(path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any] | Response | None:
+    streamed: dict[str, dict[str, Any]] = {}  # a prefill instance's kv_transfer_params, when they say "streamed"
+    background: set[asyncio.Task[Any]] = set()  # prefills that go on while their decode answers
+
+    async def prefill(url: str, path: str, body: dict[str, Any], headers: dict[str, str],
+                      transfer_id: str | None = None) -> dict[str, Any] | Response | None:
         """The prefill instance's kv_transfer_params; a Response to give the client (a 4xx); None if it failed."""
-        body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+        params: dict[str, Any] = {"do_remote_decode": True}
+        if transfer_id is not None:
+            params["transfer_id"] = transfer_id
+        body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": params}
         body.pop("stream_options", None)
         if path.endswith("/chat/completions"):
             body["max_completion_tokens"] = 1
-        url, down = prefills.acquire(only_up=True), False
-        if url is None:
-            return None
+        down = False
         try:
             answer = await client.post(url + path, json=body, headers=headers, timeout=prefill_timeout)
             if 400 <= answer.status_code < 500:
@@ -138,13 +147,26 @@ def build_proxy(prefill: list[str], decode: list[str], prefill_timeout: float = 
             answer.raise_for_status()
             data = answer.json()
             params = data.get("kv_transfer_params") if isinstance(data, dict) else None
-            return params if isinstance(params, dict) else None
+            if not isinstance(params, dict):
+                return None
+            if params.get("streamed"):
+                streamed[url] = params
+            return params
         except (httpx.HTTPError, ValueError) as failure:
             down = down or isinstance(failure, (httpx.ConnectError, httpx.ConnectTimeout))
             logger.warning("prefill on %s failed (%r): the decode instance prefills itself", url, failure)
             return None
         finally:
             prefills.release(url, down)
+
+    async def prefill_alongside(url: str, path: str, body: dict[str, Any], headers: dict[str, str],
+                                transfer_id: str) -> None:
+        """A prefill whose decode went out at once (its KV streams to the consumer as it is computed): a failure only
+        costs speed, the consumer prefills what it did not get."""
+        outcome = await prefill(url, path, body, headers, transfer_id)
+        if isinstance(outcome, Response):
+            logger.warning("prefill on %s refused the request (%d): the decode instance prefills it itself",
+                           url, outcome.status_code)
 
     async def generate(raw: Request) -> Response:
         """Prefill, then decode, unless the client leaves first: then both are cancelled (closing their connections
@@ -169,12 +191,30 @@ def build_proxy(prefill: list[str], decode: list[str], prefill_timeout: float = 
         return Response(status_code=499) if work.cancelled() else work.result()
 
     async def exchange(path: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
-        params = await prefill_first(path, body, headers)
-        if isinstance(params, Response):
-            return params
+        """Prefill, then decode with the producer's kv_transfer_params; with an instance known to stream (the
+        IpcConnector) both at once, tied by a transfer id, so that the consumer's pull overlaps the prefill."""
+        url, params, task = prefills.acquire(only_up=True), None, None
+        if url is not None and url in streamed:
+            transfer_id = uuid.uuid4().hex
+            task = asyncio.ensure_future(prefill_alongside(url, path, body, headers, transfer_id))
+            background.add(task)
+            task.add_done_callback(background.discard)
+            params = {**streamed[url], "transfer_id": transfer_id}
+        elif url is not None:
+            params = await prefill(url, path, body, headers)
+            if isinstance(params, Response):
+                return params
         body = {key: value for key, value in body.items() if key != "kv_transfer_params"}
         if params is not None:
             body["kv_transfer_params"] = params
+        try:
+            return await decode(path, body, headers)
+        except asyncio.CancelledError:  # the client left: the prefill of its prompt is not needed either
+            if task is not None:
+                task.cancel()
+            raise
+
+    async def decode(path: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
         for attempt in range(len(decodes.urls)):  # a refused connection never reached the instance: try the next one
             url = decodes.acquire()
             assert url is not None

@@ -2,13 +2,14 @@
 "kv_ip": ..., "kv_port": ...}. Connectors here: "TcpConnector" (disaggregated prefill between engines, over TCP:
 works on any host and on the CPU), "IpcConnector" (between engines on one host: block copies straight from the
 producer's pool through CUDA IPC, or shared memory on the CPU; TCP carries only the control messages;
-`kv_connector_extra_config` {"lease_timeout_s": S}) and "OffloadingConnector" (the host-memory tier alone;
+`kv_connector_extra_config` {"lease_timeout_s": S, "arrival_timeout_s": S}) and "OffloadingConnector" (the host-memory tier alone;
 `kv_connector_extra_config` {"kv_offload_bytes": N} or vLLM's {"num_cpu_blocks": N}).
 
 A request asks for a transfer through `SamplingParams.extra_args["kv_transfer_params"]` (the server maps the body's
 `kv_transfer_params` there, as vLLM does): {"do_remote_decode": true} on the producer (a prefill-only request whose
 response carries the producer's address), {"do_remote_prefill": true, "remote_host": ..., "remote_port": ...} on the
-consumer, which pulls the prompt's blocks before it schedules the request."""
+consumer, which pulls the prompt's blocks before it schedules the request. With the IpcConnector both may carry the
+same "transfer_id": the consumer's pull then begins while the producer still computes the prompt (ipc.py)."""
 
 from __future__ import annotations
 
@@ -68,8 +69,11 @@ class KVTransferConfig:
         return int(extra.get("kv_offload_bytes", DEFAULT_OFFLOAD_BYTES if self.kv_connector == "TcpConnector" else 0))
 
     def producer_params(self) -> dict[str, Any]:
-        """What a producer's response hands the proxy for the consumer: where to pull the blocks from."""
-        return {"do_remote_prefill": True, "remote_host": self.kv_ip, "remote_port": self.kv_port}
+        """What a producer's response hands the proxy for the consumer: where to pull the blocks from, and whether
+        the consumer may ask before the prompt is computed (`streamed`: the IpcConnector's; the proxy then sends
+        both sides at once, the same `transfer_id` to each)."""
+        params = {"do_remote_prefill": True, "remote_host": self.kv_ip, "remote_port": self.kv_port}
+        return {**params, "streamed": True} if self.kv_connector == "IpcConnector" else params
 
 
 def transfer_params(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from pagedllm.kv_transfer.config import KVTransferConfig, transfer_params
 from pagedllm.kv_transfer.host_store import HostKVStore
 from pagedllm.kv_transfer.ipc import IpcServer, Wakeup
 from pagedllm.kv_transfer.ipc_pull import IpcPuller
+from pagedllm.kv_transfer.layer_events import LayerEvents
 from pagedllm.kv_transfer.tcp import KVPuller, KVServer
 
 if TYPE_CHECKING:
@@ -31,10 +32,18 @@ class KVConnector:
 
     def on_request(self, request: Request, extra_args: dict[str, Any] | None) -> None:
         """A consumer request with {"do_remote_prefill": true, "remote_host", "remote_port"} pulls its prompt's
-        blocks before it may be scheduled (it keeps its place in the queue meanwhile)."""
+        blocks before it may be scheduled (it keeps its place in the queue meanwhile). A producer request with
+        {"do_remote_decode": true, "transfer_id": ...} is known by that id to consumers that ask for it early."""
         params = transfer_params(extra_args)
-        if self.puller is not None and params and params.get("do_remote_prefill"):
+        if not params:
+            return
+        if self.puller is not None and params.get("do_remote_prefill"):
             self.puller.pull(request, self.kv_cache.prompt_block_hashes(request), params)
+        elif self.server is not None and params.get("do_remote_decode") and params.get("transfer_id"):
+            self.expect(str(params["transfer_id"]), request)
+
+    def expect(self, transfer_id: str, request: Request) -> None:
+        """Streamed transfers (the IpcConnector's) begin before the prompt is computed; others ignore the id."""
 
     def collect(self) -> None:
         if self.puller is not None and self.puller.pending:
@@ -86,8 +95,12 @@ class IpcConnector(KVConnector):
             raise ValueError("the IpcConnector transfers KV blocks; this model keeps none.")
         self.kv_cache = kv_cache
         if config.produces:
-            timeout = float(config.kv_connector_extra_config.get("lease_timeout_s", 60.0))
-            self.server = IpcServer(kv_cache, kv_caches, runner.kv_shared_pool, config.kv_ip, config.kv_port, timeout)
+            extra = config.kv_connector_extra_config
+            if kv_caches[0].is_cuda:
+                runner.layer_events = LayerEvents(kv_caches)
+            self.server = IpcServer(kv_cache, kv_caches, runner.kv_shared_pool, runner.layer_events, config.kv_ip,
+                                    config.kv_port, float(extra.get("lease_timeout_s", 60.0)),
+                                    float(extra.get("arrival_timeout_s", 10.0)))
             self.wakeup = self.server.wakeup
         if config.consumes:
             self.puller = IpcPuller(kv_cache, kv_caches)
@@ -97,6 +110,9 @@ class IpcConnector(KVConnector):
             self.server.serve()
         if self.puller is not None and (self.puller.pending or self.puller.holding):
             self.puller.collect()
+
+    def expect(self, transfer_id: str, request: Request) -> None:
+        self.server.expect(transfer_id, request)
 
     @property
     def external_queries(self) -> int:

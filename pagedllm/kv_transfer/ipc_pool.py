@@ -15,7 +15,7 @@ import base64
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -131,21 +131,24 @@ def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 
 
 def copy_blocks(src: list[torch.Tensor], dst: list[torch.Tensor], src_ids: list[int], dst_ids: list[int],
-                max_runs: int = _MAX_RUNS) -> None:
+                max_runs: int = _MAX_RUNS, before_layer: Callable[[int], None] | None = None) -> None:
     """dst[layer][:, dst_ids[i]] = src[layer][:, src_ids[i]] for every layer, on the current streams (a device copy
-    on CUDA: the mapped pool is device memory). On an H100 a prompt's copy is bound by kernel launches, not bytes
-    (512 MiB: 32 slice copies 0.8 ms, 64 gathers and scatters 2.1 ms, 64 K/V memcpys 1.8 ms, against 0.37 ms for
-    one memcpy of those bytes): one or two contiguous runs copy slice to slice, one kernel per run and layer;
+    on CUDA: the mapped pool is device memory); `before_layer(i)` runs before layer i's copy is issued (a streamed
+    transfer waits there for the producer's layer i). On an H100 a prompt's copy is bound by kernel launches, not
+    bytes (512 MiB: 32 slice copies 0.8 ms, 64 gathers and scatters 2.1 ms, 64 K/V memcpys 1.8 ms, against 0.37 ms
+    for one memcpy of those bytes): one or two contiguous runs copy slice to slice, one kernel per run and layer;
     scattered blocks take a gather and a scatter per layer, whatever their number."""
     runs = _runs(src_ids, dst_ids)
-    if len(runs) <= max_runs:
-        for s_kv, d_kv in zip(src, dst):
-            for s, d, n in runs:
-                d_kv[:, d : d + n].copy_(s_kv[:, s : s + n], non_blocking=True)
-        return
-    if src[0].element_size() == 1:  # float8: the indexing kernels may lack it, and bytes are bytes
-        src, dst = [kv.view(torch.uint8) for kv in src], [kv.view(torch.uint8) for kv in dst]
-    src_index = torch.tensor(src_ids, dtype=torch.int64).to(src[0].device, non_blocking=True)
-    dst_index = torch.tensor(dst_ids, dtype=torch.int64).to(dst[0].device, non_blocking=True)
-    for s_kv, d_kv in zip(src, dst):
-        d_kv.index_copy_(1, dst_index, s_kv.index_select(1, src_index).to(d_kv.device, non_blocking=True))
+    if len(runs) > max_runs:
+        if src[0].element_size() == 1:  # float8: the indexing kernels may lack it, and bytes are bytes
+            src, dst = [kv.view(torch.uint8) for kv in src], [kv.view(torch.uint8) for kv in dst]
+        src_index = torch.tensor(src_ids, dtype=torch.int64).to(src[0].device, non_blocking=True)
+        dst_index = torch.tensor(dst_ids, dtype=torch.int64).to(dst[0].device, non_blocking=True)
+    for layer, (s_kv, d_kv) in enumerate(zip(src, dst)):
+        if before_layer is not None:
+            before_layer(layer)
+        if len(runs) > max_runs:
+            d_kv.index_copy_(1, dst_index, s_kv.index_select(1, src_index).to(d_kv.device, non_blocking=True))
+            continue
+        for s, d, n in runs:
+            d_kv[:, d : d + n].copy_(s_kv[:, s : s + n], non_blocking=True)

@@ -27,7 +27,7 @@ from pagedllm.core.kv_cache import KVCacheManager
 from pagedllm.engine.request import RequestStatus
 from pagedllm.kv_transfer.ipc import LOCAL_POOLS
 from pagedllm.kv_transfer.ipc_pool import copy_blocks, map_pool, pool_layout, unb64
-from pagedllm.kv_transfer.wire import TIMEOUT_S, KVTransferError, recv_message, send_message
+from pagedllm.kv_transfer.wire import CLOSED, TIMEOUT_S, KVTransferError, recv_message, send_message
 from pagedllm.logger import get_logger
 
 logger = get_logger(__name__)
@@ -37,19 +37,26 @@ _DEFER_S = 10.0  # a copy waits this long at most for room under the cap (well w
 
 @dataclass(eq=False)
 class _Source:
-    """A producer's pool, mapped."""
+    """A producer's pool, mapped, with its events (CUDA): after all its launched steps, and per layer."""
 
     pool_id: str
     tensors: list[torch.Tensor]
     ready: torch.cuda.Event | None
+    layer_events: list[torch.cuda.Event] | None
 
 
 @dataclass(eq=False)
 class _Answer:
+    """The producer's blocks for the asked hashes, in order; a streamed answer grows (a worker thread appends each
+    part under the puller's lock) until `more` is False."""
+
     sock: socket.socket
     source: _Source
     lease: str
     blocks: list[int]
+    more: bool = False
+    streamed: bool = False
+    closed: bool = False  # released by this side: a part still on its way is dropped
 
     def release(self) -> None:
         try:
@@ -70,8 +77,10 @@ class _Pull:
     copies: list[tuple[int, int, BlockHash]] = field(default_factory=list)  # (producer block, our block, hash)
     held: list[int] = field(default_factory=list)  # our blocks of the prompt's run, a reference each
     begun: torch.cuda.Event | None = None
-    done: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None  # after the latest copy (one stream: after all of them)
     launched: bool = False
+    taken: int = 0  # how many of the answer's blocks are copied (or were here already, or found no room)
+    full: bool = False  # a block found no room here: the rest of the run is computed here
 
 
 class IpcPuller:
@@ -94,6 +103,7 @@ class IpcPuller:
         # Counters, for metrics and benchmarks: tokens asked of producers and copied, bytes, copy and pull seconds.
         self.external_queries = self.external_hits = self.received_blocks = self.transfer_bytes = 0
         self.copy_seconds = self.pull_seconds = 0.0
+        self.parts_received = 0  # answers and their parts (a streamed answer comes in several)
         self.last_error: str | None = None  # why the latest failed pull failed (its request prefilled locally)
 
     def pull(self, request: Any, hashes: list[BlockHash], params: dict[str, Any]) -> None:
@@ -104,24 +114,54 @@ class IpcPuller:
         if first == len(hashes) or not host or not port:
             return
         request.kv_transfer_pending = True
-        future = self.executor.submit(self._ask, str(host), int(port), hashes[first:])
+        transfer_id = params.get("transfer_id")
+        future = self.executor.submit(self._ask, str(host), int(port), hashes[first:],
+                                      None if transfer_id is None else str(transfer_id))
         self.pending[request.request_id] = _Pull(request, hashes, first, future, time.perf_counter())
 
-    def _ask(self, host: str, port: int, hashes: list[BlockHash]) -> _Answer:
-        """hello and get (a worker thread): the producer's blocks for `hashes`, pinned under a lease."""
+    def _ask(self, host: str, port: int, hashes: list[BlockHash], transfer_id: str | None) -> _Answer:
+        """hello and get (a worker thread): the producer's blocks for `hashes`, pinned under a lease. With a transfer
+        id the answer comes in parts while the producer computes the prompt: the first part returns here, the rest
+        are received on another worker thread."""
         sock = socket.create_connection((host, port), timeout=TIMEOUT_S)
         try:
             send_message(sock, {"op": "hello"})
             source, num_blocks = self._source(host, port, recv_message(sock))
-            send_message(sock, {"op": "get", "hashes": [h.hex() for h in hashes]})
-            answer = recv_message(sock)
-            blocks = [int(b) for b in answer["blocks"]][: len(hashes)]
-            if any(not 0 <= b < num_blocks for b in blocks):
-                raise KVTransferError(f"KV transfer from {host}:{port}: block ids out of its pool's range")
-            return _Answer(sock, source, str(answer["lease"]), blocks)
+            ask: dict[str, Any] = {"op": "get", "hashes": [h.hex() for h in hashes]}
+            if transfer_id is not None:
+                ask["transfer_id"] = transfer_id
+                sock.settimeout(None)  # parts come as the producer's steps reach them; it ends the stream
+            send_message(sock, ask)
+            message = recv_message(sock)
+            answer = _Answer(sock, source, str(message["lease"]), [], streamed=transfer_id is not None)
+            self._add_part(answer, message, len(hashes), num_blocks)
+            if answer.more:
+                self.executor.submit(self._receive, answer, len(hashes), num_blocks)
+            return answer
         except BaseException:
             sock.close()
             raise
+
+    def _add_part(self, answer: _Answer, message: dict[str, Any], num_hashes: int, num_blocks: int) -> None:
+        blocks = [int(b) for b in message["blocks"]]
+        if any(not 0 <= b < num_blocks for b in blocks) or len(answer.blocks) + len(blocks) > num_hashes:
+            raise KVTransferError("KV transfer: block ids out of the producer's pool's range, or too many")
+        with self.lock:
+            if not answer.closed:
+                answer.blocks += blocks
+                answer.more = bool(message.get("more", False))
+                self.parts_received += 1
+
+    def _receive(self, answer: _Answer, num_hashes: int, num_blocks: int) -> None:
+        """A streamed answer's later parts (a worker thread); a broken stream ends it with the blocks it has."""
+        try:
+            while answer.more:
+                self._add_part(answer, recv_message(answer.sock), num_hashes, num_blocks)
+        except CLOSED as error:
+            with self.lock:
+                if not answer.closed:
+                    logger.warning("KV transfer from the producer broke off (%s): the rest is computed here", error)
+                answer.more = False
 
     def _source(self, host: str, port: int, hello: dict[str, Any]) -> tuple[_Source, int]:
         theirs = {key: hello.get(key) for key in self.expected}
@@ -134,12 +174,17 @@ class IpcPuller:
             if source is None or source.pool_id != hello["pool_id"]:
                 local = LOCAL_POOLS.get(str(hello["pool_id"]))  # CUDA cannot open its own IPC handles
                 if local is not None:
-                    tensors, ready = local
+                    tensors, ready, signals = local
+                    layer_events = None if signals is None else signals.events
                 else:
-                    tensors, ready = map_pool(hello["pool"], self.kv_caches[0].dtype), None
+                    tensors, ready, layer_events = map_pool(hello["pool"], self.kv_caches[0].dtype), None, None
                     if "ready_event" in hello:
-                        ready = torch.cuda.Event.from_ipc_handle(tensors[0].device, unb64(hello["ready_event"]))
-                source = self.sources[(host, port)] = _Source(str(hello["pool_id"]), tensors, ready)
+                        device = tensors[0].device
+                        ready = torch.cuda.Event.from_ipc_handle(device, unb64(hello["ready_event"]))
+                        layer_events = [torch.cuda.Event.from_ipc_handle(device, unb64(handle))
+                                        for handle in hello.get("layer_events", [])] or None
+                source = _Source(str(hello["pool_id"]), tensors, ready, layer_events)
+                self.sources[(host, port)] = source
                 logger.info("mapped the KV pool of %s:%d (%s)", host, port, hello["pool"]["kind"])
         return source, int(hello["num_blocks"])
 
@@ -149,28 +194,30 @@ class IpcPuller:
         the scheduler the requests whose copy has ended, or whose pull failed (they prefill locally)."""
         self._drop_holds()
         for request_id, pull in list(self.pending.items()):
-            if not pull.launched:
-                if not pull.future.done():
-                    continue
-                try:
-                    answer = pull.future.result()
-                except Exception as error:  # noqa: BLE001 - unreachable, refused, unmappable: a local prefill
-                    self._fail(request_id, error)
-                    continue
-                pull.answered = pull.answered or time.perf_counter()
-                try:
-                    launched = self._launch(pull, answer)
-                except Exception as error:  # noqa: BLE001 - a copy that cannot start: our blocks back, a local prefill
-                    self._unhold(pull)
-                    answer.release()
-                    self._fail(request_id, error)
-                    continue
-                if not launched:
+            if not pull.future.done():
+                continue
+            try:
+                answer = pull.future.result()
+            except Exception as error:  # noqa: BLE001 - unreachable, refused, unmappable: a local prefill
+                self._fail(request_id, error)
+                continue
+            pull.answered = pull.answered or time.perf_counter()
+            with self.lock:
+                more, num_blocks = answer.more, len(answer.blocks)
+            try:
+                if not pull.launched and not self._hold(pull):
                     if time.perf_counter() - pull.answered > _DEFER_S:
-                        answer.release()
-                        self._fail(request_id, KVTransferError(f"no room for {len(answer.blocks)} blocks"))
+                        self._close(answer)
+                        self._fail(request_id, KVTransferError(f"no room for {len(pull.prompt_hashes)} blocks"))
                     continue
-            if pull.done is None or pull.done.query():
+                if num_blocks > pull.taken:
+                    self._copy(pull, answer, num_blocks)
+            except Exception as error:  # noqa: BLE001 - a copy that cannot start: our blocks back, a local prefill
+                self._unhold(pull)
+                self._close(answer)
+                self._fail(request_id, error)
+                continue
+            if not more and (pull.done is None or pull.done.query()):
                 self._finish(request_id, pull)
 
     def _drop_holds(self) -> None:
@@ -191,41 +238,71 @@ class IpcPuller:
         self.num_held -= len(pull.held)
         pull.held = []
 
-    def _launch(self, pull: _Pull, answer: _Answer) -> bool:
-        """Takes our blocks for the answer's run and starts the copy; False (nothing done) while the cap is full."""
-        pool = self.kv_cache.pool
-        local = [pool.lookup(h) for h in pull.prompt_hashes[: pull.first + len(answer.blocks)]]
-        todo = [(src, pull.first + i) for i, src in enumerate(answer.blocks) if local[pull.first + i] is None]
-        if self.num_held and self.num_held + len(local) > self.max_held:
+    def _hold(self, pull: _Pull) -> bool:
+        """Before the first copy: holds the prompt's blocks that were here when the request came; False (nothing
+        done) while the cap cannot take the whole prompt's run."""
+        if self.num_held and self.num_held + len(pull.prompt_hashes) > self.max_held:
             return False
         pull.launched = True
-        kept = [block for block in local if block is not None]
+        pool = self.kv_cache.pool
+        kept = [block for h in pull.prompt_hashes[: pull.first] if (block := pool.lookup(h)) is not None]
         pool.touch(kept)  # held too: the blocks taken below must not evict them
+        pull.held = kept
+        self.num_held += len(kept)
+        return True
+
+    def _copy(self, pull: _Pull, answer: _Answer, end: int) -> None:
+        """Copies answer.blocks[pull.taken:end] into blocks of ours (those here already are held instead); on CUDA
+        on a side stream after the producer's steps that write them: a streamed answer waits layer by layer."""
+        pool, start = self.kv_cache.pool, pull.taken
+        pull.taken = end
+        if pull.full:
+            return
+        todo: list[tuple[int, int]] = []  # (producer block, index into the prompt's hashes)
+        for k, src in enumerate(answer.blocks[start:end]):
+            index = pull.first + start + k
+            local = pool.lookup(pull.prompt_hashes[index])
+            if local is not None:
+                pool.touch([local])
+                pull.held.append(local)
+                self.num_held += 1
+            else:
+                todo.append((src, index))
         dst = pool.take(min(len(todo), pool.num_free))
-        pull.copies = [(src, block, pull.prompt_hashes[i]) for (src, i), block in zip(todo, dst)]
-        pull.held = kept + dst
-        self.num_held += len(pull.held)
-        if not pull.copies:
-            return True
-        src_ids, dst_ids = [c[0] for c in pull.copies], [c[1] for c in pull.copies]
+        pull.full = len(dst) < len(todo)
+        copies = [(src, block, pull.prompt_hashes[i]) for (src, i), block in zip(todo, dst)]
+        pull.copies += copies
+        pull.held += dst
+        self.num_held += len(dst)
+        if not copies:
+            return
+        src_ids, dst_ids = [c[0] for c in copies], [c[1] for c in copies]
         if self.device.type != "cuda":
-            start = time.perf_counter()
+            began = time.perf_counter()
             copy_blocks(answer.source.tensors, self.kv_caches, src_ids, dst_ids)
-            self.copy_seconds += time.perf_counter() - start
-            return True
+            self.copy_seconds += time.perf_counter() - began
+            return
         src_device = answer.source.tensors[0].device
         stream, src_stream = self._stream(self.device), self._stream(src_device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # steps in flight may still write freed blocks
-        assert answer.source.ready is not None
-        src_stream.wait_event(answer.source.ready)  # the producer's steps that wrote its blocks
-        pull.begun, pull.done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(src_stream), torch.cuda.stream(stream):  # one stream twice on one GPU
+        layer_events = answer.source.layer_events if answer.streamed else None
+
+        def wait(event: torch.cuda.Event) -> None:
+            src_stream.wait_event(event)
             if src_stream is not stream:
                 stream.wait_stream(src_stream)
+
+        if layer_events is None:
+            assert answer.source.ready is not None
+            wait(answer.source.ready)  # the producer's steps that wrote its blocks
+        if pull.begun is None:
+            pull.begun = torch.cuda.Event(enable_timing=True)
             pull.begun.record(stream)
-            copy_blocks(answer.source.tensors, self.kv_caches, src_ids, dst_ids)
+        pull.done = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(src_stream), torch.cuda.stream(stream):  # one stream twice on one GPU
+            copy_blocks(answer.source.tensors, self.kv_caches, src_ids, dst_ids,
+                        before_layer=None if layer_events is None else lambda layer: wait(layer_events[layer]))
             pull.done.record(stream)
-        return True
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self.streams:
@@ -236,7 +313,7 @@ class IpcPuller:
         """The copy has ended: our blocks join the prefix cache, the lease goes back, the request may be scheduled."""
         for _, block, block_hash in pull.copies:
             self.kv_cache.pool.cache(block, block_hash)
-        pull.future.result().release()
+        self._close(pull.future.result())
         n = len(pull.copies)
         if pull.done is not None and pull.begun is not None:
             self.copy_seconds += pull.begun.elapsed_time(pull.done) / 1e3
@@ -269,19 +346,24 @@ class IpcPuller:
             return
         if not pull.launched:
             pull.future.cancel()
-            pull.future.add_done_callback(_release_answer)  # runs now if the answer is here, else on its thread
+            pull.future.add_done_callback(self._release_answer)  # runs now if the answer is here, else on its thread
             return
         if pull.done is not None:
             pull.done.synchronize()  # the copy still reads the producer's blocks: they stay pinned until it ends
         self._unhold(pull)  # the copied blocks are not registered yet: reused first
-        pull.future.result().release()
+        self._close(pull.future.result())
+
+    def _close(self, answer: _Answer) -> None:
+        """The lease goes back (a stream still coming ends with it) and the connection closes."""
+        with self.lock:
+            answer.more, answer.closed = False, True  # its receiver stops at the next part, or the closed connection
+        answer.release()
+
+    def _release_answer(self, future: Future[_Answer]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._close(future.result())
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         for request_id in list(self.pending) + list(self.holding):
             self.discard(request_id)
-
-
-def _release_answer(future: Future[_Answer]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().release()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class ForwardContext:
     token_type_ids: torch.Tensor | None = None  # encoders: each flat token's segment (cross-encoder pairs); None: 0
     padded_layout: PaddedLayout | None = None  # encoders: built by the first layer that needs it, shared by the rest
     mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # images: (flat rows, their embeddings) to scatter
+    kv_written: Callable[[torch.Tensor], None] | None = None  # a KV producer's per-layer signal (kv_transfer/)
 
 
 _context: ForwardContext | None = None
@@ -51,9 +52,11 @@ _context: ForwardContext | None = None
 @contextmanager
 def forward_context(backend: AttentionBackend, meta: AttentionMetadata, cut: AttentionCut | None = None,
                     token_type_ids: torch.Tensor | None = None,
-                    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
+                    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    kv_written: Callable[[torch.Tensor], None] | None = None) -> Iterator[None]:
     global _context
-    previous, _context = _context, ForwardContext(backend, meta, cut, token_type_ids, mm_embeds=mm_embeds)
+    previous, _context = _context, ForwardContext(backend, meta, cut, token_type_ids, mm_embeds=mm_embeds,
+                                                  kv_written=kv_written)
     try:
         yield
     finally:
@@ -133,6 +136,8 @@ class Attention(nn.Module):
                 q, k = q_norm(q), k_norm(k)
             q, k = self.rotary(positions, q, k)
             write_kv(k, v, self.kv_cache, meta.slot_mapping, k_scale, v_scale)
+        if _context.kv_written is not None:
+            _context.kv_written(self.kv_cache)
         window, cap = self.sliding_window, self.soft_cap
         if cut is not None:
             return cut.attend(q, self.kv_cache, self.scale, k_scale, v_scale, window, cap).flatten(1)

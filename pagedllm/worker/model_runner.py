@@ -36,6 +36,7 @@ from pagedllm.engine.request import Request
 from pagedllm.kv_transfer.host_store import HostKVStore
 from pagedllm.kv_transfer.host_tier import BlockCopies
 from pagedllm.kv_transfer.ipc_pool import SharedMemoryPool
+from pagedllm.kv_transfer.layer_events import LayerEvents
 from pagedllm.layers.attention import Attention, forward_context
 from pagedllm.logits_process.state import LogitsProcessors
 from pagedllm.lora.layers import LoRABatch, LoRAPlan, lora_context
@@ -133,6 +134,7 @@ class ModelRunner:
                                                       track_pending=bool(config.async_scheduling))
         self.graph_runner: CudaGraphRunner | None = None
         self.piecewise: PiecewiseGraphRunner | None = None
+        self.layer_events: LayerEvents | None = None  # set by a CUDA KV producer (kv_transfer/layer_events.py)
         self.num_blocks = self._allocate_kv_cache()
         self.capture_cuda_graphs()
         # Persistent host buffers, one of each per step that can be in flight at once, used in turn (see Staging).
@@ -469,6 +471,8 @@ class ModelRunner:
             self._host_store().load(copies)
         with lora_context(self._lora_batch(lora)):
             out = self._forward(batch, prev_ids, turn)
+        if self.layer_events is not None:
+            self.layer_events.step_done()
         if copies is not None:
             self._host_store().save(copies)
         return out
@@ -503,14 +507,16 @@ class ModelRunner:
             common_prefix=common_prefix,
             key_limits=None if batch.key_limits is None else to_device(batch.key_limits, torch.int32, self.device),
         )
+        kv_written = None if self.layer_events is None else self.layer_events.written
         if not images and self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
             inter = None if self.parallel.pp_size == 1 else self._recv_intermediate(input_ids.shape[0])
-            return self._pass_on(self.piecewise.run(input_ids, positions, slot_mapping, meta, inter)), logits_index
+            out = self.piecewise.run(input_ids, positions, slot_mapping, meta, inter, kv_written)
+            return self._pass_on(out), logits_index
         token_types = None if batch.token_type_ids is None else torch.from_numpy(batch.token_type_ids).to(self.device)
         mm_embeds = None
         if images:
             positions, mm_embeds = self._image_inputs(batch, positions)
-        with forward_context(self.backend, meta, token_type_ids=token_types, mm_embeds=mm_embeds):
+        with forward_context(self.backend, meta, token_type_ids=token_types, mm_embeds=mm_embeds, kv_written=kv_written):
             return self.run_model(input_ids, positions), logits_index
 
     def _image_inputs(self, batch: FlatBatch, positions: torch.Tensor,

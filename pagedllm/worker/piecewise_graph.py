@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
@@ -119,9 +120,11 @@ class PiecewiseGraphRunner:
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMetadata,
         intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_written: Callable[[torch.Tensor], None] | None = None,
     ) -> Output:
         """The step's n tokens (device tensors) and attention metadata; returns hidden states [n, hidden]
-        (a stage before the last: its (hidden, residual) pair)."""
+        (a stage before the last: its (hidden, residual) pair). `kv_written(kv_cache)`: after the piece that writes
+        a layer's K/V (a KV producer's signal, kv_transfer/layer_events.py)."""
         n = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.inputs.fill(size, input_ids, positions, slot_mapping, intermediate)
@@ -130,6 +133,8 @@ class PiecewiseGraphRunner:
         pieces = self.pieces[size]
         for graph, (kv_cache, scale, k_scale, v_scale, window, cap) in zip(pieces, self.calls[size]):
             graph.replay()
+            if kv_written is not None:
+                kv_written(kv_cache)
             self.backend.forward(query, kv_cache, meta, scale, out, k_scale, v_scale, window, cap)
         pieces[-1].replay()
         return first_rows(self.outputs[size], n)
