@@ -194,6 +194,19 @@ def test_streamed_pull_while_the_producer_computes(tiny_models: dict[str, str], 
     assert puller.parts_received > len(prompts)  # the streamed ones came in several parts
     assert outputs["1"].num_cached_tokens == 0  # its transfer never came: computed here
     assert all(outputs[str(i)].num_cached_tokens >= 16 * blocks[i] for i in sent)
+    # Aborted mid-stream: a prompt whose head the producer holds, under an id it never gets (the head comes at once,
+    # the stream stays open for the rest): the copied part goes back here, the pins there.
+    held = _prompts(8, 1)
+    producer.prefill(held)
+    longer = {"prompt_token_ids": held[0]["prompt_token_ids"] + list(range(3, 50))}
+    engine.add_request("mid", longer, _decode({**where, "transfer_id": "never-sent-2"}))
+    while not puller.pending["mid"].future.done():
+        time.sleep(0.01)
+    engine.step()
+    assert puller.pending["mid"].launched and puller.pending["mid"].future.result().more
+    assert producer.stats()["pinned_blocks"] == _full_blocks(held)[0]
+    engine.abort_request("mid")
+    engine.step()
     assert_clean(engine)
     assert producer.wait_unpinned() == {"leases": 0, "pinned_blocks": 0}
 
