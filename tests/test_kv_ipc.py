@@ -167,6 +167,22 @@ def test_aborts_free_both_sides(tiny_models: dict[str, str], producer: Producer,
     assert producer.wait_unpinned() == {"leases": 0, "pinned_blocks": 0}
 
 
+def _streamed_run(engine: LLMEngine, producer: Any, prompts: list[dict[str, Any]], ids: list[str],
+                  where: dict[str, Any], sent: list[int]) -> dict[str, Any]:
+    """The proxy's streamed exchange by hand: the consumer `engine` gets every prompt under its transfer id first,
+    then steps to the end while the producer prefills the prompts in `sent` (another thread); the finished outputs
+    by request id."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, _decode({**where, "transfer_id": ids[i]}))
+    with ThreadPoolExecutor(1) as pool:
+        prefilled = pool.submit(producer.prefill, [prompts[i] for i in sent], [ids[i] for i in sent])
+        outputs = {}
+        while engine.has_unfinished_requests():
+            outputs |= {o.request_id: o for o in engine.step() if o.finished}
+        prefilled.result()
+    return outputs
+
+
 def test_streamed_pull_while_the_producer_computes(tiny_models: dict[str, str], producer: Producer) -> None:
     """The proxy's streamed exchange: the consumer asks for a transfer id before the producer has the request; the
     producer answers part by part as its 64-token steps reach the prompt's blocks, the consumer copies each part and
@@ -178,15 +194,8 @@ def test_streamed_pull_while_the_producer_computes(tiny_models: dict[str, str], 
     engine, puller = consumer.llm_engine, consumer.llm_engine.kv_connector.puller
     where = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": producer.kv_port, "streamed": True}
     ids = [f"stream-{i}" if i != 1 else "never-sent" for i in range(len(prompts))]  # prompt 1 shares no head
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, _decode({**where, "transfer_id": ids[i]}))
     sent = [i for i in range(len(prompts)) if i != 1]
-    with ThreadPoolExecutor(1) as pool:
-        prefilled = pool.submit(producer.prefill, [prompts[i] for i in sent], [ids[i] for i in sent])
-        outputs = {}
-        while engine.has_unfinished_requests():
-            outputs |= {o.request_id: o for o in engine.step() if o.finished}
-        prefilled.result()
+    outputs = _streamed_run(engine, producer, prompts, ids, where, sent)
     assert [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == expected
     blocks = _full_blocks(prompts)
     streamed = sum(blocks[i] for i in sent)  # the shared head of prompts 0 and 3 is copied once or twice
@@ -316,14 +325,7 @@ def test_cuda_streamed_layer_by_layer(tiny_models: dict[str, str], eager: bool) 
         engine, puller = consumer.llm_engine, consumer.llm_engine.kv_connector.puller
         where = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": producer.kv_port}
         ids = [f"cuda-{i}" for i in range(len(prompts))]
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, _decode({**where, "transfer_id": ids[i]}))
-        with ThreadPoolExecutor(1) as pool:
-            prefilled = pool.submit(producer.prefill, prompts, ids)
-            outputs = {}
-            while engine.has_unfinished_requests():
-                outputs |= {o.request_id: o for o in engine.step() if o.finished}
-            prefilled.result()
+        outputs = _streamed_run(engine, producer, prompts, ids, where, list(range(len(prompts))))
         assert [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == expected
         blocks = _full_blocks(prompts)
         assert sum(blocks) - 2 * (len(prompts[::3]) - 1) <= puller.received_blocks <= sum(blocks), puller.last_error

@@ -210,18 +210,11 @@ class IpcServer:
                 self.pool.release(blocks)
                 self.num_pinned -= len(blocks)
                 continue
+            self.leases[item.lease] = item.blocks
             if item.transfer_id is not None:
-                self.leases[item.lease] = item.blocks
                 self.streams[item.lease] = item
                 continue
-            for block_hash in item.hashes:
-                block = self.pool.lookup(block_hash)
-                if block is None:
-                    break
-                item.blocks.append(block)
-            self.pool.touch(item.blocks)
-            self.leases[item.lease] = item.blocks
-            self.num_pinned += len(item.blocks)
+            self._pin_more(item)
             if self.ready is not None and not recorded:  # after every step launched so far, before any answer
                 self.ready.record(torch.cuda.current_stream(self.device))
                 recorded = True
@@ -234,15 +227,7 @@ class IpcServer:
         """Pins the next run of a streamed ask's blocks the cache holds now and sends it; the last part says so: all
         there, or the request's prompt all scheduled (what is missing will not come), or it finished, or it never
         came (arrival_timeout_s)."""
-        found: list[int] = []
-        for block_hash in ask.hashes[len(ask.blocks) :]:
-            block = self.pool.lookup(block_hash)
-            if block is None:
-                break
-            found.append(block)
-        self.pool.touch(found)
-        ask.blocks += found
-        self.num_pinned += len(found)
+        found = self._pin_more(ask)
         request = self.transfers.get(ask.transfer_id or "")
         if request is None:
             over = time.monotonic() - ask.since > self.arrival_timeout_s
@@ -253,6 +238,20 @@ class IpcServer:
             ask.parts.put((found, more))
         if not more:
             del self.streams[ask.lease]
+
+    def _pin_more(self, ask: _Ask) -> list[int]:
+        """Pins the blocks the cache holds now for the ask's hashes after those it has, up to the first missing one;
+        they join `ask.blocks` (its lease's list) and are returned."""
+        found: list[int] = []
+        for block_hash in ask.hashes[len(ask.blocks) :]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            found.append(block)
+        self.pool.touch(found)
+        ask.blocks += found
+        self.num_pinned += len(found)
+        return found
 
     def _forget_transfers(self) -> None:
         """Finished requests are kept by transfer id for a lease timeout: a consumer's ask may come after them."""
